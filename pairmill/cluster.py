@@ -1,0 +1,64 @@
+"""Connecting to Ray and sizing work from the cluster's resources."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
+
+    A local Ray gets ``max(4, 2 x cores)`` logical CPUs: Ray counts CPUs as slots, and on a
+    2-core machine an encoder actor plus the read and write tasks need more than 2 slots or the
+    pipeline deadlocks (RAY_NOTES: "small-machine deadlock"). The actor still runs as many torch
+    threads as there are physical cores (see ``torch_threads``), so nothing is oversubscribed much.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cores = os.cpu_count() or 1
+    ray.init(
+        num_cpus=num_cpus or max(4, 2 * cores),
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level="warning",
+    )
+
+
+def torch_threads() -> int:
+    """Threads for torch inside a Ray actor: the CPUs Ray assigned, capped at the node's cores."""
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return max(1, min(int(assigned), os.cpu_count() or 1))
+
+
+@dataclass
+class PoolSize:
+    size: int
+    num_cpus: float
+    num_gpus: float
+
+
+def encoder_pool(actors: int | None = None, cpus_per_actor: int = 4) -> PoolSize:
+    """How many encoder actors to run and what each one asks for.
+
+    GPUs present: one actor per GPU. CPU only: up to ``cpus_per_actor`` CPUs each, always leaving
+    one CPU free for the read/parse/write tasks that feed and drain the pool.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if gpus:
+        return PoolSize(size=actors or gpus, num_cpus=1, num_gpus=1)
+    per_actor = max(1, min(cpus_per_actor, cpus - 1))
+    size = actors or max(1, (cpus - 1) // per_actor)
+    return PoolSize(size=size, num_cpus=per_actor, num_gpus=0)

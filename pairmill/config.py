@@ -1,0 +1,187 @@
+"""Flat configuration per concern, loaded from YAML plus ``key=value`` overrides.
+
+Each concern is a dataclass whose fields have defaults and a help string (``metadata["help"]``).
+A job's config is a handful of these sections; a YAML file names them as top-level keys
+(``encoder: {model: ...}``) and an override names them dotted (``encoder.batch_size=64``).
+Components never receive a config object: jobs turn sections into plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+def _field(default, help: str, **kw):
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclasses.dataclass
+class EncoderConfig:
+    """What turns text into vectors. Every stage that encodes reads this one section, and its
+    fingerprint names cached embeddings, so two stages can never disagree on it silently."""
+
+    model: str | None = _field(None, "local folder, hub name, or empty for the bundled all-MiniLM-L6-v2")
+    query_prefix: str = _field("", "text put before every query (E5 uses 'query: ')")
+    passage_prefix: str = _field("", "text put before every passage (E5 uses 'passage: ')")
+    max_length: int = _field(256, "tokens per text; longer texts are truncated by the tokenizer")
+    batch_size: int = _field(128, "texts per forward pass (sorted by length, so padding stays small)")
+    device: str = _field("auto", "auto (cuda when present), cpu, cuda, cuda:N")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = _field(
+        "auto", "auto = fp16 on GPU, fp32 on CPU; bf16/fp16 on CPU are slower than fp32 on most CPUs"
+    )
+
+    def fingerprint(self) -> str:
+        """Names outputs that depend on the embedding function (not on speed settings)."""
+        from pairmill.encoder import resolve_model
+
+        key = {
+            "model": resolve_model(self.model),
+            "query_prefix": self.query_prefix,
+            "passage_prefix": self.passage_prefix,
+            "max_length": self.max_length,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class ReadConfig:
+    """How input files become pairs."""
+
+    query_field: str = _field("query", "input column holding the query")
+    passage_field: str = _field("passage", "input column holding the passage")
+    id_field: str = _field("id", "input column holding a row id; a hash of query and passage when absent")
+    text_field: str = _field("text", "input column holding the text (embed of plain text files)")
+    max_chars: int = _field(65536, "characters per text before the too_long rule applies")
+    too_long: Literal["truncate", "reject"] = _field(
+        "truncate", "truncate long texts (counted in stats as 'truncated') or reject the row"
+    )
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out retrieval evaluation."""
+
+    data: str | None = _field(None, "pairs file or BEIR folder; empty in `run` means the bundled held-out split")
+    corpus: str | None = _field(None, "extra passages (JSONL/Parquet with a `passage` or `text` column)")
+    query_batch: int = _field(1024, "queries scored against the corpus at a time (memory: batch x corpus floats)")
+    uniformity_sample: int = _field(4096, "embeddings sampled for the uniformity metric")
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """Where the work runs."""
+
+    address: str | None = _field(None, "Ray address; empty = RAY_ADDRESS if set, else a local Ray")
+    num_cpus: int | None = _field(None, "logical CPUs of a local Ray (default: max(4, 2 x cores), see README)")
+    actors: int | None = _field(None, "encoder actors; default: one per GPU, else sized from free CPUs")
+
+
+SECTIONS: dict[str, type] = {
+    "encoder": EncoderConfig,
+    "read": ReadConfig,
+    "eval": EvalConfig,
+    "ray": RayConfig,
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def valid_keys(sections: dict[str, type]) -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML value or an override string into the field's type."""
+    if isinstance(annotation, str):
+        raise TypeError(annotation)
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if type(None) in args:
+            return None
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
+        return value
+    candidates = [a for a in args if a is not type(None)] if args else [annotation]
+    for typ in candidates:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif typ in (int, float):
+            try:
+                if isinstance(value, bool):
+                    raise ValueError
+                return typ(value)
+            except (TypeError, ValueError):
+                continue
+        elif typ is str:
+            return str(value)
+        elif get_origin(typ) is list:
+            if isinstance(value, str):
+                return [v for v in value.split(",") if v]
+            if isinstance(value, list):
+                return list(value)
+    raise ConfigError(f"{key}={value!r} is not a valid {annotation}")
+
+
+def load_config(
+    sections: dict[str, type], path: str | Path | None = None, overrides: list[str] | tuple = ()
+) -> dict[str, Any]:
+    """Build ``{section: dataclass instance}`` from defaults, a YAML file, then ``key=value`` overrides.
+
+    An unknown section or key is an error that lists the valid keys.
+    """
+    raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections {sorted(sections)}, got {type(data).__name__}")
+        for name, values in data.items():
+            if name not in sections:
+                raise ConfigError(
+                    f"{path}: unknown section {name!r}; valid keys: {', '.join(valid_keys(sections))}"
+                )
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {name!r} must be a mapping, got {values!r}")
+            raw[name].update(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. encoder.batch_size=64")
+        key, value = item.split("=", 1)
+        name, _, field = key.strip().partition(".")
+        if name not in sections or not field:
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys(sections))}")
+        raw[name][field] = value
+    out = {}
+    for name, cls in sections.items():
+        hints = get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for field in raw[name]:
+            if field not in fields:
+                raise ConfigError(f"unknown key '{name}.{field}'; valid keys: {', '.join(valid_keys(sections))}")
+        out[name] = cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw[name].items()})
+    return out
+
+
+def config_to_dict(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(section) for name, section in config.items()}
+
+
+def describe(sections: dict[str, type]) -> str:
+    """The valid keys with defaults and help, for `--help` epilogues."""
+    lines = []
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {name}.{f.name} (default {f.default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""``pairmill embed INPUT -o OUT``: texts or pairs -> embeddings (parquet), on a Ray actor pool.
+
+Passes over the input: one encodes and writes ``kept/``, one writes ``rejected/``, one counts
+rows and truncations. Reading and validating are cheap next to encoding, so the input is read
+again rather than held in the object store (which would not stay bounded at scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pairmill.config import EncoderConfig, RayConfig, ReadConfig
+from pairmill.pairs import REJECT_COLUMNS, Mode, output_columns, read_parsed
+
+
+def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float32 -> arrow fixed_size_list<float32>[D], the on-disk embedding format."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """arrow fixed_size_list<float32>[D] -> (N, D) float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+class EncodeBatch:
+    """``map_batches`` callable: one encoder per actor, loaded once."""
+
+    def __init__(self, mode: Mode, encoder_kwargs: dict):
+        from pairmill.cluster import torch_threads
+        from pairmill.encoder import Encoder
+
+        self.mode = mode
+        self.encoder = Encoder(**encoder_kwargs, num_threads=torch_threads())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.mode == "pairs":
+            queries = self.encoder.encode(batch.column("query").to_pylist(), "query")  # (B, D)
+            passages = self.encoder.encode(batch.column("passage").to_pylist(), "passage")  # (B, D)
+            return pa.table(
+                {
+                    "id": batch.column("id"),
+                    "query_embedding": fixed_size_list(queries),
+                    "passage_embedding": fixed_size_list(passages),
+                }
+            )
+        texts = self.encoder.encode(batch.column("text").to_pylist(), "text")
+        return pa.table({"id": batch.column("id"), "embedding": fixed_size_list(texts)})
+
+
+def read_kwargs(read: ReadConfig) -> dict:
+    """The validation arguments of a ReadConfig."""
+    return {
+        "query_field": read.query_field,
+        "passage_field": read.passage_field,
+        "text_field": read.text_field,
+        "id_field": read.id_field,
+        "max_chars": read.max_chars,
+        "too_long": read.too_long,
+    }
+
+
+def encoder_kwargs(encoder: EncoderConfig) -> dict:
+    return dataclasses.asdict(encoder)
+
+
+def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read: ReadConfig, ray: RayConfig) -> dict:
+    """Run the embed job; returns the stats written to ``OUT/stats.json``."""
+    import ray as ray_lib
+    from ray.data.aggregate import Count, Sum
+    from ray.data.expressions import col
+
+    from pairmill.cluster import encoder_pool, init_ray
+    from pairmill.output import JobFolder, count_by, parquet_rows
+
+    init_ray(ray.address, ray.num_cpus)
+    started = time.perf_counter()
+    with JobFolder(out) as job:
+        parsed = read_parsed(input_path, mode, **read_kwargs(read))
+        kept = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns(mode))
+        rejected = parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS)
+
+        pool = encoder_pool(ray.actors)
+        print(f"[pairmill] embed: {pool.size} encoder actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
+        embedded = kept.map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"mode": mode, "encoder_kwargs": encoder_kwargs(encoder)},
+            compute=ray_lib.data.ActorPoolStrategy(size=pool.size),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            # Many rows per call: the encoder sorts them by length, so padding shrinks.
+            batch_size=max(1024, 8 * encoder.batch_size),
+            batch_format="pyarrow",
+        )
+        t0 = time.perf_counter()
+        embedded.write_parquet(job.path("kept"))
+        encode_seconds = time.perf_counter() - t0
+        # The second and third passes only read and validate: their time is the validation cost.
+        t0 = time.perf_counter()
+        rejected.write_parquet(job.path("rejected"))
+        totals = parsed.select_columns(["truncated"]).aggregate(Count(), Sum("truncated"))
+        validate_seconds = time.perf_counter() - t0
+        input_rows = int(totals["count()"])
+        kept_rows = parquet_rows(job.path("kept"))
+        rejected_counts = count_by(job.path("rejected"), "reason")
+        valid_rows = input_rows - sum(rejected_counts.values())
+        job.stage("read+validate", input_rows, valid_rows, validate_seconds)
+        job.stage("encode", valid_rows, kept_rows, encode_seconds)
+        stats = job.commit(
+            {
+                "input_rows": input_rows,
+                "kept": kept_rows,
+                "dropped": {},
+                "rejected": rejected_counts,
+                "truncated": int(totals["sum(truncated)"] or 0),
+                "mode": mode,
+                "encoder": encoder_kwargs(encoder),
+                "encoder_fingerprint": encoder.fingerprint(),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+    return stats
