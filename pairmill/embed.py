@@ -97,17 +97,18 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
             # Many rows per call: the encoder sorts them by length, so padding shrinks.
-            batch_size=max(1024, 8 * encoder.batch_size),
+            batch_size=max(1024, 8 * (encoder.batch_size or 32)),
             batch_format="pyarrow",
         )
-        t0 = time.perf_counter()
-        embedded.write_parquet(job.path("kept"))
-        encode_seconds = time.perf_counter() - t0
-        # The second and third passes only read and validate: their time is the validation cost.
+        # The first two passes only read and validate: their time is the validation cost. The
+        # encoder pool runs last, so no later pass waits for its actors to release their CPUs.
         t0 = time.perf_counter()
         rejected.write_parquet(job.path("rejected"))
         totals = parsed.select_columns(["truncated"]).aggregate(Count(), Sum("truncated"))
         validate_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        embedded.write_parquet(job.path("kept"))
+        encode_seconds = time.perf_counter() - t0
         input_rows = int(totals["count()"])
         kept_rows = parquet_rows(job.path("kept"))
         rejected_counts = count_by(job.path("rejected"), "reason")
@@ -128,3 +129,24 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
             }
         )
     return stats
+
+
+def main(args) -> int:
+    """``pairmill embed INPUT -o OUT [--text-field F]``."""
+    cfg = args.config_sections
+    mode: Mode = "text" if args.text_field else "pairs"
+    stats = embed(args.input, args.output, mode=mode, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"])
+    print(format_summary(stats, args.output))
+    return 0
+
+
+def format_summary(stats: dict, out: str) -> str:
+    lines = [f"[pairmill] {out}: {stats['input_rows']} input rows -> {stats['kept']} kept"]
+    for part in ("dropped", "rejected"):
+        for reason, n in stats[part].items():
+            lines.append(f"    {part:<9} {reason:<20} {n}")
+    if stats.get("truncated"):
+        lines.append(f"    truncated (kept)    {stats['truncated']}")
+    for stage in stats["stages"]:
+        lines.append(f"    stage {stage['name']:<15} {stage['rows_in']} -> {stage['rows_out']} rows in {stage['seconds']:.1f}s")
+    return "\n".join(lines)

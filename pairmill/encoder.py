@@ -93,12 +93,12 @@ class Encoder:
         query_prefix: str = "",
         passage_prefix: str = "",
         max_length: int = 256,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         device: str = "auto",
         precision: str = "auto",
         num_threads: int | None = None,
     ):
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}")
@@ -113,7 +113,8 @@ class Encoder:
         # Never exceed what the position embeddings allow.
         model_max = getattr(self.model, "max_seq_length", None) or max_length
         self.max_length = min(max_length, model_max) if model_max else max_length
-        self.batch_size = batch_size
+        # On CPU, batches above ~32 were slower here (cache-bound GEMMs); a GPU wants many more.
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.prefixes = {"query": query_prefix, "passage": passage_prefix, "text": ""}
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"

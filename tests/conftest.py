@@ -26,7 +26,12 @@ WORDS = (
 def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random BERT with a word-level vocab, saved as a ST folder."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+
+    try:  # sentence-transformers >= 6 moved the modules; older releases have them in .models
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,5 @@
+import sys
+
+from pairmill.cli import main
+
+sys.exit(main())

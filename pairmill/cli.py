@@ -1,0 +1,83 @@
+"""The ``pairmill`` command: one verb per job, each verb's ``main`` in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pairmill.config import SECTIONS, ConfigError, describe, load_config
+
+# verb -> (module with main(args), config sections it reads, one-line help)
+VERBS = {
+    "embed": ("pairmill.embed", ("encoder", "read", "ray"), "texts or pairs -> embeddings (parquet)"),
+    "eval": ("pairmill.evaluate", ("encoder", "read", "eval"), "retrieval metrics of a model on held-out data"),
+    "run": ("pairmill.run", ("run", "encoder", "read", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with sections of settings (see the keys below)")
+    p.add_argument("--model", help="local folder, hub name, or nothing for the bundled all-MiniLM-L6-v2")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. encoder.batch_size=64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairmill", description="Raw text pairs to trained embedding models, on Ray.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, (_, sections, help_text) in VERBS.items():
+        epilog = "settings (--config FILE.yaml sections, or key=value):\n" + describe({s: SECTIONS[s] for s in sections})
+        p = sub.add_parser(verb, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if verb == "embed":
+            p.add_argument("input", help="JSONL(.gz), text lines, Parquet, a saved HF dataset, or a pairmill job folder")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/, rejected/, stats.json)")
+            p.add_argument("--text-field", help="embed one text column instead of (query, passage) pairs")
+        if verb == "eval":
+            p.add_argument("--data", help="held-out pairs file or BEIR folder")
+            p.add_argument("--corpus", help="extra passages for a pairs file (a `text` column)")
+            p.add_argument("--json", help="write the metrics to this JSON file")
+        if verb == "run":
+            p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
+        if verb in ("embed", "eval"):
+            p.add_argument("--query-field", help="input column holding the query")
+            p.add_argument("--passage-field", help="input column holding the passage")
+        _add_common(p)
+    return parser
+
+
+# flag -> config key; flags win over the YAML file and key=value overrides
+FLAG_KEYS = {
+    "model": "encoder.model",
+    "query_field": "read.query_field",
+    "passage_field": "read.passage_field",
+    "text_field": "read.text_field",
+    "data": "eval.data",
+    "corpus": "eval.corpus",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value may follow options (`embed IN -o OUT encoder.batch_size=64`), which argparse's
+    # positional matching does not allow: collect the leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    module, sections, _ = VERBS[args.verb]
+    overrides = list(args.overrides) + extra
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        args.config_sections = load_config({s: SECTIONS[s] for s in sections}, args.config, overrides)
+    except ConfigError as e:
+        print(f"pairmill {args.verb}: {e}", file=sys.stderr)
+        return 2
+    return importlib.import_module(module).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

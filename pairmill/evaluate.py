@@ -1,0 +1,253 @@
+"""Held-out retrieval evaluation: nDCG@10, Recall@1/10/100, MRR@10, alignment and uniformity.
+
+Design note. Search is exact (a matrix product per block of queries, then a top-k), so the
+numbers are reference numbers, not an approximate index's. Relevance is graded (BEIR qrels);
+nDCG uses linear gains as trec_eval/pytrec_eval (and so BEIR) do. Scores are cosine similarities.
+Cost: O(queries x corpus x dim) flops and query_batch x corpus floats of memory.
+
+A pairs file is evaluated as DESIGN.md says: every row's query is a query, the corpus is the
+distinct passages (plus an optional extra corpus), and the relevant passage is the row's own
+passage, by text equality. A BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) is
+evaluated the BEIR way, ignoring a document whose id equals the query's id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+METRIC_KEYS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "alignment", "uniformity", "queries", "corpus")
+TOP_K = 100
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def search_exact(queries: np.ndarray, corpus: np.ndarray, k: int, query_batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k corpus rows by inner product: (scores (Q, k), ids (Q, k)); ties go to the smaller id."""
+    k = min(k, len(corpus))
+    all_ids = np.empty((len(queries), k), dtype=np.int64)
+    all_scores = np.empty((len(queries), k), dtype=np.float32)
+    for start in range(0, len(queries), query_batch):
+        scores = queries[start : start + query_batch] @ corpus.T  # (B, N)
+        if k < scores.shape[1]:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (B, k), unordered
+        else:
+            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.lexsort((top, -top_scores), axis=1)  # by score desc, then id asc
+        all_ids[start : start + len(scores)] = np.take_along_axis(top, order, axis=1)
+        all_scores[start : start + len(scores)] = np.take_along_axis(top_scores, order, axis=1)
+    return all_scores, all_ids
+
+
+def ranking_metrics(ranked: Sequence[Sequence[int]], qrels: Sequence[dict[int, float]]) -> dict[str, float]:
+    """Mean nDCG@10, Recall@1/10/100 and MRR@10 over queries.
+
+    ``ranked[i]`` is query i's retrieved corpus ids, best first; ``qrels[i]`` maps corpus id to
+    graded relevance (> 0 is relevant). Queries with no relevant document must be left out by the
+    caller (BEIR does the same).
+    """
+    totals = {"ndcg@10": 0.0, "recall@1": 0.0, "recall@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+    for ids, rel in zip(ranked, qrels):
+        relevant = {d: g for d, g in rel.items() if g > 0}
+        if not relevant:
+            raise ValueError("a query with no relevant document; drop it before scoring")
+        gains = [relevant.get(d, 0.0) for d in ids]
+        dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains[:10]))
+        ideal = sorted(relevant.values(), reverse=True)[:10]
+        idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
+        totals["ndcg@10"] += dcg / idcg
+        for k in (1, 10, 100):
+            totals[f"recall@{k}"] += sum(1 for d in ids[:k] if d in relevant) / len(relevant)
+        first = next((r for r, d in enumerate(ids[:10]) if d in relevant), None)
+        totals["mrr@10"] += 0.0 if first is None else 1.0 / (first + 1)
+    n = max(len(qrels), 1)
+    return {key: value / n for key, value in totals.items()}
+
+
+def alignment(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang & Isola (2020) alignment, alpha=2: mean squared distance of positive pairs (lower is better)."""
+    x, y = normalize_rows(x), normalize_rows(y)
+    return float(np.mean(np.sum((x - y) ** 2, axis=1)))
+
+
+def uniformity(x: np.ndarray, t: float = 2.0) -> float:
+    """Wang & Isola (2020) uniformity: log mean exp(-t ||xi - xj||^2) over pairs i < j (lower is better)."""
+    x = normalize_rows(x).astype(np.float64)
+    sq = np.maximum(2.0 - 2.0 * (x @ x.T), 0.0)  # (N, N) squared distances of unit vectors
+    iu = np.triu_indices(len(x), k=1)
+    values = -t * sq[iu]
+    peak = values.max()
+    return float(peak + np.log(np.mean(np.exp(values - peak))))  # log-mean-exp, stable
+
+
+@dataclass
+class RetrievalTask:
+    """Texts and relevance of one evaluation, independent of the model."""
+
+    queries: list[str]
+    corpus: list[str]
+    qrels: list[dict[int, float]]  # per query: corpus index -> relevance
+    positives: list[tuple[int, int]]  # (query index, corpus index) pairs for alignment
+    exclude: list[int | None]  # per query: a corpus index never to return (BEIR identical ids)
+
+
+def pairs_task(queries: Sequence[str], passages: Sequence[str], extra_corpus: Sequence[str] = ()) -> RetrievalTask:
+    corpus_index: dict[str, int] = {}
+    for text in list(passages) + list(extra_corpus):
+        corpus_index.setdefault(text, len(corpus_index))
+    qrels = [{corpus_index[p]: 1.0} for p in passages]
+    return RetrievalTask(
+        queries=list(queries),
+        corpus=list(corpus_index),
+        qrels=qrels,
+        positives=[(i, corpus_index[p]) for i, p in enumerate(passages)],
+        exclude=[None] * len(queries),
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
+    folder = Path(folder)
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    for needed in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_file):
+        if not needed.exists():
+            raise FileNotFoundError(f"BEIR folder {folder}: missing {needed.name}")
+    docs = _read_jsonl(folder / "corpus.jsonl")
+    doc_index = {str(d["_id"]): i for i, d in enumerate(docs)}
+    # BEIR's dense retrieval encodes "title text" when a title is present.
+    corpus = [(d.get("title", "") + " " + d.get("text", "")).strip() for d in docs]
+    query_text = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl")}
+    graded: dict[str, dict[int, float]] = {}
+    with open(qrels_file, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            parts = line.rstrip("\n").split("\t")
+            if n == 0 and parts[0] == "query-id":
+                continue
+            qid, did, score = parts[0], parts[1], float(parts[2])
+            if did in doc_index and score > 0:
+                graded.setdefault(qid, {})[doc_index[did]] = score
+    qids = [q for q in query_text if q in graded]
+    return RetrievalTask(
+        queries=[query_text[q] for q in qids],
+        corpus=corpus,
+        qrels=[graded[q] for q in qids],
+        positives=[(i, d) for i, q in enumerate(qids) for d in graded[q]],
+        exclude=[doc_index.get(q) for q in qids],
+    )
+
+
+def evaluate_embeddings(
+    task: RetrievalTask, query_emb: np.ndarray, corpus_emb: np.ndarray, *, query_batch: int = 1024,
+    uniformity_sample: int = 4096, seed: int = 0,
+) -> dict[str, float]:
+    """All metrics of ``task`` from its query (Q, D) and corpus (N, D) embeddings."""
+    q, c = normalize_rows(query_emb), normalize_rows(corpus_emb)
+    k = min(TOP_K + 1, len(c))  # one extra, in case an excluded id takes a slot
+    _, ids = search_exact(q, c, k, query_batch)
+    ranked = [[int(d) for d in row if d != ex][:TOP_K] for row, ex in zip(ids, task.exclude)]
+    metrics = ranking_metrics(ranked, task.qrels)
+    qi, ci = np.array([p[0] for p in task.positives]), np.array([p[1] for p in task.positives])
+    metrics["alignment"] = alignment(q[qi], c[ci])
+    # Uniformity over a fixed sample of the embeddings of both sides of the positive pairs.
+    both = np.concatenate([q[np.unique(qi)], c[np.unique(ci)]])
+    rng = np.random.default_rng(seed)
+    if len(both) > uniformity_sample:
+        both = both[rng.choice(len(both), uniformity_sample, replace=False)]
+    metrics["uniformity"] = uniformity(both)
+    metrics["queries"] = len(task.queries)
+    metrics["corpus"] = len(task.corpus)
+    return metrics
+
+
+def evaluate(
+    task: RetrievalTask,
+    encode: Callable[[Sequence[str], str], np.ndarray],
+    *,
+    query_batch: int = 1024,
+    uniformity_sample: int = 4096,
+) -> dict[str, float]:
+    """Encode the task's texts with ``encode(texts, kind)`` and score them."""
+    query_emb = encode(task.queries, "query")
+    corpus_emb = encode(task.corpus, "passage")
+    return evaluate_embeddings(task, query_emb, corpus_emb, query_batch=query_batch, uniformity_sample=uniformity_sample)
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A small text table: one row per model, one column per metric."""
+    keys = [k for k in METRIC_KEYS if k not in ("queries", "corpus")]
+    name_width = max(len("model"), *(len(n) for n in rows))
+    lines = [f"{'model':<{name_width}}  " + "  ".join(f"{k:>10}" for k in keys)]
+    for name, metrics in rows.items():
+        lines.append(f"{name:<{name_width}}  " + "  ".join(f"{metrics[k]:>10.4f}" for k in keys))
+    first = next(iter(rows.values()))
+    lines.append(f"({first['queries']} queries, corpus of {first['corpus']})")
+    return "\n".join(lines)
+
+
+def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = None) -> RetrievalTask:
+    """A BEIR folder, or a pairs file (any format pair IO reads) plus an optional extra corpus."""
+    import pyarrow.compute as pc
+
+    from pairmill.pairs import load_parsed_local
+
+    read_kwargs = dict(read_kwargs or {})
+    if Path(data).is_dir() and (Path(data) / "corpus.jsonl").exists():
+        if corpus:
+            raise ValueError("--corpus adds passages to a pairs file; a BEIR folder brings its own corpus.jsonl")
+        return beir_task(data)
+    table = load_parsed_local(data, "pairs", **read_kwargs)
+    _warn_rejected(table, data)
+    table = table.filter(pc.is_null(table.column("reason")))
+    if table.num_rows == 0:
+        raise ValueError(f"{data}: no valid pairs to evaluate on")
+    extra: list[str] = []
+    if corpus:
+        texts = load_parsed_local(corpus, "text", **read_kwargs)
+        _warn_rejected(texts, corpus)
+        extra = texts.filter(pc.is_null(texts.column("reason"))).column("text").to_pylist()
+    return pairs_task(table.column("query").to_pylist(), table.column("passage").to_pylist(), extra)
+
+
+def _warn_rejected(table, path) -> None:
+    reasons = [r for r in table.column("reason").to_pylist() if r is not None]
+    if reasons:
+        counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+        print(f"[pairmill] eval: {path}: {len(reasons)} rows left out as invalid: {counts}")
+
+
+def main(args) -> int:
+    """``pairmill eval --model M --data D [--corpus C] [--json OUT]``."""
+    from pairmill.embed import encoder_kwargs, read_kwargs
+    from pairmill.encoder import Encoder
+
+    cfg = args.config_sections
+    encoder_cfg, eval_cfg = cfg["encoder"], cfg["eval"]
+    if not eval_cfg.data:
+        raise SystemExit("pairmill eval: --data is required (a pairs file or a BEIR folder)")
+    task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(cfg["read"]))
+    encoder = Encoder(**encoder_kwargs(encoder_cfg))
+    metrics = evaluate(
+        task,
+        lambda texts, kind: encoder.encode(texts, kind, show_progress=True),
+        query_batch=eval_cfg.query_batch,
+        uniformity_sample=eval_cfg.uniformity_sample,
+    )
+    print(format_table({encoder_cfg.model or "all-MiniLM-L6-v2 (bundled)": metrics}))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"[pairmill] metrics written to {args.json}")
+    return 0

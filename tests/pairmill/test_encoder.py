@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from pairmill.encoder import Encoder, bundled_model_path, resolve_model
+from tests.conftest import literal_pairs
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return Encoder(tiny_model, batch_size=4, query_prefix="query: ", passage_prefix="passage: ")
+
+
+def test_matches_sentence_transformers_in_input_order(encoder, tiny_model):
+    texts = [r["passage"] for r in literal_pairs(23)]  # uneven lengths, not a multiple of the batch
+    reference = SentenceTransformer(tiny_model, device="cpu").encode(texts, batch_size=5)
+    ours = encoder.encode(texts)
+    assert ours.dtype == np.float32 and ours.shape == (23, 32)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # the model's Normalize module
+
+
+def test_prefixes_are_applied_per_kind(encoder):
+    np.testing.assert_allclose(encoder.encode(["unix"], "query"), encoder.encode(["query: unix"], "text"), atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(["unix"], "passage"), encoder.encode(["passage: unix"], "text"), atol=1e-6)
+    with pytest.raises(ValueError, match="kind='doc'"):
+        encoder.encode(["x"], "doc")
+
+
+def test_truncation_and_empty_input(encoder):
+    long = " ".join(["memory"] * 500)
+    assert encoder.encode([long]).shape == (1, 32)  # truncated to max_length, no position overflow
+    assert encoder.encode([]).shape == (0, 32)
+
+
+def test_model_resolution(tmp_path):
+    assert resolve_model(None) == str(bundled_model_path())
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == str(bundled_model_path())
+    assert (bundled_model_path() / "modules.json").exists()
+    assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
+    assert resolve_model("intfloat/e5-small-v2") == "intfloat/e5-small-v2"  # a hub name, loaded online
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_model("./missing-model")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        resolve_model(str(tmp_path / "f"))
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Encoder(tiny_model, batch_size=0)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        Encoder(tiny_model, precision="fp8")

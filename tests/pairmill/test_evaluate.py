@@ -1,0 +1,89 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pairmill.evaluate import (
+    RetrievalTask,
+    alignment,
+    beir_task,
+    evaluate_embeddings,
+    pairs_task,
+    ranking_metrics,
+    search_exact,
+    uniformity,
+)
+
+
+def _unit(deg):
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def test_three_queries_by_hand():
+    # Corpus at 0, 30, 60, 90 degrees; queries at 0, 90, 40 degrees. Rankings by cosine:
+    #   q0: c0 c1 c2 c3    q1: c3 c2 c1 c0    q2: c1 c2 c0 c3
+    corpus = np.array([_unit(0), _unit(30), _unit(60), _unit(90)], dtype=np.float32)
+    queries = np.array([_unit(0), _unit(90), _unit(40)], dtype=np.float32)
+    qrels = [{1: 1.0}, {3: 1.0, 0: 1.0}, {0: 2.0, 3: 1.0}]
+    task = RetrievalTask(["q0", "q1", "q2"], ["c0", "c1", "c2", "c3"], qrels, [(0, 1), (1, 3), (2, 0)], [None] * 3)
+    m = evaluate_embeddings(task, queries, corpus)
+    # q0: relevant at rank 2 -> nDCG 1/log2(3) = 0.630930, MRR 1/2, R@1 0
+    # q1: relevant at ranks 1 and 4 -> DCG 1 + 1/log2(5) = 1.430677, IDCG 1 + 1/log2(3) = 1.630930
+    #     -> nDCG 0.877215, MRR 1, R@1 1/2
+    # q2: gain 2 at rank 3, gain 1 at rank 4 -> DCG 2/2 + 1/log2(5) = 1.430677, IDCG 2 + 1/log2(3) = 2.630930
+    #     -> nDCG 0.543792, MRR 1/3, R@1 0
+    assert m["ndcg@10"] == pytest.approx((0.630930 + 0.877215 + 0.543792) / 3, abs=1e-5)
+    assert m["mrr@10"] == pytest.approx((0.5 + 1 + 1 / 3) / 3, abs=1e-6)
+    assert m["recall@1"] == pytest.approx(0.5 / 3, abs=1e-6)
+    assert m["recall@10"] == m["recall@100"] == 1.0
+    # positives: q0-c1 (30 deg), q1-c3 (0 deg), q2-c0 (40 deg): squared distance 2 - 2 cos
+    assert m["alignment"] == pytest.approx((2 - 2 * math.cos(math.radians(30)) + 0 + 2 - 2 * math.cos(math.radians(40))) / 3, abs=1e-5)
+    assert m["queries"] == 3 and m["corpus"] == 4
+
+
+def test_alignment_and_uniformity_by_hand():
+    x = np.array([[1, 0], [1, 0]], dtype=np.float32)
+    y = np.array([[0, 1], [1, 0]], dtype=np.float32)
+    assert alignment(x, y) == pytest.approx(1.0)  # (2 + 0) / 2
+    assert uniformity(np.array([[1, 0], [-1, 0]])) == pytest.approx(-8.0)  # one pair, distance^2 = 4
+    # three points: distances^2 of 2, 2, 4 -> log((e^-4 + e^-4 + e^-8) / 3)
+    assert uniformity(np.array([[1, 0], [0, 1], [-1, 0]])) == pytest.approx(math.log((2 * math.exp(-4) + math.exp(-8)) / 3))
+
+
+def test_search_exact_matches_a_full_sort():
+    rng = np.random.default_rng(0)
+    corpus, queries = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
+    scores, ids = search_exact(queries, corpus, k=25, query_batch=7)
+    full = queries @ corpus.T
+    for i in range(len(queries)):
+        expected = sorted(range(len(corpus)), key=lambda j: (-full[i, j], j))[:25]
+        assert ids[i].tolist() == expected
+        np.testing.assert_allclose(scores[i], full[i, expected], rtol=1e-6)
+    assert search_exact(queries, corpus[:5], k=25)[1].shape == (40, 5)  # k capped at the corpus
+
+
+def test_pairs_task_uses_text_equality_and_extra_corpus():
+    task = pairs_task(["q1", "q2", "q3"], ["p1", "p2", "p1"], extra_corpus=["p3", "p2"])
+    assert task.corpus == ["p1", "p2", "p3"]
+    assert task.qrels == [{0: 1.0}, {1: 1.0}, {0: 1.0}]
+    with pytest.raises(ValueError, match="no relevant document"):
+        ranking_metrics([[0]], [{0: 0.0}])
+
+
+def test_beir_folder(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text(
+        "\n".join(json.dumps(d) for d in [{"_id": "d1", "title": "T", "text": "one"}, {"_id": "q2", "text": "two"}]) + "\n"
+    )
+    (tmp_path / "queries.jsonl").write_text(
+        "\n".join(json.dumps(q) for q in [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}, {"_id": "q3", "text": "no qrels"}])
+    )
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq2\td1\t1\nq2\tmissing\t1\n")
+    task = beir_task(tmp_path)
+    assert task.queries == ["first", "second"] and task.corpus == ["T one", "two"]
+    assert task.qrels == [{0: 2.0}, {0: 1.0}]
+    assert task.exclude == [None, 1]  # q2 never retrieves the document with its own id
+    emb = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    m = evaluate_embeddings(task, np.array([[0.0, 1.0], [0.0, 1.0]], np.float32), emb)
+    assert m["recall@1"] == 0.5  # q1 ranks d1 second; q2 has doc 1 excluded, so d1 comes first
