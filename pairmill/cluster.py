@@ -58,7 +58,15 @@ def encoder_pool(actors: int | None = None, cpus_per_actor: int = 4) -> PoolSize
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     if gpus:
+        if actors and actors > gpus:
+            raise ValueError(f"ray.actors={actors} but the cluster has {gpus} GPU(s): one encoder actor per GPU at most")
         return PoolSize(size=actors or gpus, num_cpus=1, num_gpus=1)
-    per_actor = max(1, min(cpus_per_actor, cpus - 1))
-    size = actors or max(1, (cpus - 1) // per_actor)
+    if actors and actors > cpus - 1:
+        # Every actor holds at least one CPU; with none left for reading, Ray Data hangs.
+        raise ValueError(
+            f"ray.actors={actors} needs {actors} CPUs plus one for reading, but the cluster has {cpus}; "
+            f"use ray.actors={max(1, cpus - 1)} or fewer, or leave it empty to size the pool automatically"
+        )
+    size = actors or max(1, (cpus - 1) // max(1, min(cpus_per_actor, cpus - 1)))
+    per_actor = max(1, min(cpus_per_actor, (cpus - 1) // size))
     return PoolSize(size=size, num_cpus=per_actor, num_gpus=0)

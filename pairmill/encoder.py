@@ -72,7 +72,6 @@ def load_sentence_transformer(model: str | None, device: torch.device | str = "c
     target = resolve_model(model)
     if Path(target).is_dir():
         # Local folder: never touch the network, even if the folder names a hub tokenizer.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return SentenceTransformer(target, device=str(device), local_files_only=True)
     try:
         return SentenceTransformer(target, device=str(device))

@@ -64,3 +64,13 @@ def test_embed_text_mode_and_rerun(ray_session, tiny_model, tmp_path):
     embed(str(src), str(out), **kw)  # rerun into the same folder: no old rows survive
     assert pq.read_table(out / "kept").column("id").to_pylist() == ["z"]
     assert pq.read_table(out / "rejected").num_rows == 0
+
+
+def test_encoder_pool_sizing(ray_session):
+    from pairmill.cluster import encoder_pool
+
+    pool = encoder_pool()  # 4 logical CPUs in the test session, no GPU
+    assert (pool.size, pool.num_cpus, pool.num_gpus) == (1, 3, 0)
+    assert encoder_pool(actors=3).num_cpus == 1
+    with pytest.raises(ValueError, match="ray.actors=4 needs 4 CPUs"):
+        encoder_pool(actors=4)

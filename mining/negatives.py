@@ -1,0 +1,82 @@
+"""Hard-negative selection with false-negative control, over arrays (no index, no Ray).
+
+Design note. The index returns, per query, candidates ranked by score. A candidate is a false
+negative when it is a positive of that query: the pair's own passage, a passage text-identical to
+it (the corpus holds each normalised text once, so these share one corpus id), or the passage of
+another pair with the same query. Those are removed first; the rank window
+``[range_min, range_max)`` is then taken over the remaining candidates (so "rank 0" is the hardest
+non-positive), and the positive-aware filter of NV-Retriever ("TopK-PercPos") drops candidates
+scoring above ``margin_ratio`` x the positive's score, plus an optional absolute ``max_score``: a
+candidate that close to the positive is more often an unlabelled positive than a negative.
+From what is left, ``top`` takes the highest-scoring, ``random`` samples uniformly. A query left with
+fewer than ``num_negatives`` gets fewer: the shortfall is counted, never padded silently.
+Cost: O(queries x candidates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Selection:
+    ids: np.ndarray  # (Q, n) int64 corpus ids, -1 where a query got fewer than n
+    scores: np.ndarray  # (Q, n) float32, nan where ids == -1
+    short: int  # queries with fewer than n negatives
+    filtered_by_margin: int  # candidates inside the window dropped by the positive-aware filter
+
+
+def select_negatives(
+    cand_ids: np.ndarray,
+    cand_scores: np.ndarray,
+    positive_scores: np.ndarray,
+    positives: Sequence[set[int]],
+    *,
+    num_negatives: int = 4,
+    range_min: int = 0,
+    range_max: int = 30,
+    margin_ratio: float | None = 0.95,
+    max_score: float | None = None,
+    sampling: Literal["top", "random"] = "top",
+    seed: int = 0,
+) -> Selection:
+    """Choose ``num_negatives`` per query from ranked candidates ``cand_ids`` / ``cand_scores`` (Q, K)."""
+    if not 0 <= range_min < range_max:
+        raise ValueError(f"need 0 <= range_min < range_max, got range_min={range_min}, range_max={range_max}")
+    if sampling not in ("top", "random"):
+        raise ValueError(f"sampling={sampling!r}; valid: top, random")
+    if margin_ratio is not None and margin_ratio <= 0:
+        raise ValueError(f"margin_ratio must be > 0 (or None to switch the filter off), got {margin_ratio}")
+    rng = np.random.default_rng(seed)
+    q = len(cand_ids)
+    out_ids = np.full((q, num_negatives), -1, dtype=np.int64)
+    out_scores = np.full((q, num_negatives), np.nan, dtype=np.float32)
+    short = filtered = 0
+    for i in range(q):
+        keep = (cand_ids[i] >= 0) & ~np.isin(cand_ids[i], list(positives[i]))
+        ids, scores = cand_ids[i][keep][range_min:range_max], cand_scores[i][keep][range_min:range_max]
+        ok = np.ones(len(ids), dtype=bool)
+        if margin_ratio is not None:
+            ok &= scores <= margin_ratio * positive_scores[i]
+        if max_score is not None:
+            ok &= scores <= max_score
+        filtered += int((~ok).sum())
+        ids, scores = ids[ok], scores[ok]
+        if sampling == "random" and len(ids) > num_negatives:
+            pick = np.sort(rng.choice(len(ids), num_negatives, replace=False))  # keep score order
+            ids, scores = ids[pick], scores[pick]
+        n = min(num_negatives, len(ids))
+        out_ids[i, :n], out_scores[i, :n] = ids[:n], scores[:n]
+        short += n < num_negatives
+    return Selection(out_ids, out_scores, short, filtered)
+
+
+def positive_sets(query_keys: Sequence[str], positive_ids: Sequence[int]) -> list[set[int]]:
+    """Per pair: the corpus ids of every positive of its query (pairs sharing a query key)."""
+    by_query: dict[str, set[int]] = {}
+    for key, pid in zip(query_keys, positive_ids):
+        by_query.setdefault(key, set()).add(int(pid))
+    return [by_query[key] for key in query_keys]

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from mining.negatives import positive_sets, select_negatives
+
+
+def _one(ids, scores, pos_score, positives, **kw):
+    sel = select_negatives(np.array([ids]), np.array([scores], dtype=np.float32), np.array([pos_score]), [positives], **kw)
+    return sel.ids[0].tolist(), sel
+
+
+def test_positives_are_never_negatives_and_the_window_skips_them():
+    # corpus id 5 is the pair's own passage, 9 another positive of the same query
+    ids, sel = _one([5, 9, 1, 2, 3, 4], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 0.9, {5, 9}, num_negatives=2, margin_ratio=None)
+    assert ids == [1, 2] and sel.short == 0
+    ids, _ = _one([5, 9, 1, 2, 3, 4], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 0.9, {5, 9}, num_negatives=2, range_min=1, margin_ratio=None)
+    assert ids == [2, 3]  # rank 0 is the hardest non-positive
+
+
+def test_positive_aware_filter_and_max_score():
+    scores = [0.99, 0.94, 0.90, 0.50]
+    ids, sel = _one([1, 2, 3, 4], scores, 1.0, {0}, num_negatives=3)  # drops > 0.95 x 1.0
+    assert ids == [2, 3, 4] and sel.filtered_by_margin == 1
+    ids, _ = _one([1, 2, 3, 4], scores, 1.0, {0}, num_negatives=3, max_score=0.92)
+    assert ids == [3, 4, -1]
+
+
+def test_shortfall_is_counted_not_padded():
+    ids, sel = _one([0, 1, -1, -1], [0.9, 0.5, -np.inf, -np.inf], 0.9, {0}, num_negatives=3, margin_ratio=None)
+    assert ids == [1, -1, -1] and sel.short == 1
+    assert np.isnan(sel.scores[0, 1:]).all()
+
+
+def test_random_sampling_stays_in_the_window_and_is_seeded():
+    cands = list(range(1, 31))
+    scores = np.linspace(0.8, 0.2, 30)
+    a, _ = _one(cands, scores, 1.0, {0}, num_negatives=4, range_max=10, sampling="random", seed=1)
+    b, _ = _one(cands, scores, 1.0, {0}, num_negatives=4, range_max=10, sampling="random", seed=1)
+    assert a == b and set(a) <= set(range(1, 11)) and a == sorted(a)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="range_min < range_max"):
+        _one([1], [0.1], 1.0, set(), range_min=5, range_max=5)
+    with pytest.raises(ValueError, match="sampling='hard'"):
+        _one([1], [0.1], 1.0, set(), sampling="hard")
+
+
+def test_positive_sets_group_by_query():
+    assert positive_sets(["a", "b", "a"], [1, 2, 3]) == [{1, 3}, {2}, {1, 3}]
