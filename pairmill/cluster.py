@@ -12,7 +12,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     A local Ray gets ``max(4, 2 x cores)`` logical CPUs: Ray counts CPUs as slots, and on a
     2-core machine an encoder actor plus the read and write tasks need more than 2 slots or the
     pipeline deadlocks (RAY_NOTES: "small-machine deadlock"). The actor still runs as many torch
-    threads as there are physical cores (see ``torch_threads``), so nothing is oversubscribed much.
+    threads as there are physical cores (see ``actor_threads``), so nothing is oversubscribed much.
     """
     import ray
 
@@ -31,12 +31,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
-def torch_threads() -> int:
-    """Threads for torch inside a Ray actor: the CPUs Ray assigned, capped at the node's cores."""
+def actor_threads() -> int:
+    """Threads for torch or FAISS in a Ray actor: the CPUs Ray assigned, capped at the node's cores.
+
+    Fractional CPUs still get one thread. Outside an actor (a test, a script) every core.
+    """
     import ray
 
+    cores = os.cpu_count() or 1
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return cores
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    return max(1, min(int(assigned), os.cpu_count() or 1))
+    return max(1, min(int(assigned), cores))
 
 
 @dataclass

@@ -35,11 +35,11 @@ class EncodeBatch:
     """``map_batches`` callable: one encoder per actor, loaded once."""
 
     def __init__(self, mode: Mode, encoder_kwargs: dict):
-        from pairmill.cluster import torch_threads
+        from pairmill.cluster import actor_threads
         from pairmill.encoder import Encoder
 
         self.mode = mode
-        self.encoder = Encoder(**encoder_kwargs, num_threads=torch_threads())
+        self.encoder = Encoder(**encoder_kwargs, num_threads=actor_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.mode == "pairs":

@@ -21,7 +21,7 @@ def main(args) -> int:
     from pairmill.evaluate import evaluate, format_table, load_task
 
     cfg = args.config_sections
-    out = Path(args.output)
+    out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     train = cfg["run"].train or str(sample.TRAIN)
     heldout = cfg["eval"].data or str(sample.HELDOUT)
