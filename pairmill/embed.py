@@ -1,7 +1,7 @@
 """``pairmill embed INPUT -o OUT``: texts or pairs -> embeddings (parquet), on a Ray actor pool.
 
-Passes over the input: one encodes and writes ``kept/``, one writes ``rejected/``, one counts
-rows and truncations. Reading and validating are cheap next to encoding, so the input is read
+Passes over the input: one writes ``rejected/``, one counts rows and truncations, and the last
+encodes and writes ``kept/``. Reading and validating are cheap next to encoding, so the input is read
 again rather than held in the object store (which would not stay bounded at scale).
 """
 

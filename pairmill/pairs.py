@@ -89,6 +89,13 @@ def _raw_repr(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
+def _row_id(given: Any) -> str | None:
+    """The input's own id when it is a non-empty string or an integer, else None (hash instead)."""
+    if isinstance(given, bool) or not isinstance(given, (str, int)) or given == "":
+        return None
+    return str(given)
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -159,7 +166,7 @@ def validate_records(
                 rid = record.get(id_field)
                 source = record.get("source")
                 values = {
-                    "id": str(rid) if isinstance(rid, (str, int)) and str(rid) else pair_id(query, passage),
+                    "id": _row_id(rid) or pair_id(query, passage),
                     "query": query,
                     "passage": passage,
                     "source": source if isinstance(source, str) else None,
@@ -169,7 +176,7 @@ def validate_records(
             text, reason, truncated = _check_text(record.get(text_field), "missing_text", max_chars, too_long)
             if reason is None:
                 rid = record.get(id_field)
-                values = {"id": str(rid) if isinstance(rid, (str, int)) and str(rid) else text_id(text), "text": text}
+                values = {"id": _row_id(rid) or text_id(text), "text": text}
         for name in cols:
             cols[name].append(values.get(name))
         cols["reason"][-1] = reason
@@ -205,14 +212,14 @@ def _is_json_lines(path: str) -> bool:
 
 
 def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Bytes chunks -> lines (without b'\\n'); a trailing newline does not make an extra line."""
+    """Bytes chunks -> lines without their b'\\n' or b'\\r\\n'; a trailing newline makes no extra line."""
     tail = b""
     for chunk in chunks:
         parts = (tail + chunk).split(b"\n")
         tail = parts.pop()
-        yield from parts
+        yield from (part.rstrip(b"\r") for part in parts)
     if tail:
-        yield tail
+        yield tail.rstrip(b"\r")
 
 
 def read_lines(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
@@ -221,7 +228,7 @@ def read_lines(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
 
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as f:
-        yield from (line.rstrip(b"\r") for line in _split_lines(iter(lambda: f.read(chunk_bytes), b"")))
+        yield from _split_lines(iter(lambda: f.read(chunk_bytes), b""))
 
 
 def _line_datasource_class():
@@ -244,7 +251,7 @@ def _line_datasource_class():
             chunks = iter(lambda: f.read(8 << 20), b"")
             raws, numbers = [], []
             for number, line in enumerate(_split_lines(chunks), start=1):
-                raws.append(line.rstrip(b"\r"))
+                raws.append(line)
                 numbers.append(number)
                 if len(raws) >= self.lines_per_block:
                     yield _line_block(raws, numbers, path)
@@ -276,7 +283,10 @@ class ParseLines:
             for raw, path in zip(batch.column("raw").to_pylist(), paths)
         ]
         origins = [f"{p}:{n}" for p, n in zip(paths, batch.column("line").to_pylist())]
-        raws = [None if isinstance(r, tuple) else raw.decode("utf-8") for r, raw in zip(records, batch.column("raw").to_pylist())]
+        raws = [
+            None if isinstance(record, tuple) else raw.decode("utf-8")
+            for record, raw in zip(records, batch.column("raw").to_pylist())
+        ]
         return validate_records(records, origins, mode=self.mode, raws=raws, **self.kwargs)
 
 

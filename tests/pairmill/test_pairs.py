@@ -58,9 +58,10 @@ def test_ids_fields_and_negatives():
         {"id": 7, "q": "a", "p": "b"},
         {"id": "", "q": "a", "p": "b"},
         {"q": "a", "p": "b", "negatives": ["n1", "n2"], "source": 3},
+        {"id": True, "q": "a", "p": "b"},
     ]
-    table = validate_records(rows, ["x"] * 3, query_field="q", passage_field="p").to_pylist()
-    assert [r["id"] for r in table] == ["7", pair_id("a", "b"), pair_id("a", "b")]
+    table = validate_records(rows, ["x"] * 4, query_field="q", passage_field="p").to_pylist()
+    assert [r["id"] for r in table] == ["7", pair_id("a", "b"), pair_id("a", "b"), pair_id("a", "b")]
     assert table[2]["negatives"] == ["n1", "n2"] and table[2]["source"] is None
 
 
@@ -84,6 +85,7 @@ def test_split_lines_across_chunk_boundaries():
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
         assert list(_split_lines(chunks)) == [b"ab", b"cd", b"", b"ef"]
     assert list(_split_lines([b"a\n"])) == [b"a"]  # a trailing newline is not a row
+    assert list(_split_lines([b"a\r", b"\nb\r\n"])) == [b"a", b"b"]  # CRLF files, split mid-ending
 
 
 def _bad_file(path, gz=False):
