@@ -228,23 +228,30 @@ def _warn_rejected(table, path) -> None:
         print(f"[pairmill] eval: {path}: {len(reasons)} rows left out as invalid: {counts}")
 
 
+def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask) -> dict[str, float]:
+    """Metrics of the model an EncoderConfig names on ``task``, with an EvalConfig's settings."""
+    from pairmill.embed import encoder_kwargs
+    from pairmill.encoder import Encoder
+
+    encoder = Encoder(**encoder_kwargs(encoder_cfg))
+    return evaluate(
+        task,
+        lambda texts, kind: encoder.encode(texts, kind, show_progress=True),
+        query_batch=eval_cfg.query_batch,
+        uniformity_sample=eval_cfg.uniformity_sample,
+    )
+
+
 def main(args) -> int:
     """``pairmill eval --model M --data D [--corpus C] [--json OUT]``."""
-    from pairmill.embed import encoder_kwargs, read_kwargs
-    from pairmill.encoder import Encoder
+    from pairmill.embed import read_kwargs
 
     cfg = args.config_sections
     encoder_cfg, eval_cfg = cfg["encoder"], cfg["eval"]
     if not eval_cfg.data:
         raise SystemExit("pairmill eval: --data is required (a pairs file or a BEIR folder)")
     task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(cfg["read"]))
-    encoder = Encoder(**encoder_kwargs(encoder_cfg))
-    metrics = evaluate(
-        task,
-        lambda texts, kind: encoder.encode(texts, kind, show_progress=True),
-        query_batch=eval_cfg.query_batch,
-        uniformity_sample=eval_cfg.uniformity_sample,
-    )
+    metrics = evaluate_model(encoder_cfg, eval_cfg, task)
     print(format_table({encoder_cfg.model or "all-MiniLM-L6-v2 (bundled)": metrics}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,8 @@ from pairmill.config import config_to_dict
 
 
 def main(args) -> int:
-    from pairmill.embed import embed, encoder_kwargs, format_summary, read_kwargs
-    from pairmill.encoder import Encoder
-    from pairmill.evaluate import evaluate, format_table, load_task
+    from pairmill.embed import embed, format_summary, read_kwargs
+    from pairmill.evaluate import evaluate_model, format_table, load_task
 
     cfg = args.config_sections
     out = Path(args.output).resolve()
@@ -31,14 +30,8 @@ def main(args) -> int:
     embed_stats = embed(train, str(out / "embed"), mode="pairs", encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"])
     print(format_summary(embed_stats, str(out / "embed")))
 
-    encoder = Encoder(**encoder_kwargs(cfg["encoder"]))
     task = load_task(heldout, cfg["eval"].corpus, read_kwargs(cfg["read"]))
-    base = evaluate(
-        task,
-        lambda texts, kind: encoder.encode(texts, kind, show_progress=True),
-        query_batch=cfg["eval"].query_batch,
-        uniformity_sample=cfg["eval"].uniformity_sample,
-    )
+    base = evaluate_model(cfg["encoder"], cfg["eval"], task)
     report = {
         "base": base,
         "stages": {"embed": {k: embed_stats[k] for k in ("input_rows", "kept", "dropped", "rejected", "truncated")}},
