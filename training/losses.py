@@ -1,0 +1,376 @@
+"""Contrastive loss for pairmill training: InfoNCE over the global batch, with false-negative
+masking, cross-worker negatives and GradCache.
+
+Design note
+-----------
+What. ``InfoNCELoss`` is cross-entropy over cosine similarity / temperature. Query i's candidates
+are every positive passage in the *global* batch (all workers) plus every hard negative in the
+global batch (its own and the other pairs'); the label is its own positive. With
+``symmetric=True`` a passage→query term (each positive against all global queries) is averaged
+in. Candidates that are the same text as pair i's positive (same ``positive_ids`` value: a
+duplicate passage elsewhere in the batch, or another pair's hard negative equal to it) are
+masked to -inf for query i, as are padded (invalid) hard-negative slots, so a false negative is
+never counted as a negative. ``GradCache`` runs any encoder in mini-batches so a global batch of
+thousands fits in small memory (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size
+under Memory Limited Setup").
+
+Why not sentence-transformers' losses. ST 6.x ``MultipleNegativesRankingLoss`` has a usable
+``compute_loss_from_embeddings`` and gathers across ranks with gradients, so it would run in our
+own DDP loop; what it lacks is (a) false-negative masking by text id (it relies on the
+NO_DUPLICATES sampler, which cannot see duplicates across workers nor a hard negative that equals
+another pair's positive), and (b) a per-pair validity mask for a ragged number of hard negatives
+(it takes fixed negative columns, so padding would be counted as negatives). Its cached variant
+drives the model itself from ``sentence_features``; ours takes an ``encode`` function so the
+loop owns the model call. The test suite checks that, without hard negatives, our loss equals
+ST's MNRL on the same embeddings.
+
+Gradient convention under DDP. Each worker computes the loss for its *local* queries against the
+*global* candidate pool and returns their mean, so the mean of the workers' losses is the loss
+of one process on the concatenated batch. The all-gather's backward sums the gradients every
+worker sends to a slot, so each worker's embedding gradients (and its parameter gradients
+before the all-reduce) are ``world_size`` times those of the single process, and DDP's
+gradient *averaging* divides that back out: after ``loss.backward()`` under DDP the parameter
+gradients equal the single-process gradients of the global-mean loss. Code that instead sums
+gradients over workers (a manual all-reduce with SUM) must divide the loss by world_size.
+
+Cost. Per worker: one (B, D) x (D, N(1+H)) matmul where N = B * world_size is the global batch
+and H the hard negatives per pair, plus the all-gather of N(1+H)+N embeddings (forward) and an
+all-reduce of the same size (backward). Memory is the (B, N(1+H)) logits and the gathered
+embeddings, small next to the encoder. GradCache costs one extra encoder forward (~ +1/3 of a
+step) in exchange for activation memory bounded by the mini-batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pairmill.pairs import normalize_text
+
+# A chunkable encoder input: a tensor, or tokenizer output (a mapping of tensors), sliced on dim 0.
+Features = Union[Tensor, Mapping[str, Tensor]]
+
+_ID_MASK = (1 << 63) - 1
+
+
+def passage_ids(texts: Sequence[str]) -> Tensor:
+    """(len(texts),) int64: a 63-bit hash of each normalised text, for false-negative masking."""
+    ids = [int.from_bytes(_digest(t), "little") & _ID_MASK for t in texts]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns this rank's slice of the summed gradients.
+
+    Written here rather than using torch.distributed.nn.functional.all_gather because that one is
+    deprecated in torch 2.13 (FutureWarning on every call) and its gloo backward goes through
+    all_to_all; all_reduce is supported by every backend (gloo, nccl). The all_reduce moves
+    world_size x the bytes of a reduce-scatter, which is negligible for embedding-sized tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)  # (world_size * rows, ...)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place; never write into autograd's buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss contributes to every slot
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def _gather_with_grad(x: Tensor, world_size: int) -> Tensor:
+    return x if world_size == 1 else _GatherWithGrad.apply(x)
+
+
+def _gather_no_grad(x: Tensor, world_size: int) -> Tensor:
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _check_same_shapes(local: Tensor, world_size: int) -> None:
+    """Every rank must bring the same (B, H, D, has ids): all-gather needs equal shapes. Raises on all ranks."""
+    shapes = _gather_no_grad(local.view(1, -1), world_size)  # (world_size, 4)
+    if not bool((shapes == shapes[0]).all()):
+        raise ValueError(
+            f"InfoNCELoss: workers passed different (batch, negatives, dim, has_ids) {shapes.tolist()}; "
+            "all-gather needs equal shapes. Give every worker the same batch size (drop_last=True), "
+            "pad hard negatives to a fixed H with negative_mask, and pass ids on all workers or none."
+        )
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE over the global batch; see the module's design note."""
+
+    def __init__(self, temperature: float = 0.05, symmetric: bool = False, gather_across_workers: bool = True) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(
+                f"temperature={temperature!r} is invalid: it must be a finite number > 0 "
+                "(E5 uses 0.01, sentence-transformers 0.05 = scale 20)."
+            )
+        for name, value in (("symmetric", symmetric), ("gather_across_workers", gather_across_workers)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
+        self.temperature = float(temperature)
+        self.symmetric = symmetric
+        self.gather_across_workers = gather_across_workers
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, symmetric={self.symmetric}, gather_across_workers={self.gather_across_workers}"
+
+    def forward(
+        self,
+        query: Tensor,  # (B, D)
+        positive: Tensor,  # (B, D)
+        negatives: Tensor | None = None,  # (B, H, D)
+        negative_mask: Tensor | None = None,  # (B, H) bool, True = a real negative
+        positive_ids: Tensor | None = None,  # (B,) int64 text ids
+        negative_ids: Tensor | None = None,  # (B, H) int64 text ids
+    ) -> Tensor:
+        negatives, negative_mask, positive_ids, negative_ids = _check_inputs(
+            query, positive, negatives, negative_mask, positive_ids, negative_ids
+        )
+        # fp32 logits even under bf16 autocast: at temperature 0.01 logits reach 100, where bf16's
+        # 8-bit mantissa would round them by up to 0.5
+        with torch.autocast(query.device.type, enabled=False):
+            return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids)
+
+    def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids) -> Tensor:
+        rank, world_size = _world() if self.gather_across_workers else (0, 1)
+        B, H, D = negatives.shape
+        use_ids = positive_ids is not None
+        if world_size > 1:
+            _check_same_shapes(torch.tensor([B, H, D, use_ids], device=query.device), world_size)
+        q = F.normalize(query.float(), dim=-1)  # (B, D)
+        p = F.normalize(positive.float(), dim=-1)  # (B, D)
+        n = F.normalize(negatives.float(), dim=-1)  # (B, H, D)
+
+        p_all = _gather_with_grad(p, world_size)  # (N, D), N = B * world_size
+        candidates = torch.cat([p_all, _gather_with_grad(n, world_size).reshape(-1, D)]) if H else p_all  # (N(1+H), D)
+        pos_ids_all, cand_ids, cand_valid = _gather_ids(positive_ids, negative_ids, negative_mask, world_size)
+        labels = rank * B + torch.arange(B, device=query.device)  # (B,) own positive's global index
+
+        logits = q @ candidates.T / self.temperature  # (B, N(1+H))
+        masked = _false_negatives(cand_ids, cand_valid, pos_ids_all[labels], labels, use_ids)  # (B, N(1+H))
+        loss = F.cross_entropy(logits.masked_fill(masked, float("-inf")), labels)
+        if not self.symmetric:
+            return loss
+
+        q_all = _gather_with_grad(q, world_size)  # (N, D)
+        logits_pq = p @ q_all.T / self.temperature  # (B, N): each local positive against all queries
+        all_valid = torch.ones_like(pos_ids_all, dtype=torch.bool)
+        # query j is masked for passage i when pair j's positive is the same text as pair i's
+        masked_pq = _false_negatives(pos_ids_all, all_valid, pos_ids_all[labels], labels, use_ids)  # (B, N)
+        return (loss + F.cross_entropy(logits_pq.masked_fill(masked_pq, float("-inf")), labels)) / 2
+
+
+def _gather_ids(
+    positive_ids: Tensor | None, negative_ids: Tensor | None, negative_mask: Tensor, world_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Global ids and validity in candidate order [positives; negatives row-major], in one all-gather.
+
+    Returns (N,) positive ids, (N(1+H),) candidate ids, (N(1+H),) bool valid. Without ids the id
+    columns are zeros, which _false_negatives ignores (use_ids=False).
+    """
+    B, H = negative_mask.shape
+    if positive_ids is None:
+        positive_ids = negative_mask.new_zeros(B, dtype=torch.int64)
+        negative_ids = negative_mask.new_zeros(B, H, dtype=torch.int64)
+    meta = torch.cat([positive_ids[:, None], negative_ids, negative_mask.long()], 1)  # (B, 1 + 2H)
+    meta = _gather_no_grad(meta, world_size)  # (N, 1 + 2H)
+    pos_ids_all = meta[:, 0]  # (N,)
+    cand_ids = torch.cat([pos_ids_all, meta[:, 1 : 1 + H].reshape(-1)])
+    cand_valid = torch.cat([torch.ones_like(pos_ids_all, dtype=torch.bool), meta[:, 1 + H :].reshape(-1).bool()])
+    return pos_ids_all, cand_ids, cand_valid
+
+
+def _false_negatives(cand_ids: Tensor, cand_valid: Tensor, own_ids: Tensor, labels: Tensor, use_ids: bool) -> Tensor:
+    """(B, C) bool: True where a candidate must not count as a negative for row i — it is invalid,
+    or (use_ids) it carries row i's positive id — except row i's own positive (column labels[i])."""
+    masked = ~cand_valid[None, :].expand(len(labels), -1)  # (B, C)
+    if use_ids:
+        masked = masked | (cand_ids[None, :] == own_ids[:, None])
+    masked[torch.arange(len(labels), device=labels.device), labels] = False
+    return masked
+
+
+def _check_inputs(
+    query: Tensor,
+    positive: Tensor,
+    negatives: Tensor | None,
+    negative_mask: Tensor | None,
+    positive_ids: Tensor | None,
+    negative_ids: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Validate shapes; fill the optional parts so the loss has one code path.
+
+    Without negatives H = 0; without a mask every negative is valid; ids stay None (no id masking).
+    """
+    if query.ndim != 2 or positive.shape != query.shape:
+        raise ValueError(f"query and positive must both be (B, D); got {tuple(query.shape)} and {tuple(positive.shape)}.")
+    B, D = query.shape
+    device = query.device
+    if negatives is None:
+        if negative_mask is not None or negative_ids is not None:
+            raise ValueError("negative_mask / negative_ids were given without negatives; pass negatives (B, H, D).")
+        negatives = query.new_zeros(B, 0, D)
+    if negatives.ndim != 3 or negatives.shape[0] != B or negatives.shape[2] != D:
+        raise ValueError(f"negatives must be (B={B}, H, D={D}); got {tuple(negatives.shape)}.")
+    H = negatives.shape[1]
+    negative_mask = _check_like("negative_mask", negative_mask, (B, H), torch.ones(B, H, dtype=torch.bool, device=device))
+    if positive_ids is None:
+        if negative_ids is not None:
+            raise ValueError("negative_ids was given without positive_ids; pass both or neither.")
+        return negatives, negative_mask.bool(), None, None
+    positive_ids = _check_like("positive_ids", positive_ids, (B,), None)
+    if H and negative_ids is None:
+        raise ValueError(
+            "negative_ids is required when positive_ids and negatives are given: without it a hard negative "
+            "equal to a pair's positive would be counted as a negative."
+        )
+    negative_ids = _check_like("negative_ids", negative_ids, (B, H), torch.zeros(B, H, dtype=torch.int64, device=device))
+    return negatives, negative_mask.bool(), positive_ids.long(), negative_ids.long()
+
+
+def _check_like(name: str, value: Tensor | None, shape: tuple[int, ...], default: Tensor | None) -> Tensor:
+    if value is None:
+        return default
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {tuple(value.shape)}.")
+    if value.is_floating_point():
+        raise ValueError(f"{name} must be an integer or bool tensor; got {value.dtype}.")
+    return value
+
+
+# ----------------------------------------------------------------------------- GradCache
+
+
+class GradCache:
+    """Encode in mini-batches, take the loss on all embeddings at once, backprop chunk by chunk.
+
+    ``forward_backward(groups, loss_fn)``: ``groups`` are the encoder inputs of each tower
+    (e.g. query features (B, ...), passage features (B, ...), negative features (B*H, ...));
+    ``loss_fn(*embeddings)`` maps their embeddings to a scalar. Parameter gradients are
+    accumulated into ``model``'s ``.grad`` exactly as ``loss_fn(*[encode(model, g) ...]).backward()``
+    would, with dropout replayed from the saved RNG state of each chunk. Returns the detached loss.
+
+    Under DDP (or FSDP) pass the wrapped model: every chunk's backward but the last runs under
+    ``model.no_sync()`` so gradients are all-reduced once per step; all workers must pass the
+    same group sizes (so they run the same number of chunks, hence the same collectives).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mini_batch_size: int,
+        encode: Callable[[nn.Module, Features], Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (the DDP-wrapped one under DDP); got {type(model).__name__}.")
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size={mini_batch_size!r} is invalid: it must be an integer >= 1.")
+        if encode is not None and not callable(encode):
+            raise ValueError(f"encode must be callable (model, features) -> (rows, D) embeddings; got {encode!r}.")
+        self.model = model
+        self.mini_batch_size = mini_batch_size
+        self.encode = encode or (lambda m, features: m(features))
+
+    def forward_backward(self, groups: Sequence[Features], loss_fn: Callable[..., Tensor]) -> Tensor:
+        chunks = [_split(g, self.mini_batch_size) for g in groups]
+        if not chunks or not all(chunks):
+            raise ValueError(
+                f"GradCache needs at least one group and at least one row per group; got {[len(c) for c in chunks]} "
+                "chunks per group. Leave empty groups (e.g. no hard negatives) out of groups and loss_fn."
+            )
+        cached, states = self._encode_without_grad(chunks)  # (a)
+        leaves = [torch.cat(c).detach().requires_grad_() for c in cached]  # (rows, D) per group
+        loss = loss_fn(*leaves)  # (b)
+        grads = torch.autograd.grad(loss, leaves)
+        self._backward_with_grad(chunks, states, grads)  # (c)
+        return loss.detach()
+
+    def _encode_without_grad(self, chunks: list[list[Features]]) -> tuple[list[list[Tensor]], list[list[_RngState]]]:
+        cached, states = [], []
+        with torch.no_grad():
+            for group in chunks:
+                states.append([])
+                cached.append([])
+                for chunk in group:
+                    states[-1].append(_RngState.capture())
+                    cached[-1].append(self.encode(self.model, chunk))
+        return cached, states
+
+    def _backward_with_grad(self, chunks: list[list[Features]], states: list[list[_RngState]], grads: Sequence[Tensor]) -> None:
+        after = _RngState.capture()  # leave the RNG where step (a) left it
+        last = (len(chunks) - 1, len(chunks[-1]) - 1)
+        for g, group in enumerate(chunks):
+            start = 0
+            for c, chunk in enumerate(group):
+                states[g][c].restore()
+                with self._sync_context(last_chunk=(g, c) == last):
+                    emb = self.encode(self.model, chunk)  # (rows, D)
+                    emb.backward(grads[g][start : start + len(emb)])
+                start += len(emb)
+        after.restore()
+
+    def _sync_context(self, last_chunk: bool):
+        no_sync = getattr(self.model, "no_sync", None)
+        return nullcontext() if last_chunk or no_sync is None else no_sync()
+
+
+def _split(features: Features, size: int) -> list[Features]:
+    rows = len(features) if isinstance(features, Tensor) else len(next(iter(features.values())))
+    if isinstance(features, Tensor):
+        return [features[i : i + size] for i in range(0, rows, size)]
+    return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, rows, size)]
+
+
+class _RngState:
+    """CPU and (when initialised) all CUDA generator states, so a chunk's dropout can be replayed."""
+
+    def __init__(self, cpu: Tensor, cuda: list[Tensor] | None) -> None:
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls) -> _RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
