@@ -1,0 +1,56 @@
+"""The E5 consistency filter: keep a pair only when its own passage ranks within the top ``k``
+for its query against a pool of random passages from the same data.
+
+Design note. For query embedding q and own passage embedding p (both L2-normalised, so inner
+product == cosine), the rank is 1 + the number of pool passages scoring strictly above q.p
+(within ``TIE_TOL``). A pool passage text-identical to the own passage (the own passage itself
+when it was drawn into the pool) ties and does not count, so the rule is the same whether or not
+the own passage is in the pool. Only the top ``depth`` pool scores per query are needed: when all
+of them beat the own passage the rank is reported as ``depth + 1`` ("below the searched depth").
+The pool search is a kernel passed in (``search(queries, depth) -> (scores, ids)``): an exact
+matrix product in tests, ``mining.index.ShardedIndex.search`` on Ray, so the pool is never held
+by the driver or by the scoring workers. Cost: one pool search of depth ``max(k, RANK_DEPTH)``
+per pair (q x pool x d multiply-adds for a flat pool).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+INCONSISTENT = "inconsistent"
+TIE_TOL = 1e-5  # FAISS and numpy sum the same products in different orders
+RANK_DEPTH = 10  # ranks are exact up to this depth (enough for the audit's k = 1, 2, 5, 10 curve)
+
+Search = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
+
+
+def rank_depth(k: int) -> int:
+    return max(k, RANK_DEPTH)
+
+
+def own_rank(queries: np.ndarray, passages: np.ndarray, pool_scores: np.ndarray) -> np.ndarray:
+    """Rank (1-based, int32) of each pair's own passage among the pool.
+
+    queries, passages: (B, D) normalised; pool_scores: (B, depth) top pool scores per query,
+    -inf where the pool had fewer rows. Ranks beyond the depth come out as depth + 1.
+    """
+    own = np.einsum("bd,bd->b", queries, passages)  # (B,)
+    above = pool_scores > (own[:, None] + TIE_TOL)  # (B, depth)
+    return (1 + above.sum(axis=1)).astype(np.int32)
+
+
+def consistency_ranks(queries: np.ndarray, passages: np.ndarray, search: Search, depth: int) -> np.ndarray:
+    """Ranks of each pair's own passage, searching the pool with ``search``."""
+    if len(queries) == 0:
+        return np.empty(0, dtype=np.int32)
+    scores, _ = search(np.ascontiguousarray(queries, dtype=np.float32), depth)  # (B, depth)
+    return own_rank(queries, passages, scores)
+
+
+def exact_pool_search(pool: np.ndarray) -> Search:
+    """The brute-force search kernel over an in-memory pool (N, D): for tests and small pools."""
+    from mining.index import exact_search
+
+    return lambda queries, depth: exact_search(pool, queries, depth)

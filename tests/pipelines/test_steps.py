@@ -1,0 +1,209 @@
+"""Each filter step on in-memory batches, against a naive loop."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pairmill.config import ConfigError, FilterConfig
+from pairmill.embed import fixed_size_list
+from pairmill.pairs import normalize_text, validate_records
+from pipelines.audit import audit_summary, corrupt_rows
+from pipelines.consistency import RANK_DEPTH, TIE_TOL, consistency_ranks, exact_pool_search
+from pipelines.decontaminate import EvalTexts, contamination
+from pipelines.dedup import add_dedup_key, mark_exact_duplicates
+from pipelines.filter import ScorePairs, with_status_columns
+from pipelines.semdedup import assign_clusters, fit_kmeans, semdedup_cluster, survivor_order
+from tests.conftest import literal_pairs
+
+
+def unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def jitter(rng, x, scale):
+    y = x + scale * rng.standard_normal(x.shape).astype(np.float32)
+    return y / np.linalg.norm(y, axis=-1, keepdims=True)
+
+
+# --- exact dedup ------------------------------------------------------------------------------
+
+
+def test_exact_dedup_across_blocks_matches_a_naive_loop():
+    pairs = literal_pairs(80)
+    rows = pairs + pairs[:10] + [{**p, "query": "  " + p["query"].replace(" ", "\u00a0 ")} for p in pairs[5:15]]
+    rows += [{"query": "q", "passage": ""}, "not an object"]
+    table = validate_records(rows, [f"in:{i}" for i in range(len(rows))])
+    keyed = add_dedup_key(table)
+    # The job's groupby sends every copy of a key to one group; here: three arbitrary key groups.
+    buckets = [keyed.filter(pa.array([hash(k) % 3 == b for k in keyed.column("dedup_key").to_pylist()])) for b in range(3)]
+    marked = pa.concat_tables([mark_exact_duplicates(b) for b in buckets]).sort_by("origin").to_pylist()
+
+    keeper = {}
+    for row in table.to_pylist():  # naive: the smallest (id, origin) per normalised pair
+        if row["reason"] is None:
+            key = (normalize_text(row["query"]), normalize_text(row["passage"]))
+            keeper[key] = min(keeper.get(key, (row["id"], row["origin"])), (row["id"], row["origin"]))
+    expected = {}
+    for row in table.to_pylist():
+        if row["reason"] is not None:
+            expected[row["origin"]] = (row["reason"], None)
+            continue
+        kid, korigin = keeper[(normalize_text(row["query"]), normalize_text(row["passage"]))]
+        expected[row["origin"]] = (None, None) if korigin == row["origin"] else ("exact_duplicate", kid)
+    assert {r["origin"]: (r["reason"], r["dup_of"]) for r in marked} == expected
+    assert sum(r["reason"] == "exact_duplicate" for r in marked) == 20
+
+
+# --- consistency ------------------------------------------------------------------------------
+
+
+def naive_rank(q, p, pool, depth):
+    own = float(q @ p)
+    return min(1 + sum(float(q @ x) > own + TIE_TOL for x in pool), depth + 1)
+
+
+def test_consistency_ranks_match_a_naive_loop():
+    rng = np.random.default_rng(0)
+    queries, pool = unit(rng, 50), unit(rng, 300)
+    passages = np.concatenate([jitter(rng, queries[:25], 0.1), unit(rng, 25)])  # half related, half random
+    pool[:10] = passages[:10]  # some own passages are in the pool: they tie and do not count
+    for depth in (2, RANK_DEPTH):
+        ranks = consistency_ranks(queries, passages, exact_pool_search(pool), depth)
+        assert ranks.tolist() == [naive_rank(q, p, pool, depth) for q, p in zip(queries, passages)]
+    assert (ranks[:25] <= 2).mean() > 0.8 and (ranks[25:] > 2).mean() > 0.8
+
+
+# --- semantic dedup ---------------------------------------------------------------------------
+
+
+def naive_greedy(q, p, ids, centroid_sims, eps, on, keep):
+    """All pairs, one row at a time: drop a row when it is within cosine 1 - eps of a kept row."""
+    kept, dup_of = [], [None] * len(ids)
+    for i in survivor_order(ids, centroid_sims, keep):
+        def sim(j):
+            return {"passage": p[i] @ p[j], "query": q[i] @ q[j], "both": min(p[i] @ p[j], q[i] @ q[j])}[on]
+
+        near = [j for j in kept if sim(j) > 1 - eps]
+        if near:
+            dup_of[i] = ids[max(near, key=sim)]
+        else:
+            kept.append(i)
+    return dup_of
+
+
+@pytest.mark.parametrize("on,keep", [("passage", "hard"), ("query", "easy"), ("both", "random")])
+def test_semdedup_cluster_matches_the_naive_greedy_loop(on, keep):
+    rng = np.random.default_rng(1)
+    q, p = unit(rng, 120), unit(rng, 120)
+    p[60:90], q[60:90] = jitter(rng, p[:30], 0.02), jitter(rng, q[:30], 0.02)  # 30 planted near-duplicates
+    p[90:100] = jitter(rng, p[60:70], 0.02)  # chains: duplicates of duplicates
+    ids = [f"r{i:03d}" for i in range(120)]
+    sims = unit(rng, 120)[:, 0]
+    got = semdedup_cluster(q, p, ids, sims, eps=0.01, on=on, keep=keep)
+    assert got == naive_greedy(q, p, ids, sims, 0.01, on, keep)
+    assert sum(d is not None for d in got) >= 20
+    kept = {i for i, d in zip(ids, got) if d is None}
+    assert {d for d in got if d is not None} <= kept
+
+
+def test_semdedup_by_clusters_vs_brute_force():
+    rng = np.random.default_rng(2)
+    centres = unit(rng, 8, 32)
+    p = jitter(rng, np.repeat(centres, 150, axis=0), 0.5)  # 1,200 rows in 8 blobs
+    p[1000:1200] = jitter(rng, p[:200], 0.01)
+    q = p.copy()
+    ids = [f"r{i:04d}" for i in range(len(p))]
+    centroids = fit_kmeans(p, 8, seed=0)
+    cluster, sims = assign_clusters(p, centroids)
+    by_cluster = [None] * len(p)
+    for c in np.unique(cluster):
+        rows = np.flatnonzero(cluster == c)
+        for r, d in zip(rows, semdedup_cluster(q[rows], p[rows], [ids[i] for i in rows], sims[rows], eps=0.01)):
+            by_cluster[r] = d
+    brute = semdedup_cluster(q, p, ids, sims, eps=0.01)  # one cluster = all pairs
+    differ = sum((a is None) != (b is None) for a, b in zip(by_cluster, brute))
+    assert sum(d is not None for d in brute) >= 190 and differ <= 0.02 * len(p)
+
+
+# --- decontamination --------------------------------------------------------------------------
+
+
+def test_contamination_matches_a_naive_loop():
+    rng = np.random.default_rng(3)
+    eval_q, eval_p = unit(rng, 20), unit(rng, 20)
+    texts = EvalTexts(
+        exact={"what is unix": "e1", "an operating system": "e1"},
+        query_ids=[f"e{i}" for i in range(20)], query_embeddings=eval_q,
+        passage_ids=[f"e{i}" for i in range(20)], passage_embeddings=eval_p,
+    )
+    queries = ["what  is\u00a0unix", "a", "b", "c"] + [f"q{i}" for i in range(26)]
+    passages = ["x", "an operating\tsystem", "y", "z"] + [f"p{i}" for i in range(26)]
+    q, p = unit(rng, 30), unit(rng, 30)
+    q[5], p[7] = jitter(rng, eval_q[4], 0.001), jitter(rng, eval_p[9], 0.001)
+    got = contamination(queries, passages, q, p, texts, eps=0.05)
+
+    exact = {normalize_text(t): i for t, i in texts.exact.items()}
+    expected = []
+    for i in range(30):  # naive
+        hit = exact.get(normalize_text(queries[i])) or exact.get(normalize_text(passages[i]))
+        for vec, pool in ((q[i], eval_q), (p[i], eval_p)):
+            sims = [float(vec @ e) for e in pool]
+            if hit is None and max(sims) > 0.95:
+                hit = f"e{int(np.argmax(sims))}"
+        expected.append(hit)
+    assert got == expected and got[:2] == ["e1", "e1"] and got[5] == "e4" and got[7] == "e9"
+    assert contamination(queries, passages, q, p, texts, eps=0.0)[5] is None  # exact only
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+def test_corrupt_rows_pairs_each_chosen_query_with_another_rows_passage():
+    ids = [f"id{i}" for i in range(2000)]
+    passages = [f"passage {i}" for i in range(2000)]
+    passages[1] = passages[0]
+    query_rows, passage_rows = corrupt_rows(ids, passages, 0.2, seed=7)
+    assert 0.15 < len(query_rows) / 2000 < 0.25
+    assert len(set(query_rows.tolist())) == len(query_rows) and not (query_rows == passage_rows).any()
+    assert all(passages[a] != passages[b] for a, b in zip(query_rows, passage_rows))
+    again = corrupt_rows(ids, passages, 0.2, seed=7)
+    assert (again[0] == query_rows).all() and (again[1] == passage_rows).all()
+
+
+def test_audit_summary_counts_shares_per_k():
+    summary = audit_summary(np.array([1, 1, 2, 3]), np.array([1, 5, 11, 11]), k=2, pool=100, fraction=0.2)
+    assert summary["corrupted_removed"] == 0.75 and summary["clean_kept"] == 0.75
+    assert summary["curve"]["1"] == {"corrupted_removed": 0.75, "clean_kept": 0.5}
+    assert summary["curve"]["10"] == {"corrupted_removed": 0.5, "clean_kept": 1.0}
+
+
+# --- the per-row scoring step, in memory ------------------------------------------------------
+
+
+def test_score_pairs_step_in_memory():
+    rng = np.random.default_rng(4)
+    n = 200
+    q = unit(rng, n)
+    p = jitter(rng, q, 0.4)
+    p[150:] = unit(rng, 50)  # 50 pairs whose passage is unrelated to the query
+    table = validate_records([{"id": f"r{i}", "query": f"q {i}", "passage": f"p {i}"} for i in range(n)], ["x"] * n)
+    table = with_status_columns(table)
+    table = table.append_column("query_embedding", fixed_size_list(q)).append_column("passage_embedding", fixed_size_list(p))
+    step = ScorePairs(search=exact_pool_search(p), k=2, centroids=fit_kmeans(p, 1), audit=0.3, seed=1)
+    out = step(table)
+    real = out.filter(pa.compute.invert(out.column("audit")))
+    assert real.column("id").to_pylist() == table.column("id").to_pylist()
+    ranks = real.column("rank").to_numpy()
+    assert ranks.tolist() == [naive_rank(a, b, p, RANK_DEPTH) for a, b in zip(q, p)]
+    assert real.column("reason").to_pylist() == ["inconsistent" if r > 2 else None for r in ranks]
+    corrupted = out.filter(out.column("audit"))
+    assert 30 < len(corrupted) < 90 and set(corrupted.column("reason").to_pylist()) == {"audit"}
+    assert (corrupted.column("rank").to_numpy() > 2).mean() > 0.9
+
+
+def test_filter_config_is_validated():
+    with pytest.raises(ConfigError, match="filter.audit measures the consistency filter"):
+        FilterConfig(consistency=False, audit=0.2)
+    with pytest.raises(ConfigError, match="filter.eps=0"):
+        FilterConfig(eps=0)
