@@ -13,6 +13,9 @@ Design note.
 - Ids: IVF indexes store int64 ids in their inverted lists; every other type (Flat, HNSW) is
   wrapped in ``IndexIDMap2``, so one file holds vectors and ids (no parallel array to keep in
   step when saving) and ``reconstruct(id)`` works for reading a neighbour's vector back.
+- Texts: rows added with their text keep it in the shard (``lookup``), saved beside the shard's
+  file, so mining turns neighbour ids back into passages without a join over the corpus.
+  Memory: the texts of the shard's rows, next to n x d x 4 bytes of vectors.
 - Fault tolerance: shards run with ``max_restarts=-1, max_task_retries=-1``, and a shard's
   constructor loads its file when there is one, so a restarted shard comes back with its data
   as of the last save. The client counts the rows it sent each shard and every search carries
@@ -125,8 +128,11 @@ def new_index(dim: int, spec: str) -> faiss.Index:
             f"FAISS cannot build index spec {spec!r} for dim={dim}: {reason}. "
             "Use a factory string such as 'Flat', 'IVF1024,Flat', 'HNSW32', or spec='auto'"
         ) from None
-    if faiss.try_extract_index_ivf(index) is None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
         index = faiss.IndexIDMap2(index)  # Flat/HNSW have no add_with_ids of their own
+    else:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) for arbitrary int64 ids
     return index
 
 
@@ -167,6 +173,9 @@ class IndexShard:
             self.gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
         self.index = index
+        # id -> text of the rows added with texts: the job that mines negatives needs them back,
+        # and each shard holding its own rows' texts keeps that lookup sharded like the vectors.
+        self.texts: dict[int, str] = read_texts(texts_file(path)) if path and os.path.exists(texts_file(path)) else {}
 
     def ntotal(self) -> int:
         return int(self.index.ntotal)
@@ -180,12 +189,28 @@ class IndexShard:
             raise ValueError(f"shard {self.path or '(in memory)'} holds {self.index.ntotal} vectors: train before adding")
         self.index.train(as_matrix(sample))
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
-        """Add vectors (n, d) float32 under int64 ids (n,); returns the shard's new ntotal."""
+    def add(self, ids: np.ndarray, vectors: np.ndarray, texts: list[str] | None = None) -> int:
+        """Add vectors (n, d) float32 under int64 ids (n,), optionally with their texts (n,);
+        returns the shard's new ntotal."""
         if not self.index.is_trained:
             raise ValueError(f"index spec {self.spec!r} is not trained: call train(sample) before adding")
         self.index.add_with_ids(as_matrix(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+        if texts is not None:
+            self.texts.update(zip((int(i) for i in ids), texts))
         return int(self.index.ntotal)
+
+    def lookup(self, ids: np.ndarray) -> dict[int, str]:
+        """The texts of those ``ids`` this shard holds (ids it does not hold are left out)."""
+        return {int(i): self.texts[int(i)] for i in ids if int(i) in self.texts}
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(held ids (m,), their vectors (m, d)) for those ``ids`` this shard holds."""
+        if self.index.ntotal and not self.texts:
+            raise ValueError("vectors() reads the ids a shard holds from its texts: add the rows with texts")
+        held = np.array([i for i in ids if int(i) in self.texts], dtype=np.int64)
+        cpu_index = faiss.index_gpu_to_cpu(self.index) if self.gpu_resources is not None else self.index
+        out = np.stack([cpu_index.reconstruct(int(i)) for i in held]) if len(held) else np.empty((0, self.index.d), np.float32)
+        return held, out.astype(np.float32)
 
     def search(
         self, queries: np.ndarray, k: int, *, nprobe: int | None = None, expect_ntotal: int | None = None
@@ -217,6 +242,8 @@ class IndexShard:
             raise ValueError("this shard has no file: pass save(path)")
         cpu_index = faiss.index_gpu_to_cpu(self.index) if self.gpu_resources is not None else self.index
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if self.texts:
+            write_texts(self.texts, texts_file(path))
         faiss.write_index(cpu_index, path + ".tmp")
         os.replace(path + ".tmp", path)  # a reader (or a restart) never sees a half-written file
         return int(self.index.ntotal)
@@ -231,6 +258,26 @@ RemoteIndexShard = ray.remote(IndexShard)
 
 def shard_file(i: int) -> str:
     return f"shard-{i:03d}.faiss"
+
+
+def texts_file(path: str) -> str:
+    return path + ".texts.parquet"
+
+
+def write_texts(texts: dict[int, str], path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": pa.array(list(texts), pa.int64()), "text": pa.array(list(texts.values()), pa.string())})
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_texts(path: str) -> dict[int, str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
 
 
 class ShardedIndex:
@@ -341,8 +388,9 @@ class ShardedIndex:
         if self.folder:
             self.save()
 
-    def add_batches(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, max_in_flight: int | None = None) -> int:
-        """Add blocks of (ids (n,) int64, vectors (n, d) float32); returns the rows added.
+    def add_batches(self, batches: Iterable[tuple], *, max_in_flight: int | None = None) -> int:
+        """Add blocks of (ids (n,) int64, vectors (n, d) float32[, texts (n,)]); returns the rows added.
+        Blocks with texts make them available to ``lookup``.
 
         Each block goes whole to the least-filled shard. At most ``max_in_flight`` blocks
         (default 2 per shard) wait in the object store, so the corpus is never gathered here.
@@ -353,12 +401,13 @@ class ShardedIndex:
             # Checked here, before any block is sent, so the client's row counts stay true.
             raise ValueError(f"index spec {self.spec!r} is not trained: call train(sample) before adding")
         pending, added = [], 0
-        for ids, vectors in batches:
+        for ids, vectors, *texts in batches:
             ids, vectors = self._check_block(ids, vectors)
+            texts = self._check_texts(ids, texts[0]) if texts else None
             if not len(ids):
                 continue
             shard = int(np.argmin(self.counts))  # ties go to the lowest index: round-robin for equal blocks
-            pending.append(self.shards[shard].add.remote(ids, vectors))
+            pending.append(self.shards[shard].add.remote(ids, vectors, texts))
             self.counts[shard] += len(ids)
             added += len(ids)
             if len(pending) >= max_in_flight:
@@ -371,18 +420,23 @@ class ShardedIndex:
         return added
 
     def add_dataset(
-        self, ds, id_column: str = "id", vector_column: str = "embedding", *, batch_size: int = 4096
+        self,
+        ds,
+        id_column: str = "id",
+        vector_column: str = "embedding",
+        *,
+        text_column: str | None = None,
+        batch_size: int = 4096,
     ) -> int:
-        """Stream a Ray Dataset into the shards, ``batch_size`` rows at a time (see add_batches)."""
+        """Stream a Ray Dataset into the shards, ``batch_size`` rows at a time (see add_batches);
+        with ``text_column`` the shards keep each row's text for ``lookup``."""
+        wanted = [c for c in (id_column, vector_column, text_column) if c]
 
         def blocks():
             for batch in ds.iter_batches(batch_format="numpy", batch_size=batch_size):
-                if id_column not in batch or vector_column not in batch:
-                    raise ValueError(
-                        f"dataset has columns {sorted(batch)}; "
-                        f"expected id_column={id_column!r} and vector_column={vector_column!r}"
-                    )
-                yield batch[id_column], batch[vector_column]
+                if any(c not in batch for c in wanted):
+                    raise ValueError(f"dataset has columns {sorted(batch)}; expected {wanted}")
+                yield tuple(batch[c] for c in wanted)
 
         return self.add_batches(blocks())
 
@@ -433,6 +487,43 @@ class ShardedIndex:
         )
         return merge_topk([scores for scores, _ in results], [ids for _, ids in results], k)
 
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """The texts of corpus ids (any shape; -1 gives None), from the shards that hold them.
+
+        Raises when an id is in no shard (or was added without its text): a caller would
+        otherwise pair a query with a negative it cannot show.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        wanted = np.unique(ids[ids >= 0])
+        found: dict[int, str] = {}
+        wanted_ref = ray.put(wanted)
+        for part in self._gather(lambda i, shard: shard.lookup.remote(wanted_ref), "lookup"):
+            found.update(part)
+        missing = [int(i) for i in wanted if int(i) not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} ids have no text in any shard (first: {missing[:5]}); add them with texts")
+        out = np.empty(ids.shape, dtype=object)
+        for pos, i in np.ndenumerate(ids):
+            out[pos] = found.get(int(i))
+        return out
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of corpus ids (..., ) -> (..., d) float32; -1 gives NaN."""
+        ids = np.asarray(ids, dtype=np.int64)
+        wanted = np.unique(ids[ids >= 0])
+        wanted_ref = ray.put(wanted)
+        found: dict[int, np.ndarray] = {}
+        for held, vecs in self._gather(lambda i, shard: shard.vectors.remote(wanted_ref), "vectors"):
+            found.update(zip(held.tolist(), vecs))
+        missing = [int(i) for i in wanted if int(i) not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} ids are in no shard (first: {missing[:5]})")
+        out = np.full(ids.shape + (self.dim,), np.nan, dtype=np.float32)
+        for pos, i in np.ndenumerate(ids):
+            if i >= 0:
+                out[pos] = found[int(i)]
+        return out
+
     def set_nprobe(self, nprobe: int) -> None:
         """Default number of inverted lists each search visits (IVF specs only)."""
         self.nprobe = check_nprobe(self.spec, self.nlist, nprobe)
@@ -467,6 +558,12 @@ class ShardedIndex:
         if len(ids) and (vectors.ndim != 2 or vectors.shape != (len(ids), self.dim)):
             raise ValueError(f"block has {len(ids)} ids, vectors of shape {vectors.shape}; expected ({len(ids)}, {self.dim})")
         return np.ascontiguousarray(ids, dtype=np.int64), vectors
+
+    def _check_texts(self, ids: np.ndarray, texts) -> list[str]:
+        texts = [str(t) for t in texts]
+        if len(texts) != len(ids):
+            raise ValueError(f"block has {len(ids)} ids but {len(texts)} texts")
+        return texts
 
     def _check_saved(self, ntotals: list[int]) -> None:
         wrong = [(i, n, want) for i, (n, want) in enumerate(zip(ntotals, self.counts)) if n != want]

@@ -26,7 +26,11 @@ class Selection:
     ids: np.ndarray  # (Q, n) int64 corpus ids, -1 where a query got fewer than n
     scores: np.ndarray  # (Q, n) float32, nan where ids == -1
     short: int  # queries with fewer than n negatives
-    filtered_by_margin: int  # candidates inside the window dropped by the positive-aware filter
+    filtered: np.ndarray  # (Q,) int64: candidates inside the window dropped by the positive-aware filter
+
+    @property
+    def filtered_by_margin(self) -> int:
+        return int(self.filtered.sum())
 
 
 def select_negatives(
@@ -54,7 +58,8 @@ def select_negatives(
     q = len(cand_ids)
     out_ids = np.full((q, num_negatives), -1, dtype=np.int64)
     out_scores = np.full((q, num_negatives), np.nan, dtype=np.float32)
-    short = filtered = 0
+    short = 0
+    filtered = np.zeros(q, dtype=np.int64)
     for i in range(q):
         keep = (cand_ids[i] >= 0) & ~np.isin(cand_ids[i], list(positives[i]))
         ids, scores = cand_ids[i][keep][range_min:range_max], cand_scores[i][keep][range_min:range_max]
@@ -63,7 +68,7 @@ def select_negatives(
             ok &= scores <= margin_ratio * positive_scores[i]
         if max_score is not None:
             ok &= scores <= max_score
-        filtered += int((~ok).sum())
+        filtered[i] = int((~ok).sum())
         ids, scores = ids[ok], scores[ok]
         if sampling == "random" and len(ids) > num_negatives:
             pick = np.sort(rng.choice(len(ids), num_negatives, replace=False))  # keep score order

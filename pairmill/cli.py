@@ -12,7 +12,9 @@ from pairmill.config import SECTIONS, ConfigError, describe, load_config
 VERBS = {
     "embed": ("pairmill.embed", ("encoder", "read", "ray"), "texts or pairs -> embeddings (parquet)"),
     "eval": ("pairmill.evaluate", ("encoder", "read", "eval"), "retrieval metrics of a model on held-out data"),
-    "run": ("pairmill.run", ("run", "encoder", "read", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+    "filter": ("pipelines.filter", ("encoder", "read", "filter", "ray"), "raw pairs -> kept pairs (dedup, consistency filter, semantic dedup)"),
+    "mine": ("mining.mine", ("encoder", "read", "mine", "ray"), "pairs -> pairs with mined hard negatives (+ the sharded index)"),
+    "run": ("pairmill.run", ("run", "encoder", "read", "eval", "mine", "ray"), "the whole chain (the bundled sample by default)"),
 }
 
 
@@ -37,9 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", help="held-out pairs file or BEIR folder")
             p.add_argument("--corpus", help="extra passages for a pairs file (a `text` column)")
             p.add_argument("--json", help="write the metrics to this JSON file")
+        if verb == "mine":
+            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/, rejected/, index/, stats.json)")
+            p.add_argument("--corpus", dest="extra_corpus", help="extra passages to mine from (a `text` column)")
+        if verb == "filter":
+            p.add_argument("input", help="JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/, dropped/, rejected/, stats.json)")
+            p.add_argument("--decontaminate", nargs="+", metavar="FILE", help="evaluation pair files to decontaminate against")
+            p.add_argument("--audit", type=float, metavar="FRACTION", help="mix in this fraction of corrupted pairs, report the filter's hits")
         if verb == "run":
             p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
-        if verb in ("embed", "eval"):
+        if verb in ("embed", "eval", "mine", "filter"):
             p.add_argument("--query-field", help="input column holding the query")
             p.add_argument("--passage-field", help="input column holding the passage")
         _add_common(p)
@@ -54,6 +65,8 @@ FLAG_KEYS = {
     "text_field": "read.text_field",
     "data": "eval.data",
     "corpus": "eval.corpus",
+    "decontaminate": "filter.decontaminate",
+    "audit": "filter.audit",
 }
 
 
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
+            if isinstance(value, list):  # nargs="+" flags: the config reads comma-separated lists
+                value = ",".join(value)
             overrides.append(f"{key}={value}")
     try:
         args.config_sections = load_config({s: SECTIONS[s] for s in sections}, args.config, overrides)

@@ -85,6 +85,67 @@ class RayConfig:
 
 
 @dataclasses.dataclass
+class MineConfig:
+    """Hard-negative mining (`pairmill mine`) and the sharded index it builds."""
+
+    num_negatives: int = _field(4, "negatives per pair")
+    range_min: int = _field(0, "first rank (0 = hardest) of the window negatives are taken from, after positives are removed")
+    range_max: int = _field(30, "end of that rank window (exclusive)")
+    margin_ratio: float | None = _field(
+        0.95, "drop candidates scoring above this x the positive's score (NV-Retriever TopK-PercPos); empty = off"
+    )
+    max_score: float | None = _field(None, "drop candidates scoring above this cosine; empty = off")
+    sampling: Literal["top", "random"] = _field("top", "take the highest-scoring candidates, or sample in the window")
+    seed: int = _field(0, "seed of random sampling")
+    shards: int | None = _field(None, "index shards (Ray actors); default: one per 2M corpus passages")
+    shard_cpus: float = _field(1.0, "CPUs per shard actor (FAISS threads follow it)")
+    shard_gpus: float = _field(0.0, "GPUs per shard actor (needs faiss-gpu: pip install 'pairmill[gpu]')")
+    index_spec: str = _field("auto", "FAISS factory string, or auto: Flat below 50k vectors per shard, else IVF")
+    nprobe: int | None = _field(None, "IVF lists visited per search; default nlist/8")
+    query_batch: int = _field(1024, "queries per search call")
+
+
+@dataclasses.dataclass
+class FilterConfig:
+    """`pairmill filter`: exact dedup, E5 consistency filter, semantic dedup, decontamination, audit."""
+
+    exact_dedup: bool = _field(True, "drop copies of a (query, passage) pair, compared after whitespace/Unicode normalisation")
+    consistency: bool = _field(True, "E5 consistency filter: keep a pair when its passage ranks in the top k against a pool")
+    k: int = _field(2, "consistency filter: the own passage must rank within the top k (E5 uses 2)")
+    pool_size: int = _field(1_000_000, "consistency filter: random passages in the pool (min(N, this))")
+    pool_shards: int | None = _field(None, "index shards holding the pool; default one per 500,000 passages")
+    semdedup: bool = _field(True, "SemDeDup: drop near-duplicates (cosine > 1 - eps) within k-means clusters")
+    eps: float = _field(0.01, "semantic dedup threshold: a pair is a duplicate above cosine 1 - eps")
+    on: Literal["passage", "query", "both"] = _field("passage", "semantic dedup on the passage, the query, or both")
+    keep: Literal["hard", "easy", "random"] = _field(
+        "hard", "which near-duplicate survives: hard = farthest from the centroid (SemDeDup), easy = closest, random"
+    )
+    n_clusters: int | None = _field(None, "k-means clusters; default about one per 1,000 rows")
+    kmeans_sample: int = _field(100_000, "rows k-means is fitted on (on the driver)")
+    max_cluster_rows: int = _field(20_000, "warn when a cluster holds more rows (its m x m similarity must fit a worker)")
+    decontaminate: list[str] = _field((), "evaluation pair files: drop training pairs whose query or passage duplicates their texts")
+    decontaminate_eps: float = _field(0.05, "decontamination: also drop above cosine 1 - eps; 0 = exact matches only")
+    audit: float = _field(0.0, "mix in this fraction of corrupted pairs and report how the consistency filter treats them")
+    partitions: int | None = _field(None, "shuffle partitions of the dedup groupbys; default one per 128 MiB of input, at least 2")
+    seed: int = _field(0, "seed of pool sampling, k-means, random survivors and the audit")
+
+    def __post_init__(self):
+        checks = [
+            (self.k >= 1, f"filter.k={self.k}; use k >= 1"),
+            (self.pool_size >= 1, f"filter.pool_size={self.pool_size}; use pool_size >= 1"),
+            (0 < self.eps < 1, f"filter.eps={self.eps}; use 0 < eps < 1 (0.01 in SemDeDup)"),
+            (0 <= self.decontaminate_eps < 1, f"filter.decontaminate_eps={self.decontaminate_eps}; use 0 <= eps < 1"),
+            (0 <= self.audit < 1, f"filter.audit={self.audit}; use a fraction 0 <= audit < 1, e.g. 0.2"),
+            (not self.audit or self.consistency, "filter.audit measures the consistency filter: set filter.consistency=true"),
+            (self.n_clusters is None or self.n_clusters >= 1, f"filter.n_clusters={self.n_clusters}; use >= 1 or empty"),
+            (self.partitions is None or self.partitions >= 1, f"filter.partitions={self.partitions}; use >= 1 or empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclasses.dataclass
 class ChainConfig:
     """What `pairmill run` chains together."""
 
@@ -95,7 +156,9 @@ SECTIONS: dict[str, type] = {
     "run": ChainConfig,
     "encoder": EncoderConfig,
     "read": ReadConfig,
+    "filter": FilterConfig,
     "eval": EvalConfig,
+    "mine": MineConfig,
     "ray": RayConfig,
 }
 

@@ -32,28 +32,35 @@ def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 class EncodeBatch:
-    """``map_batches`` callable: one encoder per actor, loaded once."""
+    """``map_batches`` callable: one encoder per actor, loaded once.
 
-    def __init__(self, mode: Mode, encoder_kwargs: dict):
+    Returns ``id`` and the embedding columns, or, with ``keep_columns``, the input batch with the
+    embedding columns appended. ``text_kind`` picks the prefix of a text column ("passage" when
+    the texts are a retrieval corpus).
+    """
+
+    def __init__(self, mode: Mode, encoder_kwargs: dict, keep_columns: bool = False, text_kind: str = "text"):
         from pairmill.cluster import actor_threads
         from pairmill.encoder import Encoder
 
         self.mode = mode
+        self.keep_columns = keep_columns
+        self.text_kind = text_kind
         self.encoder = Encoder(**encoder_kwargs, num_threads=actor_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.mode == "pairs":
             queries = self.encoder.encode(batch.column("query").to_pylist(), "query")  # (B, D)
             passages = self.encoder.encode(batch.column("passage").to_pylist(), "passage")  # (B, D)
-            return pa.table(
-                {
-                    "id": batch.column("id"),
-                    "query_embedding": fixed_size_list(queries),
-                    "passage_embedding": fixed_size_list(passages),
-                }
-            )
-        texts = self.encoder.encode(batch.column("text").to_pylist(), "text")
-        return pa.table({"id": batch.column("id"), "embedding": fixed_size_list(texts)})
+            columns = {"query_embedding": fixed_size_list(queries), "passage_embedding": fixed_size_list(passages)}
+        else:
+            texts = self.encoder.encode(batch.column("text").to_pylist(), self.text_kind)
+            columns = {"embedding": fixed_size_list(texts)}
+        if self.keep_columns:
+            for name, column in columns.items():
+                batch = batch.append_column(name, column)
+            return batch
+        return pa.table({"id": batch.column("id"), **columns})
 
 
 def read_kwargs(read: ReadConfig) -> dict:

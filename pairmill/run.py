@@ -1,8 +1,9 @@
 """``pairmill run``: the whole chain, on the bundled sample when given nothing.
 
-Today the chain is: read the pairs -> embed them (``OUT/embed``) -> evaluate the base model on
-the held-out split -> ``OUT/report.json`` (``{"base": metrics, ...}``). Later stages (filter,
-mine, train) slot in between as they land.
+Today the chain is: the pairs -> mine hard negatives (``OUT/mine``: encodes the pairs, builds the
+sharded index in ``OUT/mine/index``) -> evaluate the base model on the held-out split ->
+``OUT/report.json`` (``{"base": metrics, "stages": ...}``). Filter and train slot in around the
+mine stage as they land.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pairmill.config import config_to_dict
 
 
 def main(args) -> int:
-    from pairmill.embed import embed, format_summary, read_kwargs
+    from mining.mine import format_summary, mine
+    from pairmill.embed import read_kwargs
     from pairmill.evaluate import evaluate_model, format_table, load_task
 
     cfg = args.config_sections
@@ -27,14 +29,15 @@ def main(args) -> int:
     print(f"[pairmill] run: pairs {train}\n[pairmill] run: held-out {heldout}\n[pairmill] run: output {out}")
     started = time.perf_counter()
 
-    embed_stats = embed(train, str(out / "embed"), mode="pairs", encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"])
-    print(format_summary(embed_stats, str(out / "embed")))
+    mine_stats = mine(train, str(out / "mine"), corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
+                      mine_cfg=cfg["mine"], ray=cfg["ray"])
+    print(format_summary(mine_stats, str(out / "mine")))
 
     task = load_task(heldout, cfg["eval"].corpus, read_kwargs(cfg["read"]))
     base = evaluate_model(cfg["encoder"], cfg["eval"], task)
     report = {
         "base": base,
-        "stages": {"embed": {k: embed_stats[k] for k in ("input_rows", "kept", "dropped", "rejected", "truncated")}},
+        "stages": {"mine": {k: mine_stats[k] for k in ("input_rows", "kept", "dropped", "rejected", "negatives", "stages")}},
         "config": config_to_dict(cfg),
         "seconds": round(time.perf_counter() - started, 1),
     }

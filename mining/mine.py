@@ -1,0 +1,398 @@
+"""``pairmill mine PAIRS -o OUT [--corpus C]``: hard negatives for every pair, from a sharded index.
+
+Design note.
+- Corpus: the distinct passages of the pairs plus an optional extra corpus. Texts equal after
+  normalisation (NFKC, collapsed whitespace) are one corpus row, keyed by a 63-bit hash of the
+  normalised text. That makes "text-identical to the positive" the same test as "is the
+  positive": both are the positive's key, and ``select_negatives`` removes it.
+- Positives of a query: the keys of every pair whose normalised query is the same (a groupby on the
+  query key), so a passage of another pair with the same query is never a negative.
+- Embeddings are computed once: by the encoder actor pool (queries and passages of every pair), or
+  taken from a filter job folder whose stats.json names the same encoder fingerprint. The encoded
+  pairs go to ``OUT/work/`` (deleted at the end) and are read back by the passes that need them,
+  rather than re-encoded or held in the object store.
+- Passes: encode pairs -> work/; distinct passages (groupby passage key) [+ encoded extra corpus]
+  streamed into a ``ShardedIndex`` (``OUT/index``, with the texts, so a negative's text comes back
+  from the shard that holds it); groupby query key attaches positives, then ``map_batches``
+  searches, selects and looks up texts. Shards restart from their saved files, so a shard that
+  dies mid-mining costs a wait, not a different result.
+- Cost: encode 2N texts (+ extra corpus); two hash shuffles of the pairs; search N queries x
+  (range_max + positives) over the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mining.negatives import select_negatives
+from pairmill.pairs import normalize_text
+
+NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
+PASSAGES_PER_SHARD = 2_000_000
+MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score"]
+
+
+def text_key(text: str) -> int:
+    """63-bit id of a normalised text: equal texts (after ``normalize_text``) share it."""
+    digest = hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def add_keys(batch: pa.Table) -> pa.Table:
+    """``map_batches`` step: ``query_key`` and ``passage_key`` (int64) of each pair."""
+    queries = [text_key(t) for t in batch.column("query").to_pylist()]
+    passages = [text_key(t) for t in batch.column("passage").to_pylist()]
+    return batch.append_column("query_key", pa.array(queries, pa.int64())).append_column(
+        "passage_key", pa.array(passages, pa.int64())
+    )
+
+
+def first_passage(group: pa.Table) -> pa.Table:
+    """``map_groups`` step over one passage key: its first row (one corpus entry per text)."""
+    return group.slice(0, 1).select(["passage_key", "passage", "passage_embedding"])
+
+
+def attach_positives(group: pa.Table) -> pa.Table:
+    """``map_groups`` step over one query key: every row gets the set of its query's passage keys."""
+    keys = sorted(set(group.column("passage_key").to_pylist()))
+    return group.append_column("positive_keys", pa.array([keys] * group.num_rows, pa.list_(pa.int64())))
+
+
+def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str]) -> pa.Table:
+    """``map_batches`` step: search the index for a batch of pairs and choose their negatives."""
+    from pairmill.embed import to_matrix
+
+    queries = to_matrix(batch.column("query_embedding"))  # (B, D)
+    passages = to_matrix(batch.column("passage_embedding"))  # (B, D)
+    positive_scores = np.einsum("bd,bd->b", queries, passages)  # (B,) cosine: embeddings are normalised
+    positives = [set(keys) for keys in batch.column("positive_keys").to_pylist()]
+    # Positives are removed before the rank window, so search past them.
+    k = selection["range_max"] + max(len(p) for p in positives)
+    scores, ids = index.search(queries, k)  # (B, k), (B, k)
+    chosen = select_negatives(ids, scores, positive_scores, positives, **selection)
+    texts = index.lookup(chosen.ids)  # (B, n) object, None where no negative
+    negative_vectors = index.vectors(chosen.ids)  # (B, n, D), NaN where no negative
+    to_positive = np.einsum("bnd,bd->bn", negative_vectors, passages)  # (B, n) cosine negative-positive
+    valid = chosen.ids >= 0
+    rows = range(batch.num_rows)
+    out = batch.select([c for c in keep if c in batch.column_names])
+    columns = {
+        "negatives": pa.array([list(texts[i][valid[i]]) for i in rows], pa.list_(pa.string())),
+        "negative_ids": pa.array([chosen.ids[i][valid[i]].tolist() for i in rows], pa.list_(pa.int64())),
+        "negative_scores": pa.array([chosen.scores[i][valid[i]].tolist() for i in rows], pa.list_(pa.float32())),
+        "positive_score": pa.array(positive_scores, pa.float32()),
+        # Per-row counts for stats.json (dropped before writing).
+        "_margin_filtered": pa.array(chosen.filtered, pa.int64()),
+        "_near_duplicates": pa.array(((to_positive >= NEAR_DUPLICATE) & valid).sum(axis=1), pa.int64()),
+    }
+    if "negatives" in out.column_names:  # mined negatives replace the ones the input carried
+        out = out.drop_columns(["negatives"])
+    for name, column in columns.items():
+        out = out.append_column(name, column)
+    return out
+
+
+def mine_pairs(pairs, index, selection: dict, *, batch_size: int = 1024, keep: list[str] | None = None):
+    """Ray Dataset of pairs (with embeddings and ``positive_keys``) -> the same pairs with
+    ``MINED_COLUMNS`` (and two per-row counts, ``_margin_filtered`` and ``_near_duplicates``)."""
+    from pairmill.pairs import output_columns
+
+    return pairs.map_batches(
+        mine_batch,
+        fn_kwargs={"index": index, "selection": selection, "keep": keep or output_columns("pairs")},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=0.5,  # the search itself runs in the shard actors
+    )
+
+
+def selection_kwargs(mine_cfg) -> dict:
+    """The ``select_negatives`` arguments of a MineConfig."""
+    return {
+        "num_negatives": mine_cfg.num_negatives,
+        "range_min": mine_cfg.range_min,
+        "range_max": mine_cfg.range_max,
+        "margin_ratio": mine_cfg.margin_ratio,
+        "max_score": mine_cfg.max_score,
+        "sampling": mine_cfg.sampling,
+        "seed": mine_cfg.seed,
+    }
+
+
+def reusable_embeddings(pairs_path: str, fingerprint: str) -> Path | None:
+    """The ``kept/`` folder of a finished pairmill job whose rows carry embeddings made with
+    this encoder fingerprint, else None."""
+    import json
+
+    folder = Path(pairs_path)
+    stats = folder / "stats.json"
+    if not (folder / "_SUCCESS").exists() or not stats.exists():
+        return None
+    saved = json.loads(stats.read_text()).get("encoder_fingerprint")
+    if saved != fingerprint:
+        if saved:
+            print(f"[pairmill] mine: {folder} was encoded with encoder {saved}, not {fingerprint}: encoding again")
+        return None
+    import pyarrow.parquet as pq
+
+    files = sorted((folder / "kept").glob("*.parquet"))
+    names = set(pq.read_schema(files[0]).names) if files else set()
+    return folder / "kept" if {"query_embedding", "passage_embedding"} <= names else None
+
+
+def partitions(rows: int) -> int:
+    """Hash-shuffle partitions: Ray's default of 200 costs seconds per pass on small data."""
+    return max(2, min(512, math.ceil(rows / 200_000)))
+
+
+def mine(
+    pairs_path: str,
+    out: str,
+    *,
+    corpus_path: str | None,
+    encoder,
+    read,
+    mine_cfg,
+    ray,
+) -> dict:
+    """Run the mine job; returns the stats written to ``OUT/stats.json``."""
+    import ray as ray_lib
+    from ray.data.aggregate import Count, Sum
+    from ray.data.expressions import col
+
+    from mining.index import ShardedIndex
+    from pairmill.cluster import encoder_pool, init_ray
+    from pairmill.embed import EncodeBatch, encoder_kwargs, read_kwargs
+    from pairmill.output import JobFolder, count_by, parquet_rows
+    from pairmill.pairs import REJECT_COLUMNS, output_columns, read_parsed
+
+    init_ray(ray.address, ray.num_cpus)
+    started = time.perf_counter()
+    fingerprint = encoder.fingerprint()
+    pool = encoder_pool(ray.actors)
+    encode_args = {
+        "compute": ray_lib.data.ActorPoolStrategy(size=pool.size),
+        "num_cpus": pool.num_cpus,
+        "num_gpus": pool.num_gpus,
+        "batch_size": max(1024, 8 * (encoder.batch_size or 32)),
+        "batch_format": "pyarrow",
+    }
+    with JobFolder(out) as job:
+        work = Path(job.path("work"))
+        # -- 1. pairs with embeddings, written once to work/pairs -----------------------------
+        t0 = time.perf_counter()
+        reuse = reusable_embeddings(pairs_path, fingerprint)
+        if reuse is not None:
+            print(f"[pairmill] mine: reusing the embeddings in {reuse} (encoder {fingerprint})")
+            pairs = ray_lib.data.read_parquet(str(reuse))
+        else:
+            parsed = read_parsed(pairs_path, "pairs", **read_kwargs(read))
+            parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
+                job.path("rejected")
+            )
+            print(f"[pairmill] mine: encoding pairs on {pool.size} actor(s)")
+            valid = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns("pairs"))
+            pairs = valid.map_batches(
+                EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder_kwargs(encoder),
+                                                    "keep_columns": True}, **encode_args
+            )
+        pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(str(work / "pairs"))
+        valid_rows = parquet_rows(work / "pairs")
+        rejected = count_by(job.path("rejected"), "reason")
+        input_rows = valid_rows + sum(rejected.values())
+        job.stage("read+encode", input_rows, valid_rows, time.perf_counter() - t0)
+
+        # -- 2. the corpus: distinct passages (+ the extra corpus) into the sharded index -------
+        t0 = time.perf_counter()
+        corpus = ray_lib.data.read_parquet(str(work / "pairs")).select_columns(["passage_key", "passage", "passage_embedding"])
+        extra_stats = None
+        if corpus_path:
+            extra_parsed = read_parsed(corpus_path, "text", **read_kwargs(read))
+            extra_parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
+                str(work / "corpus_rejected")
+            )
+            extra = (
+                extra_parsed.filter(expr=col("reason").is_null())
+                .select_columns(output_columns("text"))
+                .map_batches(
+                    EncodeBatch,
+                    fn_constructor_kwargs={"mode": "text", "encoder_kwargs": encoder_kwargs(encoder),
+                                           "keep_columns": True, "text_kind": "passage"},
+                    **encode_args,
+                )
+                .map_batches(_as_corpus_rows, batch_format="pyarrow")
+            )
+            extra.write_parquet(str(work / "corpus"))
+            extra_stats = {
+                "path": str(corpus_path),
+                "rows": parquet_rows(work / "corpus"),
+                "rejected": count_by(work / "corpus_rejected", "reason"),
+            }
+            corpus = corpus.union(ray_lib.data.read_parquet(str(work / "corpus")))
+        distinct = corpus.groupby("passage_key", num_partitions=partitions(valid_rows)).map_groups(
+            first_passage, batch_format="pyarrow"
+        )
+        distinct.write_parquet(str(work / "distinct"))
+        corpus_rows = parquet_rows(work / "distinct")
+        num_shards = mine_cfg.shards or max(1, math.ceil(corpus_rows / PASSAGES_PER_SHARD))
+        dim = _dimension(work / "distinct")
+        index = ShardedIndex.create(
+            num_shards,
+            dim,
+            mine_cfg.index_spec,
+            n_vectors=corpus_rows,
+            nprobe=mine_cfg.nprobe,
+            num_cpus=mine_cfg.shard_cpus,
+            num_gpus=mine_cfg.shard_gpus,
+            folder=str(Path(job.staging) / "index"),
+            manifest_extra={"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)},
+        )
+        try:
+            distinct_ds = ray_lib.data.read_parquet(str(work / "distinct"))
+            if index.nlist is not None:
+                index.train(_training_sample(distinct_ds, corpus_rows, index.nlist))
+            index.add_dataset(distinct_ds, "passage_key", "passage_embedding", text_column="passage")
+            print(f"[pairmill] mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)")
+            job.stage("index", valid_rows, corpus_rows, time.perf_counter() - t0)
+
+            # -- 3. positives per query, search, select, look up texts ------------------------
+            t0 = time.perf_counter()
+            with_positives = (
+                ray_lib.data.read_parquet(str(work / "pairs"))
+                .groupby("query_key", num_partitions=partitions(valid_rows))
+                .map_groups(attach_positives, batch_format="pyarrow")
+            )
+            mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch)
+            mined.write_parquet(str(work / "mined"))
+        finally:
+            index.close()
+        totals = (
+            ray_lib.data.read_parquet(str(work / "mined"))
+            .select_columns(["negative_ids", "positive_score", "negative_scores", "_margin_filtered", "_near_duplicates"])
+            .map_batches(_row_counts, batch_format="pyarrow", fn_kwargs={"asked": mine_cfg.num_negatives})
+            .aggregate(Count(), Sum("n"), Sum("short"), Sum("none"), Sum("margin"), Sum("near"),
+                       Sum("positive_score"), Sum("negative_score_sum"))
+        )
+        ray_lib.data.read_parquet(str(work / "mined")).drop_columns(["_margin_filtered", "_near_duplicates"]).write_parquet(
+            job.path("kept")
+        )
+        kept_rows = parquet_rows(job.path("kept"))
+        job.stage("mine", valid_rows, kept_rows, time.perf_counter() - t0)
+        shutil.rmtree(work)
+        negatives = int(totals["sum(n)"] or 0)
+        stats = job.commit(
+            {
+                "input_rows": input_rows,
+                "kept": kept_rows,
+                "dropped": {},
+                "rejected": rejected,
+                "negatives": {
+                    "asked_per_pair": mine_cfg.num_negatives,
+                    "total": negatives,
+                    "short_pairs": int(totals["sum(short)"] or 0),
+                    "pairs_without_negatives": int(totals["sum(none)"] or 0),
+                    "filtered_by_margin": int(totals["sum(margin)"] or 0),
+                    "near_duplicates": int(totals["sum(near)"] or 0),
+                    "near_duplicate_rate": round(int(totals["sum(near)"] or 0) / max(1, negatives), 5),
+                    "mean_positive_score": round(float(totals["sum(positive_score)"] or 0) / max(1, kept_rows), 5),
+                    "mean_negative_score": round(float(totals["sum(negative_score_sum)"] or 0) / max(1, negatives), 5),
+                },
+                "selection": selection_kwargs(mine_cfg),
+                "corpus": {"passages": corpus_rows, "extra": extra_stats},
+                "index": {"spec": index.spec, "shards": num_shards, "nprobe": index.nprobe, "folder": "index"},
+                "reused_embeddings": reuse is not None,
+                "encoder": encoder_kwargs(encoder),
+                "encoder_fingerprint": fingerprint,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+    return stats
+
+
+def _as_corpus_rows(batch: pa.Table) -> pa.Table:
+    texts = batch.column("text").to_pylist()
+    return pa.table(
+        {
+            "passage_key": pa.array([text_key(t) for t in texts], pa.int64()),
+            "passage": batch.column("text"),
+            "passage_embedding": batch.column("embedding"),
+        }
+    )
+
+
+def _row_counts(batch: pa.Table, asked: int) -> pa.Table:
+    n = np.array([len(ids) for ids in batch.column("negative_ids").to_pylist()], dtype=np.int64)
+    score_sums = [float(sum(s)) for s in batch.column("negative_scores").to_pylist()]
+    return pa.table(
+        {
+            "n": n,
+            "short": (n < asked).astype(np.int64),
+            "none": (n == 0).astype(np.int64),
+            "margin": batch.column("_margin_filtered"),
+            "near": batch.column("_near_duplicates"),
+            "positive_score": batch.column("positive_score").cast(pa.float64()),
+            "negative_score_sum": pa.array(score_sums, pa.float64()),
+        }
+    )
+
+
+def _dimension(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise ValueError("the corpus is empty: no valid pairs (see rejected/) and no extra corpus")
+    return pq.read_schema(files[0]).field("passage_embedding").type.list_size
+
+
+def _training_sample(ds, rows: int, nlist: int) -> np.ndarray:
+    """About 64 vectors per IVF list (FAISS wants >= 39), drawn uniformly from the corpus."""
+    from pairmill.embed import to_matrix
+
+    want = min(rows, 64 * nlist)
+    sample = ds.random_sample(min(1.0, 1.2 * want / rows), seed=0).select_columns(["passage_embedding"])
+    table = pa.concat_tables(
+        [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+         for b in sample.iter_batches(batch_format="pyarrow", batch_size=65536)]
+    )
+    return to_matrix(table.column("passage_embedding"))[:want]
+
+
+def format_summary(stats: dict, out: str) -> str:
+    from pairmill.embed import format_summary as job_summary
+
+    neg = stats["negatives"]
+    return "\n".join(
+        [
+            job_summary(stats, out),
+            f"    corpus passages     {stats['corpus']['passages']} in {stats['index']['shards']} shard(s), "
+            f"index {stats['index']['spec']}",
+            f"    negatives           {neg['total']} ({neg['asked_per_pair']} asked per pair); "
+            f"{neg['short_pairs']} pairs short, {neg['pairs_without_negatives']} with none",
+            f"    scores              positive {neg['mean_positive_score']:.3f}, negative {neg['mean_negative_score']:.3f}; "
+            f"{neg['filtered_by_margin']} candidates over the margin; near-duplicates {neg['near_duplicate_rate']:.2%}",
+        ]
+    )
+
+
+def main(args) -> int:
+    """``pairmill mine PAIRS -o OUT [--corpus C]``."""
+    cfg = args.config_sections
+    stats = mine(
+        args.input,
+        args.output,
+        corpus_path=args.extra_corpus,
+        encoder=cfg["encoder"],
+        read=cfg["read"],
+        mine_cfg=cfg["mine"],
+        ray=cfg["ray"],
+    )
+    print(format_summary(stats, args.output))
+    return 0
