@@ -22,7 +22,6 @@ Design note.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import time
@@ -32,17 +31,11 @@ import numpy as np
 import pyarrow as pa
 
 from mining.negatives import select_negatives
-from pairmill.pairs import normalize_text
+from pairmill.pairs import text_key
 
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 PASSAGES_PER_SHARD = 2_000_000
 MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score"]
-
-
-def text_key(text: str) -> int:
-    """63-bit id of a normalised text: equal texts (after ``normalize_text``) share it."""
-    digest = hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def add_keys(batch: pa.Table) -> pa.Table:

@@ -70,6 +70,13 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
+def text_key(text: str) -> int:
+    """63-bit int id of a normalised text: texts equal after ``normalize_text`` share it. The
+    corpus key of mining and the false-negative id of training; int64 so FAISS can store it."""
+    digest = hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def pair_id(query: str, passage: str) -> str:
     """Stable id of a pair that came without one: a hash of its exact texts."""
     h = hashlib.blake2b(digest_size=10)

@@ -42,7 +42,6 @@ step) in exchange for activation memory bounded by the mini-batch.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -53,22 +52,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pairmill.pairs import normalize_text
+from pairmill.pairs import text_key
 
 # A chunkable encoder input: a tensor, or tokenizer output (a mapping of tensors), sliced on dim 0.
 Features = Union[Tensor, Mapping[str, Tensor]]
 
-_ID_MASK = (1 << 63) - 1
-
 
 def passage_ids(texts: Sequence[str]) -> Tensor:
-    """(len(texts),) int64: a 63-bit hash of each normalised text, for false-negative masking."""
-    ids = [int.from_bytes(_digest(t), "little") & _ID_MASK for t in texts]
-    return torch.tensor(ids, dtype=torch.int64)
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    """(len(texts),) int64: ``pairmill.pairs.text_key`` of each text (the corpus key mining uses),
+    for false-negative masking."""
+    return torch.tensor([text_key(t) for t in texts], dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- distributed helpers

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mining.index import ShardedIndex, exact_search
-from mining.mine import attach_positives, mine, mine_pairs, text_key
+from mining.mine import attach_positives, mine, mine_pairs
+from pairmill.pairs import text_key
 from mining.negatives import positive_sets, select_negatives
 from pairmill.cli import main
 from pairmill.config import EncoderConfig, MineConfig, RayConfig, ReadConfig
