@@ -176,6 +176,7 @@ class IndexShard:
         # id -> text of the rows added with texts: the job that mines negatives needs them back,
         # and each shard holding its own rows' texts keeps that lookup sharded like the vectors.
         self.texts: dict[int, str] = read_texts(texts_file(path)) if path and os.path.exists(texts_file(path)) else {}
+        self._id_array: np.ndarray | None = None
 
     def ntotal(self) -> int:
         return int(self.index.ntotal)
@@ -202,6 +203,13 @@ class IndexShard:
     def lookup(self, ids: np.ndarray) -> dict[int, str]:
         """The texts of those ``ids`` this shard holds (ids it does not hold are left out)."""
         return {int(i): self.texts[int(i)] for i in ids if int(i) in self.texts}
+
+    def sample_ids(self, n: int, seed: int) -> np.ndarray:
+        """Up to ``n`` distinct ids of this shard's rows (those added with texts), uniformly at random."""
+        if self._id_array is None or len(self._id_array) != len(self.texts):  # rebuilt after adds only
+            self._id_array = np.fromiter(self.texts, dtype=np.int64, count=len(self.texts))
+        ids = self._id_array
+        return np.random.default_rng(seed).choice(ids, size=min(n, len(ids)), replace=False)
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(held ids (m,), their vectors (m, d)) for those ``ids`` this shard holds."""
@@ -506,6 +514,14 @@ class ShardedIndex:
         for pos, i in np.ndenumerate(ids):
             out[pos] = found.get(int(i))
         return out
+
+    def sample_ids(self, n: int, seed: int) -> np.ndarray:
+        """About ``n`` random corpus ids (rows added with texts), drawn from every shard in
+        proportion to its rows; deterministic for a seed."""
+        total = max(1, sum(self.counts))
+        wants = [math.ceil(n * c / total) for c in self.counts]
+        parts = self._gather(lambda i, shard: shard.sample_ids.remote(wants[i], seed * 1009 + i), "sample_ids")
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of corpus ids (..., ) -> (..., d) float32; -1 gives NaN."""

@@ -35,7 +35,7 @@ from pairmill.pairs import text_key
 
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 PASSAGES_PER_SHARD = 2_000_000
-MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score"]
+MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives"]
 
 
 def add_keys(batch: pa.Table) -> pa.Table:
@@ -58,7 +58,22 @@ def attach_positives(group: pa.Table) -> pa.Table:
     return group.append_column("positive_keys", pa.array([keys] * group.num_rows, pa.list_(pa.int64())))
 
 
-def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str]) -> pa.Table:
+def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the -1 slots of ``ids`` (Q, n) with ids from ``pool`` that are neither a positive nor
+    already chosen for that query. Returns (ids, padded per query (Q,)); a slot stays -1 when the
+    pool runs out."""
+    ids = ids.copy()
+    padded = np.zeros(len(ids), dtype=np.int64)
+    for i, row in enumerate(ids):
+        taken = set(row.tolist()) | positives[i]
+        fill = [int(c) for c in pool if int(c) not in taken]
+        for slot in np.flatnonzero(row < 0)[: len(fill)]:
+            row[slot] = fill.pop(0)
+            padded[i] += 1
+    return ids, padded
+
+
+def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = "none") -> pa.Table:
     """``map_batches`` step: search the index for a batch of pairs and choose their negatives."""
     from pairmill.embed import to_matrix
 
@@ -70,17 +85,27 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str]) -> pa.T
     k = selection["range_max"] + max(len(p) for p in positives)
     scores, ids = index.search(queries, k)  # (B, k), (B, k)
     chosen = select_negatives(ids, scores, positive_scores, positives, **selection)
-    texts = index.lookup(chosen.ids)  # (B, n) object, None where no negative
-    negative_vectors = index.vectors(chosen.ids)  # (B, n, D), NaN where no negative
+    neg_ids, neg_scores, padded = chosen.ids, chosen.scores, np.zeros(batch.num_rows, dtype=np.int64)
+    if pad == "random" and chosen.short:
+        # Asked for: short queries get random corpus passages, appended after the mined ones and
+        # counted per row in `padded_negatives`. Seeded by the batch's first id: reruns agree.
+        seed = text_key(batch.column("id")[0].as_py())
+        pool = index.sample_ids(int((neg_ids < 0).sum()) + 4 * max(len(p) for p in positives) + 16, seed)
+        neg_ids, padded = pad_random(neg_ids, positives, pool)
+    texts = index.lookup(neg_ids)  # (B, n) object, None where no negative
+    negative_vectors = index.vectors(neg_ids)  # (B, n, D), NaN where no negative
+    if padded.any():
+        neg_scores = np.einsum("bnd,bd->bn", negative_vectors, queries).astype(np.float32)  # same as the index's scores
     to_positive = np.einsum("bnd,bd->bn", negative_vectors, passages)  # (B, n) cosine negative-positive
-    valid = chosen.ids >= 0
+    valid = neg_ids >= 0
     rows = range(batch.num_rows)
     out = batch.select([c for c in keep if c in batch.column_names])
     columns = {
         "negatives": pa.array([list(texts[i][valid[i]]) for i in rows], pa.list_(pa.string())),
-        "negative_ids": pa.array([chosen.ids[i][valid[i]].tolist() for i in rows], pa.list_(pa.int64())),
-        "negative_scores": pa.array([chosen.scores[i][valid[i]].tolist() for i in rows], pa.list_(pa.float32())),
+        "negative_ids": pa.array([neg_ids[i][valid[i]].tolist() for i in rows], pa.list_(pa.int64())),
+        "negative_scores": pa.array([neg_scores[i][valid[i]].tolist() for i in rows], pa.list_(pa.float32())),
         "positive_score": pa.array(positive_scores, pa.float32()),
+        "padded_negatives": pa.array(padded, pa.int64()),  # trailing random negatives (pad="random" only)
         # Per-row counts for stats.json (dropped before writing).
         "_margin_filtered": pa.array(chosen.filtered, pa.int64()),
         "_near_duplicates": pa.array(((to_positive >= NEAR_DUPLICATE) & valid).sum(axis=1), pa.int64()),
@@ -92,14 +117,15 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str]) -> pa.T
     return out
 
 
-def mine_pairs(pairs, index, selection: dict, *, batch_size: int = 1024, keep: list[str] | None = None):
+def mine_pairs(pairs, index, selection: dict, *, batch_size: int = 1024, keep: list[str] | None = None,
+               pad: str = "none"):
     """Ray Dataset of pairs (with embeddings and ``positive_keys``) -> the same pairs with
     ``MINED_COLUMNS`` (and two per-row counts, ``_margin_filtered`` and ``_near_duplicates``)."""
     from pairmill.pairs import output_columns
 
     return pairs.map_batches(
         mine_batch,
-        fn_kwargs={"index": index, "selection": selection, "keep": keep or output_columns("pairs")},
+        fn_kwargs={"index": index, "selection": selection, "keep": keep or output_columns("pairs"), "pad": pad},
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=0.5,  # the search itself runs in the shard actors
@@ -262,15 +288,17 @@ def mine(
                 .groupby("query_key", num_partitions=partitions(valid_rows))
                 .map_groups(attach_positives, batch_format="pyarrow")
             )
-            mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch)
+            mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch,
+                               pad=mine_cfg.pad)
             mined.write_parquet(str(work / "mined"))
         finally:
             index.close()
         totals = (
             ray_lib.data.read_parquet(str(work / "mined"))
-            .select_columns(["negative_ids", "positive_score", "negative_scores", "_margin_filtered", "_near_duplicates"])
+            .select_columns(["negative_ids", "positive_score", "negative_scores", "padded_negatives", "_margin_filtered",
+                             "_near_duplicates"])
             .map_batches(_row_counts, batch_format="pyarrow", fn_kwargs={"asked": mine_cfg.num_negatives})
-            .aggregate(Count(), Sum("n"), Sum("short"), Sum("none"), Sum("margin"), Sum("near"),
+            .aggregate(Count(), Sum("n"), Sum("short"), Sum("none"), Sum("margin"), Sum("near"), Sum("padded"),
                        Sum("positive_score"), Sum("negative_score_sum"))
         )
         ray_lib.data.read_parquet(str(work / "mined")).drop_columns(["_margin_filtered", "_near_duplicates"]).write_parquet(
@@ -290,6 +318,7 @@ def mine(
                     "asked_per_pair": mine_cfg.num_negatives,
                     "total": negatives,
                     "short_pairs": int(totals["sum(short)"] or 0),
+                    "padded_random": int(totals["sum(padded)"] or 0),
                     "pairs_without_negatives": int(totals["sum(none)"] or 0),
                     "filtered_by_margin": int(totals["sum(margin)"] or 0),
                     "near_duplicates": int(totals["sum(near)"] or 0),
@@ -322,13 +351,15 @@ def _as_corpus_rows(batch: pa.Table) -> pa.Table:
 
 def _row_counts(batch: pa.Table, asked: int) -> pa.Table:
     n = np.array([len(ids) for ids in batch.column("negative_ids").to_pylist()], dtype=np.int64)
+    mined = n - batch.column("padded_negatives").to_numpy()  # short and none count mined negatives, not padding
     score_sums = [float(sum(s)) for s in batch.column("negative_scores").to_pylist()]
     return pa.table(
         {
             "n": n,
-            "short": (n < asked).astype(np.int64),
-            "none": (n == 0).astype(np.int64),
+            "short": (mined < asked).astype(np.int64),
+            "none": (mined == 0).astype(np.int64),
             "margin": batch.column("_margin_filtered"),
+            "padded": batch.column("padded_negatives"),
             "near": batch.column("_near_duplicates"),
             "positive_score": batch.column("positive_score").cast(pa.float64()),
             "negative_score_sum": pa.array(score_sums, pa.float64()),

@@ -97,6 +97,9 @@ class MineConfig:
     max_score: float | None = _field(None, "drop candidates scoring above this cosine; empty = off")
     sampling: Literal["top", "random"] = _field("top", "take the highest-scoring candidates, or sample in the window")
     seed: int = _field(0, "seed of random sampling")
+    pad: Literal["none", "random"] = _field(
+        "none", "pairs left short of num_negatives: keep them short (counted), or pad with random passages (marked)"
+    )
     shards: int | None = _field(None, "index shards (Ray actors); default: one per 2M corpus passages")
     shard_cpus: float = _field(1.0, "CPUs per shard actor (FAISS threads follow it)")
     shard_gpus: float = _field(0.0, "GPUs per shard actor (needs faiss-gpu: pip install 'pairmill[gpu]')")
@@ -184,7 +187,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
         return value
-    candidates = [a for a in args if a is not type(None)] if args else [annotation]
+    candidates = [a for a in args if a is not type(None)] if args and origin is not list else [annotation]
     for typ in candidates:
         if typ is bool:
             if isinstance(value, bool):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mining.index import ShardedIndex, exact_search
-from mining.mine import attach_positives, mine, mine_pairs
+from mining.mine import attach_positives, mine, mine_pairs, pad_random
 from pairmill.pairs import text_key
 from mining.negatives import positive_sets, select_negatives
 from pairmill.cli import main
@@ -188,3 +188,33 @@ def test_lookup_and_vectors_come_back_from_the_shards(ray_session, tmp_path):
         assert np.isnan(index.vectors(np.array([-1]))).all()
         with pytest.raises(KeyError, match="no text"):
             index.lookup(np.array([5]))
+
+
+def test_pad_random_fills_short_rows_with_non_positives():
+    ids = np.array([[5, -1, -1], [7, 8, 9]])
+    padded_ids, padded = pad_random(ids, [{1, 2}, {3}], pool=np.array([1, 5, 2, 6, 3, 4]))
+    assert padded_ids.tolist() == [[5, 6, 3], [7, 8, 9]] and padded.tolist() == [2, 0]
+    padded_ids, padded = pad_random(np.array([[-1, -1]]), [{1}], pool=np.array([1, 4]))
+    assert padded_ids.tolist() == [[4, -1]] and padded.tolist() == [1]  # the pool ran out: still short, not faked
+
+
+def test_random_padding_is_asked_for_and_marked(ray_session, tmp_path):
+    import ray
+
+    from pairmill.embed import to_matrix
+
+    ds, keys, passages = _pairs_dataset(48, 16, np.random.default_rng(1))
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    query_of = dict(zip(table.column("id").to_pylist(), to_matrix(table.column("query_embedding"))))
+    nothing_passes = {**SELECTION, "max_score": -1.0}  # every candidate filtered: all rows short
+    with ShardedIndex.create(2, 16, "Flat", num_cpus=0.25) as index:
+        index.add_batches([(keys, passages, [f"p{i}" for i in range(48)])])
+        plain = mine_pairs(ds, index, nothing_passes, batch_size=8).to_pandas()
+        assert all(len(v) == 0 for v in plain["negative_ids"]) and (plain["padded_negatives"] == 0).all()
+        padded = mine_pairs(ds, index, nothing_passes, batch_size=8, pad="random").to_pandas()
+    assert (padded["padded_negatives"] == 3).all()
+    for row in padded.itertuples():
+        own = int(row.passage[1:]) + 1000
+        assert len(set(row.negative_ids)) == 3 and not {own, own ^ 1} & set(row.negative_ids)
+        expect = [float(passages[i - 1000] @ query_of[row.id]) for i in row.negative_ids]
+        np.testing.assert_allclose(row.negative_scores, expect, atol=1e-5)
