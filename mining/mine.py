@@ -186,7 +186,6 @@ def mine(
     from ray.data.aggregate import Count, Sum
     from ray.data.expressions import col
 
-    from mining.index import ShardedIndex
     from pairmill.cluster import encoder_pool, init_ray
     from pairmill.embed import EncodeBatch, encoder_kwargs, read_kwargs
     from pairmill.output import JobFolder, count_by, parquet_rows
@@ -196,13 +195,7 @@ def mine(
     started = time.perf_counter()
     fingerprint = encoder.fingerprint()
     pool = encoder_pool(ray.actors)
-    encode_args = {
-        "compute": ray_lib.data.ActorPoolStrategy(size=pool.size),
-        "num_cpus": pool.num_cpus,
-        "num_gpus": pool.num_gpus,
-        "batch_size": max(1024, 8 * (encoder.batch_size or 32)),
-        "batch_format": "pyarrow",
-    }
+    encode_args = encode_pool_args(pool, encoder.batch_size)
     with JobFolder(out) as job:
         work = Path(job.path("work"))
         # -- 1. pairs with embeddings, written once to work/pairs -----------------------------
@@ -260,36 +253,16 @@ def mine(
         )
         distinct.write_parquet(str(work / "distinct"))
         corpus_rows = parquet_rows(work / "distinct")
-        num_shards = mine_cfg.shards or max(1, math.ceil(corpus_rows / PASSAGES_PER_SHARD))
-        dim = _dimension(work / "distinct")
-        index = ShardedIndex.create(
-            num_shards,
-            dim,
-            mine_cfg.index_spec,
-            n_vectors=corpus_rows,
-            nprobe=mine_cfg.nprobe,
-            num_cpus=mine_cfg.shard_cpus,
-            num_gpus=mine_cfg.shard_gpus,
-            folder=str(Path(job.staging) / "index"),
-            manifest_extra={"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)},
-        )
+        index = build_index(work / "distinct", corpus_rows, mine_cfg, Path(job.staging) / "index",
+                            {"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)})
+        num_shards = len(index.shards)
         try:
-            distinct_ds = ray_lib.data.read_parquet(str(work / "distinct"))
-            if index.nlist is not None:
-                index.train(_training_sample(distinct_ds, corpus_rows, index.nlist))
-            index.add_dataset(distinct_ds, "passage_key", "passage_embedding", text_column="passage")
             print(f"[pairmill] mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)")
             job.stage("index", valid_rows, corpus_rows, time.perf_counter() - t0)
 
             # -- 3. positives per query, search, select, look up texts ------------------------
             t0 = time.perf_counter()
-            with_positives = (
-                ray_lib.data.read_parquet(str(work / "pairs"))
-                .groupby("query_key", num_partitions=partitions(valid_rows))
-                .map_groups(attach_positives, batch_format="pyarrow")
-            )
-            mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch,
-                               pad=mine_cfg.pad)
+            mined = mine_encoded_pairs(work / "pairs", valid_rows, index, mine_cfg)
             mined.write_parquet(str(work / "mined"))
         finally:
             index.close()
@@ -336,6 +309,61 @@ def mine(
             }
         )
     return stats
+
+
+def encode_pool_args(pool, batch_size: int | None) -> dict:
+    """``map_batches`` arguments of an encoder actor pool of ``pool`` (a ``PoolSize``)."""
+    import ray
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=pool.size),
+        "num_cpus": pool.num_cpus,
+        "num_gpus": pool.num_gpus,
+        # Many rows per call: the encoder sorts them by length, so padding shrinks.
+        "batch_size": max(1024, 8 * (batch_size or 32)),
+        "batch_format": "pyarrow",
+    }
+
+
+def build_index(distinct: Path, rows: int, mine_cfg, folder: Path, manifest_extra: dict):
+    """A ShardedIndex (home ``folder``) over a parquet folder of distinct passages
+    (``passage_key``, ``passage``, ``passage_embedding``), trained first when IVF."""
+    import ray
+
+    from mining.index import ShardedIndex
+
+    index = ShardedIndex.create(
+        mine_cfg.shards or max(1, math.ceil(rows / PASSAGES_PER_SHARD)),
+        _dimension(distinct),
+        mine_cfg.index_spec,
+        n_vectors=rows,
+        nprobe=mine_cfg.nprobe,
+        num_cpus=mine_cfg.shard_cpus,
+        num_gpus=mine_cfg.shard_gpus,
+        folder=str(folder),
+        manifest_extra=manifest_extra,
+    )
+    try:
+        ds = ray.data.read_parquet(str(distinct))
+        if index.nlist is not None:
+            index.train(_training_sample(ds, rows, index.nlist))
+        index.add_dataset(ds, "passage_key", "passage_embedding", text_column="passage")
+    except BaseException:
+        index.close()
+        raise
+    return index
+
+
+def mine_encoded_pairs(pairs: Path, rows: int, index, mine_cfg):
+    """Ray Dataset: encoded pairs with keys (parquet folder) -> mined rows (see ``mine_pairs``)."""
+    import ray
+
+    with_positives = (
+        ray.data.read_parquet(str(pairs))
+        .groupby("query_key", num_partitions=partitions(rows))
+        .map_groups(attach_positives, batch_format="pyarrow")
+    )
+    return mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch, pad=mine_cfg.pad)
 
 
 def _as_corpus_rows(batch: pa.Table) -> pa.Table:

@@ -1,0 +1,236 @@
+"""ANCE-style periodic refresh of hard negatives while training runs.
+
+Design note.
+- What: every N training steps the trainer saves its current model and starts
+  ``refresh_negatives`` as a Ray task (``start_refresh``). The task re-encodes the corpus with that
+  model on an encoder actor pool, builds a new ``ShardedIndex`` beside the live one
+  (``OUT/refresh/step-N/index``), re-mines negatives for a slice of the queries with the same rules
+  as ``pairmill mine``, and writes them into the ``NegativeStore``: that write is the swap. The
+  training step never waits for it: each batch asks the store, and a pair whose negatives were
+  refreshed gets the new ones, the others keep what they had.
+- Slices: queries are split into ``rounds`` slices by query key (all pairs of one query fall in one
+  slice, so each query's positive set stays complete). Round r refreshes slice ``r mod rounds``:
+  ANCE refreshes part of the training queries per round to bound the cost.
+- Corpus: the texts the live index holds (the mine job's ``index/`` folder keeps them), or, without
+  an index, the distinct passages of the training pairs. Corpus keys are text hashes, so a negative
+  id means the same passage in every index generation.
+- The store: ``NegativeShard`` actors (0 CPUs) hold pair id -> (negatives, negative ids, step),
+  routed by a hash of the pair id. Memory: the refreshed pairs' negative texts.
+- Staleness: each row's negatives carry the step of the model that mined them (0: the mine job).
+- Cost per round: encode the corpus + 2 x the slice's pairs, build the index, search the slice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pairmill.pairs import text_key
+
+REFRESHED_COLUMNS = ["id", "negatives", "negative_ids", "negative_scores"]
+
+
+class NegativeShard:
+    """One slice of the store (a Ray actor through ``NegativeStore``)."""
+
+    def __init__(self):
+        self.rows: dict[str, tuple[list[str], list[int], int]] = {}
+
+    def update(self, ids: list[str], negatives: list[list[str]], negative_ids: list[list[int]], step: int) -> int:
+        for pair, texts, keys in zip(ids, negatives, negative_ids):
+            self.rows[pair] = (texts, keys, step)
+        return len(self.rows)
+
+    def get(self, ids: list[str]) -> list[tuple[list[str], list[int], int] | None]:
+        return [self.rows.get(pair) for pair in ids]
+
+    def size(self) -> int:
+        return len(self.rows)
+
+
+class NegativeStore:
+    """pair id -> the latest refreshed (negatives, negative_ids, step), over ``num_shards`` actors.
+    Picklable: pass it to Train workers and refresh tasks."""
+
+    def __init__(self, shards: list):
+        self.shards = shards
+
+    @classmethod
+    def create(cls, num_shards: int = 1) -> NegativeStore:
+        import ray
+
+        actor = ray.remote(num_cpus=0)(NegativeShard)  # bookkeeping only: never holds a CPU slot
+        return cls([actor.remote() for _ in range(num_shards)])
+
+    def _route(self, ids: list[str]) -> list[list[int]]:
+        slots: list[list[int]] = [[] for _ in self.shards]
+        for i, pair in enumerate(ids):
+            slots[text_key(pair) % len(self.shards)].append(i)
+        return slots
+
+    def update(self, table: pa.Table, step: int) -> None:
+        """Store the rows of ``table`` (``REFRESHED_COLUMNS``) as mined at ``step``."""
+        import ray
+
+        ids = table.column("id").to_pylist()
+        negatives = table.column("negatives").to_pylist()
+        negative_ids = table.column("negative_ids").to_pylist()
+        refs = []
+        for shard, slot in zip(self.shards, self._route(ids)):
+            if slot:
+                refs.append(shard.update.remote([ids[i] for i in slot], [negatives[i] for i in slot],
+                                                [negative_ids[i] for i in slot], step))
+        ray.get(refs)
+
+    def get(self, ids: list[str]) -> list[tuple[list[str], list[int], int] | None]:
+        """Per pair id: (negatives, negative_ids, step) when refreshed, else None."""
+        import ray
+
+        slots = self._route(ids)
+        answers = ray.get([shard.get.remote([ids[i] for i in slot]) for shard, slot in zip(self.shards, slots)])
+        out: list = [None] * len(ids)
+        for slot, answer in zip(slots, answers):
+            for i, row in zip(slot, answer):
+                out[i] = row
+        return out
+
+    def size(self) -> int:
+        import ray
+
+        return sum(ray.get([shard.size.remote() for shard in self.shards]))
+
+    def close(self) -> None:
+        import ray
+
+        for shard in self.shards:
+            ray.kill(shard)
+        self.shards = []
+
+
+def current_negatives(ids: list[str], negatives: list, negative_ids: list, store: NegativeStore | None):
+    """The negatives a training batch uses: the store's when a pair was refreshed, else the
+    batch's own (mined at step 0). Returns (negatives, negative_ids, steps)."""
+    rows = store.get(ids) if store is not None else [None] * len(ids)
+    texts = [row[0] if row else (negs or []) for row, negs in zip(rows, negatives)]
+    keys = [row[1] if row else (list(k) if k is not None else None) for row, k in zip(rows, negative_ids)]
+    steps = [row[2] if row else 0 for row in rows]
+    return texts, keys, steps
+
+
+def in_slice(batch: pa.Table, slice_: tuple[int, int]) -> pa.Table:
+    """Rows whose query key falls in slice ``slice_ = (r, rounds)``."""
+    r, rounds = slice_
+    keys = np.array([text_key(q) for q in batch.column("query").to_pylist()], dtype=np.int64)
+    return batch.filter(pa.array(keys % rounds == r))
+
+
+def _corpus_from_index(batch: pa.Table) -> pa.Table:
+    return pa.table({"passage_key": batch.column("id"), "text": batch.column("text")})
+
+
+def _first_text(group: pa.Table) -> pa.Table:
+    return group.slice(0, 1).select(["passage_key", "passage"]).rename_columns(["passage_key", "text"])
+
+
+def _as_distinct(batch: pa.Table) -> pa.Table:
+    return pa.table({"passage_key": batch.column("passage_key"), "passage": batch.column("text"),
+                     "passage_embedding": batch.column("embedding")})
+
+
+def corpus_texts(pairs: str, index_folder: str | None):
+    """Ray Dataset (passage_key, text): the live index's texts, else the pairs' distinct passages."""
+    import ray
+
+    from mining.mine import add_keys, partitions
+
+    if index_folder and sorted(Path(index_folder).glob("*.texts.parquet")):
+        files = [str(f) for f in sorted(Path(index_folder).glob("*.texts.parquet"))]
+        return ray.data.read_parquet(files).map_batches(_corpus_from_index, batch_format="pyarrow")
+    ds = ray.data.read_parquet(pairs).select_columns(["query", "passage"]).map_batches(add_keys, batch_format="pyarrow")
+    return ds.groupby("passage_key", num_partitions=partitions(ds.count())).map_groups(_first_text, batch_format="pyarrow")
+
+
+def refresh_negatives(
+    model: str,
+    step: int,
+    *,
+    pairs: str,
+    index_folder: str | None,
+    out: str,
+    encoder_kwargs: dict,
+    mine_cfg,
+    slice_: tuple[int, int] = (0, 1),
+    store: NegativeStore | None = None,
+    actors: int | None = None,
+) -> dict:
+    """One refresh round: re-encode with ``model``, rebuild the index in ``OUT/index``, re-mine the
+    slice's pairs into ``OUT/negatives`` and (with a store) swap them in. Returns its stats."""
+    import ray
+    import pyarrow.parquet as pq
+
+    from mining.mine import add_keys, build_index, encode_pool_args, mine_encoded_pairs
+    from pairmill.cluster import encoder_pool
+    from pairmill.embed import EncodeBatch
+    from pairmill.output import parquet_rows
+    from pairmill.pairs import output_columns
+
+    started = time.perf_counter()
+    out_dir = Path(out)
+    work = out_dir / "work"
+    encoder = {**encoder_kwargs, "model": model}
+    args = encode_pool_args(encoder_pool(actors), encoder.get("batch_size"))
+    source = ray.data.read_parquet(pairs)
+    columns = [c for c in output_columns("pairs") if c in source.schema().names]
+    (
+        source.select_columns(columns)
+        .map_batches(in_slice, fn_kwargs={"slice_": slice_}, batch_format="pyarrow")
+        .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder, "keep_columns": True},
+                     **args)
+        .map_batches(add_keys, batch_format="pyarrow")
+        .write_parquet(str(work / "pairs"))
+    )
+    rows = parquet_rows(work / "pairs")
+    (
+        corpus_texts(pairs, index_folder)
+        .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "text", "encoder_kwargs": encoder, "keep_columns": True,
+                                                         "text_kind": "passage"}, **args)
+        .map_batches(_as_distinct, batch_format="pyarrow")
+        .write_parquet(str(work / "distinct"))
+    )
+    corpus_rows = parquet_rows(work / "distinct")
+    encoded = time.perf_counter()
+    index = build_index(work / "distinct", corpus_rows, mine_cfg, out_dir / "index", {"model": model, "step": step})
+    try:
+        mined = mine_encoded_pairs(work / "pairs", rows, index, mine_cfg) if rows else None
+        if mined is not None:
+            mined.select_columns(REFRESHED_COLUMNS).write_parquet(str(out_dir / "negatives"))
+    finally:
+        index.close()
+    refreshed = 0
+    if store is not None and rows:
+        for f in sorted((out_dir / "negatives").glob("*.parquet")):
+            table = pq.read_table(f)
+            store.update(table, step)
+            refreshed += table.num_rows
+    shutil.rmtree(work)
+    return {
+        "step": step,
+        "slice": list(slice_),
+        "pairs": rows,
+        "corpus": corpus_rows,
+        "refreshed": refreshed,
+        "encode_seconds": round(encoded - started, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def start_refresh(model: str, step: int, **kwargs):
+    """``refresh_negatives`` as a Ray task; returns its ObjectRef at once (the caller keeps training)."""
+    import ray
+
+    task = ray.remote(num_cpus=0)(refresh_negatives)  # its encoder actors and shards take the CPUs
+    return task.remote(model, step, **kwargs)
