@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 PAIR_FILES = ("foldoc_pairs.jsonl.gz", "jargon_pairs.jsonl.gz")
 OUT = Path(__file__).resolve().parent.parent / "bench-out"
 K = 10
