@@ -3,30 +3,32 @@ consistency filter, decontamination and semantic dedup (SemDeDup), with an optio
 
 Design note. The steps are functions over in-memory batches (``pipelines.dedup``,
 ``.consistency``, ``.decontaminate``, ``.semdedup``, ``.audit``); this module wires them into Ray
-passes. Every pass writes parquet into ``OUT``'s staging folder (``_work/``, deleted on commit), so
-the next pass streams from disk: nothing grows with the input on the driver except per-reason
-counts, and the pool and embeddings live on disk, in Ray's object store and in the index actors.
-Passes (whole-dataset operations are expensive on small clusters, so they are few):
-1. read + validate + ``dedup_key`` -> ``groupby(key, num_partitions).map_groups`` -> ``_work/marked``
-   (every input row, rejects and exact duplicates marked).
-2. encode the survivors once (encoder actor pool) -> ``_work/embedded``. Only when a stage needs
-   embeddings; every later stage reuses these vectors, and ``kept/`` carries them for ``mine``.
-3. stream a random sample of passage embeddings into a ``ShardedIndex`` (the consistency pool,
-   ``min(N, pool_size)`` rows), collecting the k-means sample on the way; fit k-means.
-4. score (actor pool): consistency rank against the pool, decontamination against the eval texts,
-   k-means cluster; with ``audit``, corrupted pairs ride along -> ``_work/scored``.
-5. ``groupby(cluster).map_groups(semdedup)`` over the rows still in -> ``_work/deduped``.
-6. write ``kept/``, ``dropped/`` (a union of the rows each stage removed), ``rejected/``.
-Stage order: decontamination runs in pass 4, before semantic dedup (the issue lists it after),
-so a semantic duplicate's ``dup_of`` always names a row that is in ``kept/``, and a row that is
-both contaminated and a near-duplicate is reported as contaminated.
+passes. The result of each pass is materialised in Ray's object store (which spills to disk when
+it fills), not gathered: the driver holds only per-reason counts and the k-means sample, the pool
+lives in index actors. Materialising instead of writing parquet between passes matters on small
+machines: re-reading a parquet folder cost ~3 s of fixed overhead per read on 2 loaded cores,
+reading materialised blocks ~0.2 s. Each execution has a fixed cost, so stages are fused into as
+few as the barriers allow:
+1. read + validate -> ``groupby(dedup_key, num_partitions).map_groups`` (exact dedup: every copy of
+   a pair meets in one group) -> encode the survivors once (encoder actor pool) -> ``marked``.
+   Every input row is in it: rejects, exact duplicates, and survivors with their embeddings.
+2. stream a random sample of survivors' passage embeddings into a ``ShardedIndex`` (the
+   consistency pool, ``min(N, pool_size)`` rows; a barrier, since every pair is scored against the
+   whole pool), collecting the k-means sample on the way; fit k-means on the driver.
+3. score (actor pool: consistency rank against the pool, decontamination, k-means cluster; with
+   ``audit`` the corrupted pairs ride along) -> ``groupby(cluster).map_groups(semdedup)`` ->
+   ``final``.
+4. write ``kept/``, ``dropped/`` (rows each stage removed), ``rejected/``.
+Stage order: decontamination runs before semantic dedup (the issue lists it after), so a
+semantic duplicate's ``dup_of`` always names a row in ``kept/``, and a row that is both
+contaminated and a near-duplicate is reported as contaminated. Stage seconds in stats.json are
+compute time measured inside the workers (``t_<stage>`` columns); ``passes`` holds wall time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pairmill.config import EncoderConfig, FilterConfig, RayConfig, ReadConfig
 from pairmill.embed import EncodeBatch, encoder_kwargs, format_summary, read_kwargs, to_matrix
@@ -56,23 +57,42 @@ POOL_ROWS_PER_SHARD = 500_000  # 500k x 384 x 4 B = 0.77 GB of vectors per shard
 # Ray steps: callables over pyarrow batches.
 
 
+def with_seconds(table: pa.Table, name: str, seconds: float) -> pa.Table:
+    """Append a ``t_<stage>`` column: the batch's compute seconds spread over its rows (they sum back)."""
+    return table.append_column(name, pa.array(np.full(len(table), seconds / max(len(table), 1))))
+
+
 def with_status_columns(batch: pa.Table) -> pa.Table:
     """Parsed rows -> + ``dedup_key``, ``dup_of``, ``rank``: the columns every later pass carries."""
     batch = add_dedup_key(batch)
     return batch.append_column("rank", pa.nulls(len(batch), pa.int32()))
 
 
+def dedup_group(group: pa.Table) -> pa.Table:
+    """``map_groups`` step: ``mark_exact_duplicates``, timed."""
+    t0 = time.perf_counter()
+    return with_seconds(mark_exact_duplicates(group), "t_dedup", time.perf_counter() - t0)
+
+
 class EmbedPairs:
-    """``map_batches`` callable: pair rows -> the same rows + query_embedding, passage_embedding."""
+    """``map_batches`` callable: rows -> the same rows + query_embedding, passage_embedding, computed
+    for the rows still in (``reason`` null) and null for rejects and duplicates."""
 
     def __init__(self, encoder_kwargs: dict):
         self.encode = EncodeBatch("pairs", encoder_kwargs)
+        self.dim = self.encode.encoder.dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        embedded = self.encode(batch)
+        t0 = time.perf_counter()
+        alive = np.array([r is None for r in batch.column("reason").to_pylist()], dtype=bool)
+        embedded = self.encode(batch.filter(pa.array(alive))) if alive.any() else None
         for name in EMBEDDING_COLUMNS:
-            batch = batch.append_column(name, embedded.column(name))
-        return batch
+            matrix = np.zeros((len(batch), self.dim), np.float32)  # (B, D), zeros under the nulls
+            if embedded is not None:
+                matrix[alive] = to_matrix(embedded.column(name))
+            values = pa.array(matrix.reshape(-1))
+            batch = batch.append_column(name, pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(~alive)))
+        return with_seconds(batch, "t_encode", time.perf_counter() - t0)
 
 
 class ScorePairs:
@@ -169,29 +189,39 @@ def _audit_table(schema: pa.Schema, ids: list[str], rank: np.ndarray) -> pa.Tabl
         "rank": pa.array(rank, pa.int32()),
         "reason": pa.array(["audit"] * n, pa.string()),  # never null: no later filter takes it for a survivor
         "audit": pa.array(np.ones(n, bool)),
+        "cluster": pa.array(np.full(n, -1), pa.int32()),  # a group key of their own, never deduplicated
     }
     return pa.table({f.name: filled.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
 
 
 def semdedup_group(group: pa.Table, *, eps: float, on: str, keep: str, seed: int) -> pa.Table:
-    """``map_groups`` step: one cluster's rows -> the same rows, near-duplicates marked."""
-    dup_of = semdedup_cluster(
-        to_matrix(group.column("query_embedding")),
-        to_matrix(group.column("passage_embedding")),
-        group.column("id").to_pylist(),
-        group.column("centroid_sim").to_numpy(),
-        eps=eps,
-        on=on,
-        keep=keep,
-        seed=seed,
-    )
-    reasons = [SEMANTIC_DUPLICATE if d is not None else None for d in dup_of]
+    """``map_groups`` step: one cluster's rows -> the same rows, near-duplicates among those still in marked."""
+    t0 = time.perf_counter()
+    reasons = group.column("reason").to_pylist()
+    dup_of = group.column("dup_of").to_pylist()
+    alive = np.flatnonzero([r is None for r in reasons])
+    if len(alive) > 1:
+        rows = group.take(pa.array(alive))
+        found = semdedup_cluster(
+            to_matrix(rows.column("query_embedding")),
+            to_matrix(rows.column("passage_embedding")),
+            rows.column("id").to_pylist(),
+            rows.column("centroid_sim").to_numpy(),
+            eps=eps,
+            on=on,
+            keep=keep,
+            seed=seed,
+        )
+        for i, d in zip(alive, found):
+            if d is not None:
+                reasons[i], dup_of[i] = SEMANTIC_DUPLICATE, d
     group = group.set_column(group.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-    return group.set_column(group.schema.get_field_index("dup_of"), "dup_of", pa.array(dup_of, pa.string()))
+    group = group.set_column(group.schema.get_field_index("dup_of"), "dup_of", pa.array(dup_of, pa.string()))
+    return with_seconds(group, "t_semdedup", time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Driver-side helpers: small, streaming over parquet files.
+# Driver-side helpers: small, streaming over parquet files one at a time.
 
 
 def default_partitions(input_path: str) -> int:
@@ -204,57 +234,62 @@ def default_partitions(input_path: str) -> int:
     return max(2, math.ceil(size / PARTITION_BYTES))
 
 
-def scan(folder: Path, columns: list[str]):
-    """Yield tables of ``columns`` one parquet file at a time."""
-    for f in sorted(folder.glob("*.parquet")):
-        yield pq.read_table(f, columns=columns)
+def check_eval_files(paths) -> None:
+    for path in paths:
+        if not Path(path).exists():
+            hint = " (a key=value after --decontaminate is read as a file name: put settings before the flag)" if "=" in path else ""
+            raise FileNotFoundError(f"filter.decontaminate: {path} does not exist{hint}")
 
 
-def reason_counts(folder: Path) -> dict:
+def scan(ds, columns: list[str]):
+    """Yield blocks of those ``columns`` a materialised dataset has: small columns only reach the driver."""
+    names = ds.schema().names
+    yield from ds.select_columns([c for c in columns if c in names]).iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def tally(ds, seconds: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """({reason: rows}, {t_column: summed seconds}) of a materialised dataset; reason None = still in."""
     counts: dict = {}
-    for table in scan(folder, ["reason"]):
-        for value, n in zip(*np.unique(np.array(table.column("reason").to_pylist(), dtype=object).astype(str), return_counts=True)):
-            counts[value] = counts.get(value, 0) + int(n)
-    return {(None if k == "None" else k): v for k, v in counts.items()}
+    totals = dict.fromkeys(seconds, 0.0)
+    for table in scan(ds, ["reason", *seconds]):
+        for value in table.column("reason").to_pylist():
+            counts[value] = counts.get(value, 0) + 1
+        for name in seconds:
+            if name in table.column_names:
+                totals[name] += float(pc.sum(table.column(name)).as_py() or 0.0)
+    return counts, totals
 
 
-def embedding_dim(folder: Path) -> int:
-    return pq.read_schema(next(folder.glob("*.parquet"))).field("passage_embedding").type.list_size
-
-
-def build_pool(embedded, rows: int, options: FilterConfig, kmeans_rows: int):
+def build_pool(alive, rows: int, options: FilterConfig, kmeans_rows: int):
     """Stream ``min(rows, pool_size)`` random passage embeddings into a ShardedIndex.
 
-    Returns (index, pool rows, k-means sample (m, D')) — the sample is drawn from the same stream.
+    Returns (index, pool rows, k-means sample (m, D')): the sample is drawn from the same stream.
     """
     from mining.index import ShardedIndex
 
     target = min(rows, options.pool_size)
-    ds = embedded.select_columns(EMBEDDING_COLUMNS)
+    ds = alive.select_columns(EMBEDDING_COLUMNS)
     if target < rows:
         ds = ds.random_sample(target / rows, seed=options.seed)
-    dim = None
     rng = np.random.default_rng(options.seed)
     keep_share = min(1.0, kmeans_rows / max(1, target))
-    sample: list[np.ndarray] = []
-    index = None
-    offset = 0
+    shards = options.pool_shards or math.ceil(target / POOL_ROWS_PER_SHARD)
+    index, sample, added = None, [], 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
-        q, p = to_matrix(batch.column("query_embedding")), to_matrix(batch.column("passage_embedding"))
+        q, p = to_matrix(batch.column("query_embedding")), to_matrix(batch.column("passage_embedding"))  # (B, D)
         if index is None:
-            dim = p.shape[1]
-            shards = options.pool_shards or math.ceil(target / POOL_ROWS_PER_SHARD)
-            index = ShardedIndex.create(shards, dim, n_vectors=target, num_cpus=0.5)
-        index.add_batches([(np.arange(offset, offset + len(p)), p)])
-        offset += len(p)
+            index = ShardedIndex.create(shards, p.shape[1], n_vectors=target, num_cpus=0.5)
+        # Ids are stream positions: the rank needs only the pool's scores, never which row scored.
+        index.add_batches([(np.arange(added, added + len(p)), p)])
+        added += len(p)
         if options.semdedup:
             sample.append(dedup_vectors(q, p, options.on)[rng.random(len(p)) < keep_share])
-    return index, offset, (np.concatenate(sample) if sample else None)
+    return index, added, (np.concatenate(sample) if sample else None)
 
 
-def kmeans_sample(embedded, rows: int, options: FilterConfig) -> np.ndarray:
+def kmeans_sample(alive, rows: int, options: FilterConfig) -> np.ndarray:
     """A random sample of the vectors k-means is fitted on (when no pool pass collects one)."""
-    ds = embedded.select_columns(EMBEDDING_COLUMNS)
+    ds = alive.select_columns(EMBEDDING_COLUMNS)
     if options.kmeans_sample < rows:
         ds = ds.random_sample(options.kmeans_sample / rows, seed=options.seed)
     parts = [
@@ -262,6 +297,21 @@ def kmeans_sample(embedded, rows: int, options: FilterConfig) -> np.ndarray:
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=4096)
     ]
     return np.concatenate(parts)
+
+
+def fit_clusters(sample: np.ndarray, rows: int, options: FilterConfig) -> tuple[np.ndarray, int]:
+    """k-means centroids, and the largest cluster expected (from the sample), warned about when too big."""
+    n_clusters = options.n_clusters or default_n_clusters(rows, len(sample))
+    centroids = fit_kmeans(sample, n_clusters, seed=options.seed)
+    expected = int(np.bincount(assign_clusters(sample, centroids)[0]).max() * rows / len(sample))
+    if expected > options.max_cluster_rows:
+        warnings.warn(
+            f"the largest k-means cluster will hold about {expected} rows (filter.max_cluster_rows="
+            f"{options.max_cluster_rows}): its {expected} x {expected} similarity matrix needs "
+            f"{expected**2 * 4 / 2**30:.1f} GiB on one worker. Raise filter.n_clusters (now {n_clusters})",
+            stacklevel=3,
+        )
+    return centroids, n_clusters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,65 +328,58 @@ def filter_pairs(
     from pairmill.cluster import encoder_pool, init_ray
     from pairmill.output import JobFolder, count_by, parquet_rows
 
+    check_eval_files(options.decontaminate)
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
     passes: dict[str, float] = {}
     semantic_decontam = bool(options.decontaminate) and options.decontaminate_eps > 0
-    needs_embeddings = options.consistency or options.semdedup or semantic_decontam
+    embedded = options.consistency or options.semdedup or semantic_decontam
     with JobFolder(out) as job:
-        work = job.staging / "_work"
         partitions = options.partitions or default_partitions(input_path)
-        read_work = lambda name: ray_lib.data.read_parquet(str(work / name))  # noqa: E731
 
-        # Pass 1: read, validate, exact dedup (a hash shuffle, so no key set on any one process).
+        # Pass 1: read, validate, exact dedup (a hash shuffle: no key set on any one process), encode.
         t0 = time.perf_counter()
-        parsed = read_parsed(input_path, "pairs", **read_kwargs(read)).map_batches(with_status_columns, batch_format="pyarrow", batch_size=None)
+        ds = read_parsed(input_path, "pairs", **read_kwargs(read)).map_batches(with_status_columns, batch_format="pyarrow", batch_size=None)
         if options.exact_dedup:
-            parsed = parsed.groupby("dedup_key", num_partitions=partitions).map_groups(mark_exact_duplicates, batch_format="pyarrow")
-        parsed.write_parquet(str(work / "marked"))
-        passes["read+exact_dedup"] = time.perf_counter() - t0
-        marked_counts = reason_counts(work / "marked")
-        input_rows = sum(marked_counts.values())
-        unique = marked_counts.get(None, 0)
-        truncated = sum(int(pc.sum(t.column("truncated")).as_py() or 0) for t in scan(work / "marked", ["truncated"]))
-        job.stage("read+exact_dedup", input_rows, unique, passes["read+exact_dedup"])
-        survivors = read_work("marked").filter(expr=col("reason").is_null())
-
-        # Pass 2: encode each survivor once.
-        current = "marked"
-        if needs_embeddings and unique:
-            t0 = time.perf_counter()
+            ds = ds.groupby("dedup_key", num_partitions=partitions).map_groups(dedup_group, batch_format="pyarrow")
+        if embedded:
             pool = encoder_pool(ray.actors)
-            print(f"[pairmill] filter: encoding {unique} pairs on {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
-            survivors.map_batches(
+            print(f"[pairmill] filter: encoder pool of {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
+            ds = ds.map_batches(
                 EmbedPairs,
                 fn_constructor_kwargs={"encoder_kwargs": encoder_kwargs(encoder)},
                 compute=ray_lib.data.ActorPoolStrategy(size=pool.size),
                 num_cpus=pool.num_cpus,
                 num_gpus=pool.num_gpus,
-                batch_size=max(1024, 8 * (encoder.batch_size or 32)),
+                batch_size=max(1024, 8 * (encoder.batch_size or 32)),  # the encoder sorts a batch by length
                 batch_format="pyarrow",
-            ).write_parquet(str(work / "embedded"))
-            passes["encode"] = time.perf_counter() - t0
-            job.stage("encode", unique, unique, passes["encode"])
-            current = "embedded"
-        embedded = current == "embedded"
+            )
+        marked = ds.materialize()
+        passes["read+dedup+encode"] = time.perf_counter() - t0
+        counts, seconds = tally(marked, ("t_dedup", "t_encode", "truncated"))
+        input_rows = sum(counts.values())
+        unique = counts.get(None, 0)
+        valid = unique + counts.get(EXACT_DUPLICATE, 0)
+        if options.exact_dedup:
+            job.stage("exact_dedup", valid, unique, seconds["t_dedup"])
+        if embedded:
+            job.stage("encode", unique, unique, seconds["t_encode"])
+        print(f"[pairmill] filter: {input_rows} rows read, {valid} valid, {unique} after exact dedup")
+        alive = marked.filter(expr=col("reason").is_null())
 
-        # Pass 3: the consistency pool (sharded index) and the k-means sample.
-        index, pool_rows, sample, centroids, n_clusters = None, 0, None, None, 0
-        wanted_sample = min(unique, options.kmeans_sample)
+        # Pass 2: the consistency pool (sharded index) and the k-means sample.
+        index, pool_rows, sample, centroids, stats_extra = None, 0, None, None, {}
         t0 = time.perf_counter()
-        if options.consistency and embedded:
-            index, pool_rows, sample = build_pool(read_work("embedded"), unique, options, wanted_sample)
-            passes["pool"] = time.perf_counter() - t0
-            job.stage("pool", unique, pool_rows, passes["pool"])
+        if options.consistency and unique:
+            index, pool_rows, sample = build_pool(alive, unique, options, min(unique, options.kmeans_sample))
             print(f"[pairmill] filter: consistency pool of {pool_rows} passages in {len(index.shards)} index shard(s)")
-        if options.semdedup and embedded:
+            stats_extra["consistency"] = {"k": options.k, "pool": pool_rows}
+        if options.semdedup and unique:
             if sample is None:
-                sample = kmeans_sample(read_work("embedded"), unique, options)
-            n_clusters = options.n_clusters or default_n_clusters(unique, len(sample))
-            centroids = fit_kmeans(sample, n_clusters, seed=options.seed)
-            passes["kmeans"] = time.perf_counter() - t0 - passes.get("pool", 0.0)
+                sample = kmeans_sample(alive, unique, options)
+            centroids, n_clusters = fit_clusters(sample, unique, options)
+            stats_extra["semdedup"] = {"n_clusters": n_clusters, "eps": options.eps, "on": options.on, "keep": options.keep}
+        passes["pool+kmeans"] = time.perf_counter() - t0
 
         eval_ref = None
         if options.decontaminate:
@@ -354,11 +397,11 @@ def filter_pairs(
             passes["eval_texts"] = time.perf_counter() - t0
             print(f"[pairmill] filter: decontaminating against {len(eval_texts.exact)} texts of {list(options.decontaminate)}")
 
-        # Pass 4: per-row stages (consistency, decontamination, cluster assignment, audit).
-        scored = options.consistency or options.decontaminate or options.semdedup
-        if scored and unique:
+        # Pass 3: per-row stages, then semantic dedup within clusters.
+        final = None
+        if (options.consistency or options.decontaminate or options.semdedup) and unique:
             t0 = time.perf_counter()
-            read_work(current).filter(expr=col("reason").is_null()).map_batches(
+            ds = alive.map_batches(
                 ScorePairs,
                 fn_constructor_kwargs={
                     "search": index.search if index is not None else None,
@@ -374,85 +417,43 @@ def filter_pairs(
                 num_cpus=1,
                 batch_size=1024,
                 batch_format="pyarrow",
-            ).write_parquet(str(work / "scored"))
-            passes["score"] = time.perf_counter() - t0
+            )
+            if options.semdedup:
+                row_bytes = 8 * sample.shape[1] + 1024  # two float32 embeddings and the texts
+                ds = ds.groupby("cluster", num_partitions=max(partitions, math.ceil(unique * row_bytes / PARTITION_BYTES))).map_groups(
+                    semdedup_group,
+                    fn_kwargs={"eps": options.eps, "on": options.on, "keep": options.keep, "seed": options.seed},
+                    batch_format="pyarrow",
+                )
+            final = ds.materialize()
+            passes["score+semdedup"] = time.perf_counter() - t0
             if index is not None:
                 index.close()
-            current = "scored"
-        stats_extra = {}
-        counts = {INCONSISTENT: 0, CONTAMINATED: 0}
-        if current == "scored":
-            stage_seconds = {"t_consistency": 0.0, "t_decontaminate": 0.0}
-            clean_ranks, corrupted_ranks, clusters = [], [], np.zeros(max(n_clusters, 1), np.int64)
-            for t in scan(work / "scored", ["reason", "audit", "rank", "cluster", *stage_seconds]):
-                is_audit = t.column("audit").to_numpy(zero_copy_only=False)
-                reasons = np.array(t.column("reason").to_pylist(), dtype=object)[~is_audit]
-                for r in (INCONSISTENT, CONTAMINATED):
-                    counts[r] += int((reasons == r).sum())
-                for name in stage_seconds:
-                    stage_seconds[name] += float(pc.sum(t.column(name)).as_py() or 0.0)
-                if options.consistency:
-                    rank = t.column("rank").to_numpy(zero_copy_only=False)
-                    clean_ranks.append(rank[~is_audit])
-                    corrupted_ranks.append(rank[is_audit])
-                alive = (~is_audit) & np.array([r is None for r in t.column("reason").to_pylist()])
-                clusters += np.bincount(t.column("cluster").to_numpy(zero_copy_only=False)[alive], minlength=len(clusters))
-            after_consistency = unique - counts[INCONSISTENT]
-            if options.consistency:
-                job.stage("consistency", unique, after_consistency, stage_seconds["t_consistency"])
-                stats_extra["consistency"] = {"k": options.k, "pool": pool_rows}
-            if options.decontaminate:
-                job.stage("decontaminate", after_consistency, after_consistency - counts[CONTAMINATED], stage_seconds["t_decontaminate"])
+            audit, largest = final_stats(job, final, unique, options, pool_rows)
+            if options.semdedup:
+                stats_extra["semdedup"]["largest_cluster"] = largest
             if options.audit:
-                stats_extra["audit"] = audit_summary(
-                    np.concatenate(clean_ranks), np.concatenate(corrupted_ranks), options.k, pool_rows, options.audit
-                )
-            if options.semdedup and embedded:
-                stats_extra["semdedup"] = {"n_clusters": n_clusters, "largest_cluster": int(clusters.max()), "eps": options.eps}
-                if clusters.max() > options.max_cluster_rows:
-                    warnings.warn(
-                        f"the largest k-means cluster holds {clusters.max()} rows (filter.max_cluster_rows="
-                        f"{options.max_cluster_rows}): its similarity matrix needs {clusters.max() ** 2 * 4 / 2**30:.1f} GiB "
-                        "on one worker; raise filter.n_clusters",
-                        stacklevel=2,
-                    )
+                stats_extra["audit"] = audit
 
-        # Pass 5: semantic dedup within clusters.
-        if options.semdedup and embedded:
-            t0 = time.perf_counter()
-            alive = read_work("scored").filter(expr=col("reason").is_null())
-            rows_in = unique - counts[INCONSISTENT] - counts[CONTAMINATED]
-            bytes_per_row = 8 * embedding_dim(work / "embedded") + 1024
-            alive.groupby("cluster", num_partitions=max(partitions, math.ceil(rows_in * bytes_per_row / PARTITION_BYTES))).map_groups(
-                semdedup_group,
-                fn_kwargs={"eps": options.eps, "on": options.on, "keep": options.keep, "seed": options.seed},
-                batch_format="pyarrow",
-            ).write_parquet(str(work / "deduped"))
-            passes["semdedup"] = time.perf_counter() - t0
-            job.stage("semdedup", rows_in, reason_counts(work / "deduped").get(None, 0), passes["semdedup"])
-            current = "deduped"
-
-        # Pass 6: the job folder.
+        # Pass 4: the job folder.
         t0 = time.perf_counter()
         kept_columns = PAIR_COLUMNS + (EMBEDDING_COLUMNS if embedded else [])
-        read_work(current).filter(expr=col("reason").is_null()).select_columns(kept_columns).write_parquet(job.path("kept"))
-        dropped = [read_work("marked").filter(expr=col("reason") == EXACT_DUPLICATE)]
-        if (work / "scored").exists():
-            dropped.append(read_work("scored").filter(expr=col("reason").is_in([INCONSISTENT, CONTAMINATED])))
-        if current == "deduped":
-            dropped.append(read_work("deduped").filter(expr=col("reason") == SEMANTIC_DUPLICATE))
-        dropped = [ds.select_columns(DROPPED_COLUMNS) for ds in dropped]
-        dropped[0].union(*dropped[1:]).write_parquet(job.path("dropped"))
-        read_work("marked").filter(expr=col("reason").is_in(list(REJECT_REASONS))).select_columns(REJECT_COLUMNS).write_parquet(job.path("rejected"))
+        (final or marked).filter(expr=col("reason").is_null()).select_columns(kept_columns).write_parquet(job.path("kept"))
+        dropped = marked.filter(expr=col("reason") == EXACT_DUPLICATE).select_columns(DROPPED_COLUMNS)
+        if final is not None:
+            removed = final.filter(expr=col("reason").is_in([INCONSISTENT, CONTAMINATED, SEMANTIC_DUPLICATE]))
+            dropped = dropped.union(removed.select_columns(DROPPED_COLUMNS))
+        dropped.write_parquet(job.path("dropped"))
+        rejects = marked.filter(expr=col("reason").is_in(list(REJECT_REASONS)))
+        rejects.select_columns(REJECT_COLUMNS).write_parquet(job.path("rejected"))
         passes["write"] = time.perf_counter() - t0
-        shutil.rmtree(work)
 
         stats = {
             "input_rows": input_rows,
             "kept": parquet_rows(job.path("kept")),
             "dropped": count_by(job.path("dropped"), "reason"),
             "rejected": count_by(job.path("rejected"), "reason"),
-            "truncated": truncated,
+            "truncated": int(seconds["truncated"]),
         }
         if embedded:
             stats["encoder"] = encoder_kwargs(encoder)
@@ -462,6 +463,34 @@ def filter_pairs(
         stats["passes"] = {name: round(s, 3) for name, s in passes.items()}
         stats["seconds"] = round(time.perf_counter() - started, 3)
         return job.commit(stats)
+
+
+def final_stats(job, final, unique: int, options: FilterConfig, pool_rows: int) -> tuple[dict | None, int]:
+    """Record the stages' rows and seconds from the ``final`` dataset; return (the audit's shares, the largest cluster)."""
+    reasons, clean_ranks, corrupted_ranks, sizes = {}, [], [], {}
+    seconds = dict.fromkeys(("t_consistency", "t_decontaminate", "t_semdedup"), 0.0)
+    for t in scan(final, ["reason", "audit", "rank", "cluster", *seconds]):
+        is_audit = t.column("audit").to_numpy(zero_copy_only=False)
+        rank = t.column("rank").to_numpy(zero_copy_only=False)
+        clean_ranks.append(rank[~is_audit])
+        corrupted_ranks.append(rank[is_audit])
+        for reason, cluster, audit in zip(t.column("reason").to_pylist(), t.column("cluster").to_pylist(), is_audit):
+            if not audit:
+                reasons[reason] = reasons.get(reason, 0) + 1
+                if reason in (None, SEMANTIC_DUPLICATE):
+                    sizes[cluster] = sizes.get(cluster, 0) + 1
+        for name in seconds:
+            seconds[name] += float(pc.sum(t.column(name)).as_py() or 0.0) if name in t.column_names else 0.0
+    rows = unique
+    for name, reason, on in (("consistency", INCONSISTENT, options.consistency), ("decontaminate", CONTAMINATED, bool(options.decontaminate)),
+                             ("semdedup", SEMANTIC_DUPLICATE, options.semdedup)):
+        if on:
+            job.stage(name, rows, rows - reasons.get(reason, 0), seconds[f"t_{name}"])
+            rows -= reasons.get(reason, 0)
+    audit = None
+    if options.audit:
+        audit = audit_summary(np.concatenate(clean_ranks), np.concatenate(corrupted_ranks), options.k, pool_rows, options.audit)
+    return audit, max(sizes.values(), default=0)
 
 
 def main(args) -> int:
