@@ -439,10 +439,13 @@ def filter_pairs(
         t0 = time.perf_counter()
         kept_columns = PAIR_COLUMNS + (EMBEDDING_COLUMNS if embedded else [])
         (final or marked).filter(expr=col("reason").is_null()).select_columns(kept_columns).write_parquet(job.path("kept"))
-        dropped = marked.filter(expr=col("reason") == EXACT_DUPLICATE).select_columns(DROPPED_COLUMNS)
+        # Dropped rows keep their embeddings (null for exact duplicates, never encoded), so k or eps
+        # can be re-tuned offline without encoding again.
+        dropped_columns = DROPPED_COLUMNS + (EMBEDDING_COLUMNS if embedded else [])
+        dropped = marked.filter(expr=col("reason") == EXACT_DUPLICATE).select_columns(dropped_columns)
         if final is not None:
             removed = final.filter(expr=col("reason").is_in([INCONSISTENT, CONTAMINATED, SEMANTIC_DUPLICATE]))
-            dropped = dropped.union(removed.select_columns(DROPPED_COLUMNS))
+            dropped = dropped.union(removed.select_columns(dropped_columns))
         dropped.write_parquet(job.path("dropped"))
         rejects = marked.filter(expr=col("reason").is_in(list(REJECT_REASONS)))
         rejects.select_columns(REJECT_COLUMNS).write_parquet(job.path("rejected"))
