@@ -14,7 +14,8 @@ VERBS = {
     "eval": ("pairmill.evaluate", ("encoder", "read", "eval"), "retrieval metrics of a model on held-out data"),
     "filter": ("pipelines.filter", ("encoder", "read", "filter", "ray"), "raw pairs -> kept pairs (dedup, consistency filter, semantic dedup)"),
     "mine": ("mining.mine", ("encoder", "read", "mine", "ray"), "pairs -> pairs with mined hard negatives (+ the sharded index)"),
-    "run": ("pairmill.run", ("run", "encoder", "read", "eval", "mine", "ray"), "the whole chain (the bundled sample by default)"),
+    "train": ("training.train", ("encoder", "read", "train", "eval", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
+    "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "eval", "ray"), "the whole chain (the bundled sample by default)"),
 }
 
 
@@ -48,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-o", "--output", required=True, help="output folder (kept/, dropped/, rejected/, stats.json)")
             p.add_argument("--decontaminate", nargs="+", metavar="FILE", help="evaluation pair files to decontaminate against")
             p.add_argument("--audit", type=float, metavar="FRACTION", help="mix in this fraction of corrupted pairs, report the filter's hits")
+        if verb == "train":
+            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder (e.g. mine's)")
+            p.add_argument("-o", "--output", required=True, help="output folder (model/, config.yaml, metrics.jsonl, checkpoints/, stats.json)")
+            p.add_argument("--eval-data", help="held-out pairs file or BEIR folder evaluated during training (eval.data)")
         if verb == "run":
             p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
-        if verb in ("embed", "eval", "mine", "filter"):
+            p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")
+        if verb in ("embed", "eval", "mine", "filter", "train"):
             p.add_argument("--query-field", help="input column holding the query")
             p.add_argument("--passage-field", help="input column holding the passage")
         _add_common(p)
@@ -64,6 +70,7 @@ FLAG_KEYS = {
     "passage_field": "read.passage_field",
     "text_field": "read.text_field",
     "data": "eval.data",
+    "eval_data": "eval.data",
     "corpus": "eval.corpus",
     "decontaminate": "filter.decontaminate",
     "audit": "filter.audit",

@@ -1,0 +1,218 @@
+"""The train job: batch building and schedules in memory; then the Ray wiring once per behaviour —
+2 workers finish and export, a killed worker resumes from its checkpoint (and a rerun resumes
+too), LoRA exports a merged plain model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pairmill.config import EncoderConfig, EvalConfig, ConfigError, RayConfig, ReadConfig, TrainConfig, load_config, SECTIONS
+from pairmill.pairs import text_key
+from tests.conftest import literal_pairs, write_jsonl
+from training.train import (
+    FAIL_AT_STEP_ENV,
+    _setup_model,
+    build_batch,
+    hard_negatives,
+    load_trainable_state,
+    lr_lambda,
+    place_negatives,
+    steps_per_epoch,
+    train,
+)
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def test_hard_negatives_are_capped_ragged_and_keyed_by_text():
+    texts, ids = hard_negatives([["a", "b", "c"], None, ["d"]], None, 2)
+    assert texts == [["a", "b"], [], ["d"]]
+    assert ids == [[text_key("a"), text_key("b")], [], [text_key("d")]]
+    # ids given (as mining writes them) are used as they are
+    _, ids = hard_negatives([["a", "b"]], [[7, 8]], 2)
+    assert ids == [[7, 8]]
+
+
+def test_build_batch_prefixes_pads_and_masks():
+    batch = build_batch(
+        {"query": ["q0", "q1"], "passage": ["p0", "p1"], "negatives": [["n0", "p1", "x"], None]},
+        hard_negative_count=2, query_prefix="query: ", passage_prefix="passage: ",
+    )
+    assert batch.queries == ["query: q0", "query: q1"]
+    assert batch.passages == ["passage: p0", "passage: p1"]
+    assert batch.negatives == ["passage: n0", "passage: p1"]
+    assert batch.negative_mask.tolist() == [[True, True], [False, False]]
+    # ids are of the unprefixed text, so pair 0's negative "p1" is masked for pair 1's query in the loss
+    assert batch.negative_ids[0, 1] == batch.positive_ids[1] == text_key("p1")
+    assert batch.negative_ids[1].tolist() == [0, 0]
+
+
+def test_place_negatives_scatters_rows_and_keeps_gradients():
+    mask = torch.tensor([[True, False], [True, True]])
+    flat = torch.arange(6, dtype=torch.float32).view(3, 2).requires_grad_()
+    placed = place_negatives(flat, mask)  # (2, 2, 2)
+    assert placed.tolist() == [[[0, 1], [0, 0]], [[2, 3], [4, 5]]]
+    placed.sum().backward()
+    assert flat.grad.tolist() == [[1, 1]] * 3
+    assert place_negatives(torch.zeros(0, 5), torch.zeros(3, 0, dtype=torch.bool)).shape == (3, 0, 5)
+
+
+def test_lr_schedule():
+    assert lr_lambda(0, 10, 100, "linear") == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, "linear") == pytest.approx(1.0)
+    assert lr_lambda(10, 10, 100, "linear") == pytest.approx(1.0)
+    assert lr_lambda(100, 10, 100, "linear") == pytest.approx(0.0)
+    assert lr_lambda(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_lambda(99, 10, 100, "constant") == 1.0
+    assert lr_lambda(0, 0, 10, "linear") == 1.0
+
+
+def test_steps_per_epoch_follows_equal_split_and_drop_last():
+    assert steps_per_epoch(65, 2, 4) == 8  # 32 rows per worker
+    assert steps_per_epoch(7, 2, 4) == 0
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.batch_size=33", "train.batch_size=33"),
+        ("train.temperature=0", "train.temperature=0"),
+        ("train.lr=-1", "train.lr=-1"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5"),
+        ("train.lora_rank=-2", "train.lora_rank=-2"),
+        ("train.mini_batch_size=0", "train.mini_batch_size=0"),
+        ("train.schedule=step", "train.schedule='step'"),
+        ("train.epochs=0", "train.epochs=0"),
+    ],
+)
+def test_bad_train_config_names_the_value(override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config({"train": SECTIONS["train"]}, None, [override, "train.num_workers=2"])
+    assert named in str(e.value)
+
+
+def test_train_verb_maps_flags():
+    from pairmill.cli import FLAG_KEYS, VERBS, build_parser
+
+    args = build_parser().parse_args(["train", "pairs.jsonl", "-o", "out", "--eval-data", "held.jsonl", "--model", "m"])
+    assert (args.input, args.output, args.eval_data, args.model) == ("pairs.jsonl", "out", "held.jsonl", "m")
+    assert FLAG_KEYS["eval_data"] == "eval.data"
+    assert VERBS["train"][1] == ("encoder", "read", "train", "eval", "ray")
+
+
+# ----------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_data")
+    rows = literal_pairs(64)
+    for i, row in enumerate(rows):  # ragged hard negatives: 0, 1 or 2, one equal to the own positive
+        row["negatives"] = [rows[(i + k + 1) % len(rows)]["passage"] for k in range(i % 3)]
+    rows[5]["negatives"] = [rows[5]["passage"]]
+    bad = ['{"query": "no passage here"}', "not json at all"]
+    return {
+        "pairs": str(write_jsonl(folder / "pairs.jsonl", rows + bad)),
+        "heldout": str(write_jsonl(folder / "heldout.jsonl", literal_pairs(80)[64:])),
+        "rows": rows,
+    }
+
+
+def run_train(data, out, tiny_model, **train_kw):
+    settings = dict(num_workers=2, batch_size=8, epochs=1, lr=1e-3, checkpoint_every=4, log_every=4, max_failures=0)
+    settings.update(train_kw)
+    return train(
+        data["pairs"], str(out),
+        encoder=EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: "),
+        read=ReadConfig(), train_cfg=TrainConfig(**settings), eval_cfg=EvalConfig(data=data["heldout"]), ray=RayConfig(),
+    )
+
+
+def checkpoint_embeddings(checkpoint: Path, tiny_model: str, texts: list[str], lora=None) -> np.ndarray:
+    st = _setup_model(tiny_model, lora)
+    load_trainable_state(st, torch.load(checkpoint / "model.pt"))
+    if lora:
+        st[0].model = st[0].model.merge_and_unload()
+    return st.encode(texts, convert_to_numpy=True)
+
+
+def metric_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_with_gradcache_and_export(ray_session, tiny_model, data, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from pairmill.encoder import Encoder
+    from pairmill.evaluate import evaluate_model, load_task
+
+    out = tmp_path / "run"
+    stats = run_train(data, out, tiny_model, mini_batch_size=3, hard_negatives=2, eval_every=4)
+
+    assert (out / "_SUCCESS").exists() and (out / "config.yaml").exists()
+    assert stats["input_rows"] == 66 and stats["kept"] == 64
+    assert stats["rejected"] == {"invalid_json": 1, "missing_passage": 1}
+    assert len(list((out / "rejected").glob("*.parquet"))) >= 1
+    assert stats["train"]["steps"] == 8 and stats["train"]["pairs_trained"] == 64  # 32 rows per worker / 4
+    assert stats["train"]["hard_negatives_per_pair"] == 2
+    lines = metric_lines(out)
+    assert [m["step"] for m in lines] == [4, 8] and all("ndcg@10" in m for m in lines)
+    assert stats["best_checkpoint"]["step"] in (4, 8)
+
+    # the export loads both ways and holds exactly the final checkpoint's weights
+    AutoModel.from_pretrained(out / "model")
+    texts = ["query: the data of a program", "passage: memory and disk 3"]
+    exported = SentenceTransformer(str(out / "model"), device="cpu").encode(texts, convert_to_numpy=True)
+    final = out / "checkpoints" / "train" / "step_0000008"
+    np.testing.assert_allclose(exported, checkpoint_embeddings(final, tiny_model, texts), atol=1e-6)
+    base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.abs(exported - base).max() > 1e-3  # training changed the model
+
+    # the training-time model (rank 0's last eval) and pairmill's encoder on the export agree
+    encoder_cfg = EncoderConfig(model=str(out / "model"), query_prefix="query: ", passage_prefix="passage: ")
+    after = evaluate_model(encoder_cfg, EvalConfig(), load_task(data["heldout"]))
+    for key in ("alignment", "uniformity", "ndcg@10"):
+        assert after[key] == pytest.approx(lines[-1][key], abs=1e-4), key
+    enc = Encoder(str(out / "model"), max_length=64)
+    np.testing.assert_allclose(enc.encode(texts), exported, atol=1e-5)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_rerun_resumes(ray_session, tiny_model, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")  # checkpoints at 4 and 8; the last worker fails at 6
+    stats = run_train(data, out, tiny_model, max_failures=1)
+    assert stats["train"]["resumed_from_step"] == 4  # not 0: the restarted group loaded step 4
+    assert stats["train"]["steps"] == 8 and stats["train"]["pairs_trained"] == 64
+    assert [m["step"] for m in metric_lines(out)] == [4, 8]  # lines of the failed attempt after step 4 dropped
+    assert (out / "_SUCCESS").exists()
+
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    again = run_train(data, out, tiny_model, max_failures=1)  # the same command: resumes at the end
+    assert again["train"]["resumed_from_step"] == 8 and again["train"]["steps"] == 8
+    with pytest.raises(ValueError, match="train.lr"):
+        run_train(data, out, tiny_model, lr=5e-4)
+
+
+def test_lora_exports_a_merged_plain_model(ray_session, tiny_model, data, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    out = tmp_path / "lora"
+    stats = run_train(data, out, tiny_model, lora_rank=4, max_steps=3, hard_negatives=0)
+    assert stats["train"]["steps"] == 3 and stats["exported_merged"]
+    assert not (out / "model" / "adapter_config.json").exists()
+    hf = AutoModel.from_pretrained(out / "model")
+    assert not any("lora" in name for name, _ in hf.named_parameters())
+    texts = ["query: cpu memory", "passage: the unix file system 7"]
+    exported = SentenceTransformer(str(out / "model"), device="cpu").encode(texts, convert_to_numpy=True)
+    lora = {"rank": 4, "alpha": 8, "targets": []}
+    final = out / "checkpoints" / "train" / "step_0000003"
+    np.testing.assert_allclose(exported, checkpoint_embeddings(final, tiny_model, texts, lora), atol=1e-6)
+    base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.abs(exported - base).max() > 1e-4

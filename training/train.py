@@ -1,0 +1,665 @@
+"""``pairmill train PAIRS -o OUT``: contrastive fine-tuning of a sentence-transformers model on Ray Train.
+
+Design note
+-----------
+What. A ``TorchTrainer`` runs ``train_loop_per_worker`` on ``train.num_workers`` workers (DDP via
+``ray.train.torch.prepare_model``). Each worker streams its shard of the validated pairs
+(``get_dataset_shard("train").iter_batches``, the same per-worker batch on every rank, drop_last),
+tokenises queries, passages and hard negatives itself with the model's tokenizer (E5 prefixes from
+the encoder section, a max length per side), and minimises ``InfoNCELoss`` over the global batch
+(all-gather across workers, false negatives masked by ``text_key``), through ``GradCache`` when
+``train.mini_batch_size`` is set. AdamW, warmup + linear/cosine decay, gradient clipping, bf16
+autocast on GPU and fp32 on CPU; LoRA (peft) optional and merged on export.
+
+Checkpoints. Every ``checkpoint_every`` steps and at the end, rank 0 hands ``ray.train.report`` a
+folder holding ``model.pt`` (the *trainable* parameters by name: everything else is the base model,
+which is reloaded from ``encoder.model``), ``optimizer.pt``, ``scheduler.pt`` and ``state.json``
+(step, epoch, step_in_epoch, pairs seen). Ray keeps the latest and the best by ``ndcg@10``.
+A killed worker group restarts from the latest checkpoint (``FailureConfig``); rerunning the same
+command into the same OUT resumes too (``RunConfig(name="train", storage_path=OUT/checkpoints)``).
+
+Data position. The order of an epoch is a function of (input, world size, seed, epoch): Ray Data
+runs with ``preserve_order`` so the equal split hands every worker the same rows each time, and
+each worker shuffles locally with seed ``seed * 1000 + epoch``. A resumed run re-opens the
+checkpoint's epoch and skips the first ``step_in_epoch`` batches on every rank (read, not
+tokenised or encoded), so it continues with the batches it would have trained on. The rule is
+exact only for the same input and ``num_workers`` (enforced: a rerun with a different train/encoder/
+read config or input is refused); dropout noise after a resume is reseeded, not replayed.
+
+Evaluation runs on rank 0 at the steps of ``eval_every`` and at the end (the other ranks wait in
+``ray.train.report``, which every rank calls at the same steps); its metrics go into that report.
+The export is built on the driver from the final checkpoint, so the exported folder holds exactly
+the checkpointed weights.
+
+Cost per step and worker: 2 + H encoder forwards and backwards of B/W texts (H = hard negatives),
+the all-gather of the embeddings, DDP's all-reduce of the gradients; GradCache adds one forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pairmill.pairs import text_key
+from training.losses import GradCache, InfoNCELoss
+
+RUN_NAME = "train"
+FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank raises once at this step
+BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
+
+
+# ----------------------------------------------------------------------------- batches (in memory)
+
+
+def hard_negatives(
+    negatives: Sequence[Sequence[str] | None], negative_ids: Sequence[Sequence[int] | None] | None, k: int
+) -> tuple[list[list[str]], list[list[int]]]:
+    """Up to ``k`` hard negatives per pair and their text ids (``negative_ids`` when given, else
+    ``text_key``). The one place a batch's negatives are chosen: a refresher that supplies fresher
+    negatives by pair id replaces the two lists this returns."""
+    texts, ids = [], []
+    for i, row in enumerate(negatives):
+        row = list(row or [])[:k]
+        given = negative_ids[i] if negative_ids is not None and negative_ids[i] is not None else None
+        texts.append(row)
+        ids.append(list(given)[: len(row)] if given is not None else [text_key(t) for t in row])
+    return texts, ids
+
+
+@dataclass
+class PairBatch:
+    """One worker's batch as texts and ids; the negatives are flat, ``negative_mask`` places them."""
+
+    queries: list[str]  # (B,) with the query prefix
+    passages: list[str]  # (B,) with the passage prefix
+    negatives: list[str]  # (M,) with the passage prefix, row-major over the valid slots of negative_mask
+    negative_mask: Tensor  # (B, H) bool, True = a real negative
+    positive_ids: Tensor  # (B,) int64 text_key of each passage
+    negative_ids: Tensor  # (B, H) int64 text_key of each negative, 0 in padded slots
+
+
+def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_prefix: str, passage_prefix: str) -> PairBatch:
+    """Columns of validated pairs (``query``, ``passage``, optional ``negatives`` / ``negative_ids``)
+    -> a ``PairBatch`` with ``hard_negative_count`` slots per pair (ragged rows padded, masked)."""
+    B, H = len(columns["query"]), hard_negative_count
+    texts, ids = hard_negatives(columns.get("negatives") or [None] * B, columns.get("negative_ids"), H)
+    mask = torch.zeros(B, H, dtype=torch.bool)
+    negative_ids = torch.zeros(B, H, dtype=torch.int64)
+    for i, row in enumerate(ids):
+        mask[i, : len(row)] = True
+        negative_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return PairBatch(
+        queries=[query_prefix + q for q in columns["query"]],
+        passages=[passage_prefix + p for p in columns["passage"]],
+        negatives=[passage_prefix + t for row in texts for t in row],
+        negative_mask=mask,
+        positive_ids=torch.tensor([text_key(p) for p in columns["passage"]], dtype=torch.int64),
+        negative_ids=negative_ids,
+    )
+
+
+def place_negatives(flat: Tensor, mask: Tensor) -> Tensor:
+    """(M, D) embeddings of the valid slots -> (B, H, D), zeros in padded slots (masked in the loss)."""
+    B, H = mask.shape
+    slots = mask.reshape(-1).nonzero().squeeze(1)  # (M,)
+    out = flat.new_zeros(B * H, flat.shape[-1]).index_copy(0, slots, flat)  # differentiable
+    return out.view(B, H, flat.shape[-1])
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Learning-rate factor at ``step``: linear warmup from 0, then linear/cosine decay to 0 or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def steps_per_epoch(valid_rows: int, num_workers: int, per_worker_batch: int) -> int:
+    """Ray's equal split gives every worker floor(N / W) rows; drop_last keeps whole batches."""
+    return (valid_rows // num_workers) // per_worker_batch
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _setup_model(model: str | None, lora: dict | None, device: torch.device | str = "cpu"):
+    """The sentence-transformers model, with a LoRA adapter on its transformer when ``lora`` is given."""
+    from pairmill.encoder import load_sentence_transformer
+
+    st = load_sentence_transformer(model, device)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora["rank"],
+            lora_alpha=lora["alpha"],
+            target_modules=list(lora["targets"]) or None,  # None = peft's default for the architecture
+            task_type="FEATURE_EXTRACTION",
+        )
+        st[0].model = get_peft_model(st[0].model, config)
+    return st
+
+
+def _freeze_unused(st: nn.Module, tokenizer, device) -> list[str]:
+    """Freeze parameters that never reach the sentence embedding (BERT's pooler), found by one probe
+    backward: DDP without ``find_unused_parameters`` would otherwise wait for their gradients forever."""
+    features = _to_device(tokenizer(["probe text", "x"], padding=True, return_tensors="pt"), device)
+    st(features)["sentence_embedding"].sum().backward()
+    unused = [name for name, p in st.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in st.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+def trainable_state(st: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().cpu() for name, p in st.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(st: nn.Module, state: dict[str, Tensor]) -> None:
+    params = dict(st.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise ValueError(f"checkpoint has parameters the model lacks: {missing[:5]}; was it made with another model or LoRA setting?")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _to_device(features, device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in features.items()}
+
+
+def _setup_optimizer(st: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no decay on biases and LayerNorm weights (1-d parameters)."""
+    params = [p for p in st.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(folder: Path, st: nn.Module, optimizer, scheduler, state: dict) -> None:
+    torch.save(trainable_state(st), folder / "model.pt")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+def _restore(checkpoint, st: nn.Module, optimizer, scheduler) -> dict:
+    """Load a Ray checkpoint into the (unwrapped) model, optimizer and scheduler; its state.json."""
+    if checkpoint is None:
+        return {"step": 0, "epoch": 0, "step_in_epoch": 0, "pairs": 0}
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        load_trainable_state(st, torch.load(folder / "model.pt", map_location="cpu"))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu"))
+        return json.loads((folder / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- evaluation on rank 0
+
+
+@torch.no_grad()
+def encode_texts(st: nn.Module, tokenizer, texts: Sequence[str], max_length: int, device, autocast, batch_size: int = 32):
+    """(N, D) float32 numpy embeddings, batches sorted by length as ``pairmill.encoder.Encoder`` does."""
+    import numpy as np
+
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = np.empty((len(texts), _embedding_dim(st)), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        rows = order[start : start + batch_size]
+        features = tokenizer([texts[i] for i in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        with autocast():
+            out[rows] = st(_to_device(features, device))["sentence_embedding"].float().cpu().numpy()
+    return out
+
+
+def _embedding_dim(st) -> int:
+    return int(st.get_embedding_dimension() if hasattr(st, "get_embedding_dimension") else st.get_sentence_embedding_dimension())
+
+
+def _evaluate(st: nn.Module, tokenizer, task, cfg: dict, device, autocast) -> dict[str, float]:
+    from pairmill.evaluate import evaluate_embeddings
+
+    was_training = st.training
+    st.eval()
+    max_length = min(cfg["eval_max_length"], st.max_seq_length or cfg["eval_max_length"])
+    q = encode_texts(st, tokenizer, [cfg["query_prefix"] + t for t in task.queries], max_length, device, autocast)
+    c = encode_texts(st, tokenizer, [cfg["passage_prefix"] + t for t in task.corpus], max_length, device, autocast)
+    st.train(was_training)
+    return evaluate_embeddings(task, q, c, query_batch=cfg["eval_query_batch"], uniformity_sample=cfg["eval_uniformity_sample"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(cfg: dict) -> dict:
+    import contextlib
+
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray CPUs are logical slots: use this worker's share of the node's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    # bf16 autocast on GPU (the loss itself runs in fp32), plain fp32 on CPU
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    torch.manual_seed(cfg["seed"])  # same LoRA init on every rank
+    st = _setup_model(cfg["model"], cfg["lora"], device)
+    tokenizer = st.tokenizer
+    st.train()
+    frozen = _freeze_unused(st, tokenizer, device)
+    optimizer = _setup_optimizer(st, cfg["lr"], cfg["weight_decay"])
+    total = cfg["total_steps"]
+    warmup = int(cfg["warmup_ratio"] * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total, cfg["schedule"]))
+    state = _restore(ray.train.get_checkpoint(), st, optimizer, scheduler)
+    start_step = step = state["step"]
+    epoch, skip, pairs = state["epoch"], state["step_in_epoch"], state["pairs"]
+    torch.manual_seed(cfg["seed"] + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
+    if rank == 0:
+        _truncate_metrics(Path(cfg["metrics_path"]), start_step)
+        print(f"[pairmill] train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
+              f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
+    # Embedding buffers (position ids) are constants, so DDP need not broadcast them every forward;
+    # that also lets ranks run different numbers of forwards (ragged hard negatives, GradCache chunks).
+    model = ray.train.torch.prepare_model(st, parallel_strategy_kwargs={"broadcast_buffers": False})
+    loss_fn = InfoNCELoss(cfg["temperature"], cfg["symmetric"])
+    encode = lambda m, features: _encode(m, features, autocast)  # noqa: E731
+    grad_cache = GradCache(model, cfg["mini_batch_size"], encode) if cfg["mini_batch_size"] else None
+    task = ray.get(cfg["eval_task"]) if cfg["eval_task"] is not None and rank == 0 else None
+    trainable = [p for p in st.parameters() if p.requires_grad]
+    shard = ray.train.get_dataset_shard("train")
+
+    loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+    while step < total:
+        batches = shard.iter_batches(
+            batch_size=cfg["per_worker_batch"], batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=cfg["seed"] * 1000 + epoch,
+        )
+        for i, table in enumerate(batches):
+            if i < skip:  # resume: these batches were trained on before the checkpoint
+                continue
+            batch = build_batch(
+                {c: table.column(c).to_pylist() for c in table.column_names},
+                hard_negative_count=cfg["hard_negatives"], query_prefix=cfg["query_prefix"],
+                passage_prefix=cfg["passage_prefix"],
+            )
+            q_features = _to_device(tokenizer(batch.queries, truncation=True, max_length=cfg["query_max_length"], padding=True, return_tensors="pt"), device)
+            p_features = _to_device(tokenizer(batch.passages, truncation=True, max_length=cfg["passage_max_length"], padding=True, return_tensors="pt"), device)
+            n_features = (
+                _to_device(tokenizer(batch.negatives, truncation=True, max_length=cfg["passage_max_length"], padding=True, return_tensors="pt"), device)
+                if batch.negatives else None
+            )
+            mask, pos_ids, neg_ids = batch.negative_mask.to(device), batch.positive_ids.to(device), batch.negative_ids.to(device)
+
+            def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
+                # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
+                negatives = place_negatives(n_flat if n_flat is not None else q.new_zeros(0, q.shape[1]), mask)
+                return loss_fn(q, p, negatives, mask, pos_ids, neg_ids)
+
+            groups = [q_features, p_features] + ([n_features] if n_features is not None else [])
+            optimizer.zero_grad(set_to_none=True)
+            if grad_cache is not None:
+                loss = grad_cache.forward_backward(groups, loss_of)
+            else:
+                loss = loss_of(*[encode(model, g) for g in groups])
+                loss.backward()
+            if cfg["max_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            skip = 0
+            pairs += cfg["global_batch"]
+            loss_sum += float(loss)
+            loss_steps += 1
+
+            last = step >= total
+            do_eval = task is not None and (last or (cfg["eval_every"] and step % cfg["eval_every"] == 0))
+            do_checkpoint = last or step % cfg["checkpoint_every"] == 0
+            do_report = do_checkpoint or (cfg["eval_every"] and step % cfg["eval_every"] == 0)
+            if step % cfg["log_every"] == 0 or do_report:
+                elapsed = time.perf_counter() - t_last
+                metrics = {
+                    "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                    "loss": _mean_over_ranks(loss_sum / max(1, loss_steps), device, world),
+                    "pairs_per_s": round((step - steps_last) * cfg["global_batch"] / max(elapsed, 1e-9), 2),
+                    "pairs": pairs,
+                }
+                loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+                if rank == 0:
+                    print(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
+                          f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
+            if do_report:
+                if do_eval:
+                    t0 = time.perf_counter()
+                    metrics.update(_evaluate(st, tokenizer, task, cfg, device, autocast))
+                    metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+                    print(f"[pairmill] train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
+                          f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
+                reported = dict(metrics)
+                if cfg["eval_task"] is not None and "ndcg@10" not in reported:
+                    reported["ndcg@10"] = float("nan")  # ranks below every evaluated checkpoint
+                if rank == 0:
+                    _append_metrics(Path(cfg["metrics_path"]), metrics)
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if do_checkpoint and rank == 0:
+                        state = {"step": step, "epoch": epoch + (i + 1 == cfg["steps_per_epoch"]),
+                                 "step_in_epoch": 0 if i + 1 == cfg["steps_per_epoch"] else i + 1, "pairs": pairs}
+                        save_checkpoint(Path(tmp), st, optimizer, scheduler, state)
+                        checkpoint = Checkpoint.from_directory(tmp)
+                    ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}" if do_checkpoint else None)
+            if cfg["fail_at_step"] == step and start_step == 0 and rank == world - 1:
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: test hook, this worker fails once")
+            if last:
+                break
+        if step < total:
+            epoch += 1
+    return {"step": step, "start_step": start_step, "epoch": epoch, "pairs": pairs}
+
+
+def _encode(model: nn.Module, features: dict[str, Tensor], autocast) -> Tensor:
+    with autocast():
+        return model(features)["sentence_embedding"]  # (rows, D)
+
+
+def _mean_over_ranks(value: float, device, world: int) -> float:
+    if world == 1:
+        return round(value, 6)
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return round(float(t) / world, 6)
+
+
+def _append_metrics(path: Path, metrics: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines up to the checkpoint we resume from: later ones are reported again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_model(checkpoint_dir: str | Path, out: str | Path, *, model: str | None, lora: dict | None, merge: bool) -> Path:
+    """Write the checkpoint's model as a sentence-transformers folder at ``out`` (atomically)."""
+    st = _setup_model(model, lora, "cpu")
+    load_trainable_state(st, torch.load(Path(checkpoint_dir) / "model.pt", map_location="cpu"))
+    if lora and merge:
+        st[0].model = st[0].model.merge_and_unload()
+    out = Path(out)
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    st.save(str(partial))
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(partial, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _lora(train_cfg) -> dict | None:
+    if not train_cfg.lora_rank:
+        return None
+    alpha = train_cfg.lora_alpha if train_cfg.lora_alpha is not None else 2 * train_cfg.lora_rank
+    return {"rank": train_cfg.lora_rank, "alpha": alpha, "targets": list(train_cfg.lora_targets)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _check_same_run(out: Path, run: dict) -> None:
+    """A rerun into OUT resumes its checkpoints: refuse when what they were made from differs."""
+    saved_path = out / "checkpoints" / "run.json"
+    if saved_path.exists() and any((out / "checkpoints" / RUN_NAME).glob("step_*")):
+        saved = json.loads(saved_path.read_text())
+        changed = sorted(
+            f"{section}.{key}" for section in run for key in set(run[section]) | set(saved.get(section, {}))
+            if isinstance(run[section], dict) and run[section].get(key) != saved.get(section, {}).get(key)
+        ) + (["input"] if saved.get("input") != run["input"] else [])
+        if changed:
+            raise ValueError(
+                f"{out} holds checkpoints of a run with different settings ({', '.join(changed)}); a rerun into "
+                "the same folder resumes that run. Use a new -o folder, or delete this one to start over."
+            )
+    saved_path.parent.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(run, indent=2))
+
+
+def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray) -> dict:
+    """Run the train job; returns the stats written to ``OUT/stats.json``."""
+    import dataclasses
+
+    import ray as ray_lib
+    import yaml
+    from ray.data.aggregate import Count, Sum
+    from ray.data.expressions import col
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pairmill.cluster import init_ray
+    from pairmill.config import config_to_dict
+    from pairmill.embed import read_kwargs
+    from pairmill.encoder import resolve_model
+    from pairmill.evaluate import load_task
+    from pairmill.output import count_by
+    from pairmill.pairs import REJECT_COLUMNS, read_parsed
+
+    init_ray(ray.address, ray.num_cpus)
+    started = time.perf_counter()
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
+    sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray}
+    run = {"input": str(Path(pairs_path).resolve()),
+           **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train")}}
+    run["train"].pop("max_failures")  # changing the restart budget does not change the run
+    _check_same_run(out_dir, _plain(run))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
+
+    # -- read and validate: rejects to OUT/rejected, counts for the step plan -------------------
+    t0 = time.perf_counter()
+    parsed = read_parsed(pairs_path, "pairs", **read_kwargs(read))
+    shutil.rmtree(out_dir / "rejected", ignore_errors=True)
+    (out_dir / "rejected").mkdir()
+    parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(str(out_dir / "rejected"))
+    valid = parsed.filter(expr=col("reason").is_null()).select_columns(BATCH_COLUMNS)
+    totals = valid.map_batches(_negative_counts, batch_format="pyarrow").aggregate(Count(), Sum("has_negatives"))
+    valid_rows, with_negatives = int(totals["count()"]), int(totals["sum(has_negatives)"] or 0)
+    rejected = count_by(out_dir / "rejected", "reason")
+    input_rows = valid_rows + sum(rejected.values())
+    read_seconds = time.perf_counter() - t0
+
+    per_worker = train_cfg.batch_size // train_cfg.num_workers
+    per_epoch = steps_per_epoch(valid_rows, train_cfg.num_workers, per_worker)
+    if per_epoch == 0:
+        raise ValueError(
+            f"{pairs_path}: {valid_rows} valid pairs make no full batch of train.batch_size={train_cfg.batch_size} "
+            f"over train.num_workers={train_cfg.num_workers}; use a smaller batch_size or more pairs"
+        )
+    total_steps = train_cfg.max_steps or train_cfg.epochs * per_epoch
+    hard = train_cfg.hard_negatives if with_negatives else 0
+    if train_cfg.hard_negatives and not with_negatives:
+        print(f"[pairmill] train: {pairs_path} has no `negatives`; training on in-batch negatives only")
+    use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray_lib.cluster_resources().get("GPU"))
+    task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(read)) if eval_cfg.data else None
+
+    loop_config = {
+        "model": resolve_model(encoder.model),
+        "query_prefix": encoder.query_prefix,
+        "passage_prefix": encoder.passage_prefix,
+        "eval_max_length": encoder.max_length,
+        "eval_query_batch": eval_cfg.query_batch,
+        "eval_uniformity_sample": eval_cfg.uniformity_sample,
+        "eval_task": ray_lib.put(task) if task is not None else None,
+        "lora": _lora(train_cfg),
+        "total_steps": total_steps,
+        "steps_per_epoch": per_epoch,
+        "per_worker_batch": per_worker,
+        "global_batch": train_cfg.batch_size,
+        "shuffle_buffer": max(1024, 8 * per_worker),
+        "hard_negatives": hard,
+        "metrics_path": str(out_dir / "metrics.jsonl"),
+        "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0")),
+        **{k: getattr(train_cfg, k) for k in (
+            "lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature", "symmetric",
+            "mini_batch_size", "query_max_length", "passage_max_length", "checkpoint_every", "eval_every",
+            "log_every", "seed")},
+    }
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same rows reach the same worker every epoch (see the data-position rule)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out_dir / "checkpoints"),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2,  # the best and the latest
+                checkpoint_score_attribute="ndcg@10" if task is not None else None,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets={"train": valid},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+    print(f"[pairmill] train: {valid_rows} pairs ({with_negatives} with negatives, {hard} used per pair), "
+          f"{train_cfg.num_workers} worker(s) x {per_worker}, {per_epoch} steps/epoch, {total_steps} steps, "
+          f"{'GPU' if use_gpu else 'CPU'}")
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    train_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with result.checkpoint.as_directory() as folder:
+        final_state = json.loads((Path(folder) / "state.json").read_text())
+        export_model(folder, out_dir / "model", model=encoder.model, lora=_lora(train_cfg), merge=train_cfg.lora_merge)
+    export_seconds = time.perf_counter() - t0
+    best = None
+    if task is not None and result.best_checkpoints:
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
+        best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": checkpoint.path}
+    stats = {
+        "input_rows": input_rows,
+        "kept": valid_rows,
+        "dropped": {},
+        "rejected": rejected,
+        "stages": [
+            {"name": "read+validate", "rows_in": input_rows, "rows_out": valid_rows, "seconds": round(read_seconds, 3)},
+            {"name": "train", "rows_in": valid_rows, "rows_out": final_state["pairs"], "seconds": round(train_seconds, 3)},
+            {"name": "export", "rows_in": 1, "rows_out": 1, "seconds": round(export_seconds, 3)},
+        ],
+        "train": {
+            "steps": final_state["step"],
+            "epochs_started": final_state["epoch"] + (final_state["step_in_epoch"] > 0),
+            "pairs_trained": final_state["pairs"],  # pair-steps, repeats across epochs counted
+            "pairs_unused_per_epoch": valid_rows - per_epoch * train_cfg.batch_size,  # equal split + drop_last
+            "pairs_with_negatives": with_negatives,
+            "hard_negatives_per_pair": hard,
+            "steps_per_epoch": per_epoch,
+            "resumed_from_step": (result.return_value or {}).get("start_step"),
+            "pairs_per_s": round(final_state["pairs"] / max(train_seconds, 1e-9), 2),
+        },
+        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if not _is_nan(v)},
+        "best_checkpoint": best,
+        "base_model": resolve_model(encoder.model),
+        "lora": _lora(train_cfg),
+        "exported_merged": bool(_lora(train_cfg) is None or train_cfg.lora_merge),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    (out_dir / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return stats
+
+
+def _negative_counts(batch):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.list_value_length(batch.column("negatives")), 0)
+    return pa.table({"has_negatives": pc.cast(pc.greater(lengths, 0), pa.int64())})
+
+
+def _is_nan(value) -> bool:
+    """NaN, or None: Ray's saved checkpoint state turns the NaN placeholder into null."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _score(metrics: dict) -> float:
+    value = metrics.get("ndcg@10")
+    return float("-inf") if _is_nan(value) else value
+
+
+def format_summary(stats: dict, out: str) -> str:
+    from pairmill.embed import format_summary as job_summary
+
+    t = stats["train"]
+    lines = [
+        job_summary(stats, out),
+        f"    trained             {t['steps']} steps, {t['pairs_trained']} pairs, {t['pairs_per_s']} pairs/s "
+        f"(resumed from step {t['resumed_from_step']})",
+    ]
+    m = stats["final_metrics"]
+    if "ndcg@10" in m:
+        lines.append(f"    held-out            ndcg@10 {m['ndcg@10']:.4f}  recall@10 {m['recall@10']:.4f}  mrr@10 {m['mrr@10']:.4f}")
+    if stats["best_checkpoint"]:
+        lines.append(f"    best checkpoint     step {stats['best_checkpoint']['step']} ndcg@10 {stats['best_checkpoint']['ndcg@10']:.4f}")
+    lines.append(f"    model               {Path(out) / 'model'}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """``pairmill train PAIRS -o OUT [--eval-data D] [--model M]``."""
+    cfg = args.config_sections
+    stats = train(args.input, args.output, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
+                  eval_cfg=cfg["eval"], ray=cfg["ray"])
+    print(format_summary(stats, args.output))
+    return 0
