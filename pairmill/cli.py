@@ -15,7 +15,7 @@ VERBS = {
     "filter": ("pipelines.filter", ("encoder", "read", "filter", "ray"), "raw pairs -> kept pairs (dedup, consistency filter, semantic dedup)"),
     "mine": ("mining.mine", ("encoder", "read", "mine", "ray"), "pairs -> pairs with mined hard negatives (+ the sharded index)"),
     "train": ("training.train", ("encoder", "read", "train", "eval", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
-    "run": ("pairmill.run", ("run", "encoder", "read", "eval", "mine", "ray"), "the whole chain (the bundled sample by default)"),
+    "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "eval", "ray"), "the whole chain (the bundled sample by default)"),
 }
 
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-data", help="held-out pairs file or BEIR folder evaluated during training (eval.data)")
         if verb == "run":
             p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
+            p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")
         if verb in ("embed", "eval", "mine", "filter", "train"):
             p.add_argument("--query-field", help="input column holding the query")
             p.add_argument("--passage-field", help="input column holding the passage")

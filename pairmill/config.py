@@ -219,6 +219,7 @@ class ChainConfig:
     """What `pairmill run` chains together."""
 
     train: str | None = _field(None, "pairs to build the model from; empty = the bundled sample's train split")
+    decontaminate: bool = _field(True, "drop training pairs that duplicate a text of the held-out split (eval.data)")
 
 
 SECTIONS: dict[str, type] = {

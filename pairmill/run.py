@@ -1,25 +1,69 @@
 """``pairmill run``: the whole chain, on the bundled sample when given nothing.
 
-Today the chain is: the pairs -> mine hard negatives (``OUT/mine``: encodes the pairs, builds the
-sharded index in ``OUT/mine/index``) -> evaluate the base model on the held-out split ->
-``OUT/report.json`` (``{"base": metrics, "stages": ...}``). Filter and train slot in around the
-mine stage as they land.
+Today the chain is: the pairs -> ``OUT/filter`` (exact dedup, consistency filter, semantic dedup,
+decontamination against the held-out split; encodes the pairs once) -> ``OUT/mine`` (hard
+negatives, reusing the filter's embeddings; the sharded index in ``OUT/mine/index``) -> evaluate
+the base model on the held-out split -> ``OUT/report.json``. Train slots in after mine as it lands.
+
+Each stage's folder is reused on a rerun when it finished and its fingerprint (the stage's input
+and the config it reads) is unchanged, so a failed run resumes at the failed stage; ``--force``
+redoes every stage. Fingerprints live in ``OUT/stages.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from pairmill import sample
 from pairmill.config import config_to_dict
 
 
+def input_identity(path: str) -> list:
+    """What a stage's input is, cheaply: every file's relative path, size and mtime."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [[str(f.relative_to(root) if f != root else f.name), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Runs the chain's stages, skipping those whose finished folder has the same fingerprint."""
+
+    def __init__(self, out: Path, force: bool):
+        self.out = out
+        self.force = force
+        self.state_file = out / "stages.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def run(self, name: str, key: str, job: Callable[[str], dict]) -> dict:
+        folder = self.out / name
+        if not self.force and self.state.get(name) == key and (folder / "_SUCCESS").exists():
+            print(f"[pairmill] run: {name}: reusing {folder} (same input and settings; --force to redo)")
+            return json.loads((folder / "stats.json").read_text())
+        self.state.pop(name, None)
+        stats = job(str(folder))
+        self.state[name] = key
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.state_file)
+        return stats
+
+
 def main(args) -> int:
-    from mining.mine import format_summary, mine
-    from pairmill.embed import read_kwargs
+    from mining.mine import format_summary as mine_summary
+    from mining.mine import mine
+    from pairmill.embed import format_summary, read_kwargs
     from pairmill.evaluate import evaluate_model, format_table, load_task
+    from pipelines.filter import filter_pairs
 
     cfg = args.config_sections
     out = Path(args.output).resolve()
@@ -28,17 +72,35 @@ def main(args) -> int:
     heldout = cfg["eval"].data or str(sample.HELDOUT)
     print(f"[pairmill] run: pairs {train}\n[pairmill] run: held-out {heldout}\n[pairmill] run: output {out}")
     started = time.perf_counter()
+    stages = Stages(out, force=getattr(args, "force", False))
+    sections = config_to_dict(cfg)
+    encoder_key = cfg["encoder"].fingerprint()
 
-    mine_stats = mine(train, str(out / "mine"), corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
-                      mine_cfg=cfg["mine"], ray=cfg["ray"])
-    print(format_summary(mine_stats, str(out / "mine")))
+    filter_cfg = cfg["filter"]
+    if cfg["run"].decontaminate:
+        filter_cfg = dataclasses.replace(filter_cfg, decontaminate=[*filter_cfg.decontaminate, heldout])
+    filter_key = fingerprint("filter", input_identity(train), dataclasses.asdict(filter_cfg), encoder_key,
+                             sections["read"], [input_identity(p) for p in filter_cfg.decontaminate])
+    filter_stats = stages.run("filter", filter_key, lambda folder: filter_pairs(
+        train, folder, options=filter_cfg, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"]))
+    print(format_summary(filter_stats, str(out / "filter")))
+
+    mine_key = fingerprint("mine", filter_key, sections["mine"], encoder_key, sections["read"])
+    mine_stats = stages.run("mine", mine_key, lambda folder: mine(
+        str(out / "filter"), folder, corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
+        mine_cfg=cfg["mine"], ray=cfg["ray"]))
+    print(mine_summary(mine_stats, str(out / "mine")))
 
     task = load_task(heldout, cfg["eval"].corpus, read_kwargs(cfg["read"]))
     base = evaluate_model(cfg["encoder"], cfg["eval"], task)
+    counts = ("input_rows", "kept", "dropped", "rejected", "stages")
     report = {
         "base": base,
-        "stages": {"mine": {k: mine_stats[k] for k in ("input_rows", "kept", "dropped", "rejected", "negatives", "stages")}},
-        "config": config_to_dict(cfg),
+        "stages": {
+            "filter": {**{k: filter_stats[k] for k in counts}, **({"audit": filter_stats["audit"]} if "audit" in filter_stats else {})},
+            "mine": {**{k: mine_stats[k] for k in counts}, "negatives": mine_stats["negatives"]},
+        },
+        "config": sections,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
