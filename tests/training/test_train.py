@@ -145,7 +145,9 @@ def metric_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_train_with_gradcache_and_export(ray_session, tiny_model, data, tmp_path):
+def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_model, data, tmp_path, monkeypatch):
+    """GradCache, ragged hard negatives, eval every 4 steps; the last worker fails at step 6, after the
+    checkpoint of step 4: Ray restarts the group, which continues from step 4 (not 0) and exports."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
@@ -153,8 +155,10 @@ def test_two_workers_train_with_gradcache_and_export(ray_session, tiny_model, da
     from pairmill.evaluate import evaluate_model, load_task
 
     out = tmp_path / "run"
-    stats = run_train(data, out, tiny_model, mini_batch_size=3, hard_negatives=2, eval_every=4)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")
+    stats = run_train(data, out, tiny_model, mini_batch_size=3, hard_negatives=2, eval_every=4, max_failures=1)
 
+    assert stats["train"]["resumed_from_step"] == 4
     assert (out / "_SUCCESS").exists() and (out / "config.yaml").exists()
     assert stats["input_rows"] == 66 and stats["kept"] == 64
     assert stats["rejected"] == {"invalid_json": 1, "missing_passage": 1}
@@ -162,7 +166,8 @@ def test_two_workers_train_with_gradcache_and_export(ray_session, tiny_model, da
     assert stats["train"]["steps"] == 8 and stats["train"]["pairs_trained"] == 64  # 32 rows per worker / 4
     assert stats["train"]["hard_negatives_per_pair"] == 2
     lines = metric_lines(out)
-    assert [m["step"] for m in lines] == [4, 8] and all("ndcg@10" in m for m in lines)
+    assert [m["step"] for m in lines] == [4, 8]  # the failed attempt's lines after step 4 were dropped
+    assert all("ndcg@10" in m for m in lines)
     assert stats["best_checkpoint"]["step"] in (4, 8)
 
     # the export loads both ways and holds exactly the final checkpoint's weights
@@ -183,29 +188,14 @@ def test_two_workers_train_with_gradcache_and_export(ray_session, tiny_model, da
     np.testing.assert_allclose(enc.encode(texts), exported, atol=1e-5)
 
 
-def test_killed_worker_resumes_from_checkpoint_and_rerun_resumes(ray_session, tiny_model, data, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")  # checkpoints at 4 and 8; the last worker fails at 6
-    stats = run_train(data, out, tiny_model, max_failures=1)
-    assert stats["train"]["resumed_from_step"] == 4  # not 0: the restarted group loaded step 4
-    assert stats["train"]["steps"] == 8 and stats["train"]["pairs_trained"] == 64
-    assert [m["step"] for m in metric_lines(out)] == [4, 8]  # lines of the failed attempt after step 4 dropped
-    assert (out / "_SUCCESS").exists()
-
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
-    again = run_train(data, out, tiny_model, max_failures=1)  # the same command: resumes at the end
-    assert again["train"]["resumed_from_step"] == 8 and again["train"]["steps"] == 8
-    with pytest.raises(ValueError, match="train.lr"):
-        run_train(data, out, tiny_model, lr=5e-4)
-
-
-def test_lora_exports_a_merged_plain_model(ray_session, tiny_model, data, tmp_path):
+def test_lora_exports_a_merged_plain_model_and_a_rerun_resumes(ray_session, tiny_model, data, tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
     out = tmp_path / "lora"
-    stats = run_train(data, out, tiny_model, lora_rank=4, max_steps=3, hard_negatives=0)
-    assert stats["train"]["steps"] == 3 and stats["exported_merged"]
+    settings = dict(lora_rank=4, max_steps=3, hard_negatives=0)
+    stats = run_train(data, out, tiny_model, **settings)
+    assert stats["train"]["steps"] == 3 and stats["train"]["resumed_from_step"] == 0 and stats["exported_merged"]
     assert not (out / "model" / "adapter_config.json").exists()
     hf = AutoModel.from_pretrained(out / "model")
     assert not any("lora" in name for name, _ in hf.named_parameters())
@@ -216,3 +206,11 @@ def test_lora_exports_a_merged_plain_model(ray_session, tiny_model, data, tmp_pa
     np.testing.assert_allclose(exported, checkpoint_embeddings(final, tiny_model, texts, lora), atol=1e-6)
     base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
     assert np.abs(exported - base).max() > 1e-4
+
+    # the same command again resumes from the last checkpoint (nothing left to train) and re-exports;
+    # a changed setting is refused instead of resuming a run made with another one
+    again = run_train(data, out, tiny_model, **settings)
+    assert again["train"]["resumed_from_step"] == 3 and again["train"]["steps"] == 3
+    assert (out / "_SUCCESS").exists()
+    with pytest.raises(ValueError, match="train.lr"):
+        run_train(data, out, tiny_model, **settings, lr=5e-4)
