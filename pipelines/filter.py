@@ -252,8 +252,8 @@ def tally(ds, seconds: tuple[str, ...] = ()) -> tuple[dict, dict]:
     counts: dict = {}
     totals = dict.fromkeys(seconds, 0.0)
     for table in scan(ds, ["reason", *seconds]):
-        for value in table.column("reason").to_pylist():
-            counts[value] = counts.get(value, 0) + 1
+        for item in pc.value_counts(table.column("reason")).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
         for name in seconds:
             if name in table.column_names:
                 totals[name] += float(pc.sum(table.column(name)).as_py() or 0.0)
@@ -477,11 +477,12 @@ def final_stats(job, final, unique: int, options: FilterConfig, pool_rows: int) 
         rank = t.column("rank").to_numpy(zero_copy_only=False)
         clean_ranks.append(rank[~is_audit])
         corrupted_ranks.append(rank[is_audit])
-        for reason, cluster, audit in zip(t.column("reason").to_pylist(), t.column("cluster").to_pylist(), is_audit):
-            if not audit:
-                reasons[reason] = reasons.get(reason, 0) + 1
-                if reason in (None, SEMANTIC_DUPLICATE):
-                    sizes[cluster] = sizes.get(cluster, 0) + 1
+        real = t.filter(pa.array(~is_audit))
+        for item in pc.value_counts(real.column("reason")).to_pylist():
+            reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
+        entered = real.filter(pc.fill_null(pc.equal(real.column("reason"), SEMANTIC_DUPLICATE), True))  # semdedup's input
+        for item in pc.value_counts(entered.column("cluster")).to_pylist():
+            sizes[item["values"]] = sizes.get(item["values"], 0) + item["counts"]
         for name in seconds:
             seconds[name] += float(pc.sum(t.column(name)).as_py() or 0.0) if name in t.column_names else 0.0
     rows = unique

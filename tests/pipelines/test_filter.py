@@ -142,6 +142,11 @@ def test_filter_job_accounts_for_every_row_and_matches_a_plain_loop(ray_session,
 
 def test_filter_cli_without_embeddings_and_rerun(ray_session, bow_model, tmp_path, capsys):
     src, eval_path = make_input(tmp_path)
+    folder = tmp_path / "in"  # two files, so two blocks: a copy in the second must meet its original
+    folder.mkdir()
+    src.rename(folder / "a.jsonl")
+    write_jsonl(folder / "b.jsonl", [{"id": "z-dup3", "query": P_A, "passage": P_A + " "}])
+    src = folder
     out = tmp_path / "out"
     (out / "kept").mkdir(parents=True)
     (out / "kept" / "old.parquet").write_text("left over from an earlier run")
@@ -149,8 +154,10 @@ def test_filter_cli_without_embeddings_and_rerun(ray_session, bow_model, tmp_pat
               "filter.decontaminate_eps=0", "--decontaminate", str(eval_path), str(eval_path)])
     assert rc == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["dropped"] == {"contaminated": 1, "exact_duplicate": 2}  # c1 only: c2 is a semantic match
+    assert stats["dropped"] == {"contaminated": 1, "exact_duplicate": 3}  # c1 only: c2 is a semantic match
     assert stats["kept"] == 158 - 3 and "encoder_fingerprint" not in stats
+    dropped = {r["id"]: r for r in pq.read_table(out / "dropped").to_pylist()}
+    assert dropped["z-dup3"]["dup_of"] == "a-keep" and dropped["c1"]["dup_of"] == "e1"
     assert stats["filter"]["decontaminate"] == [str(eval_path)] * 2
     assert not (out / "kept" / "old.parquet").exists()
     assert pq.read_table(out / "kept").schema.names == ["id", "query", "passage", "source", "negatives"]
