@@ -342,7 +342,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
             step += 1
             skip = 0
             pairs += cfg["global_batch"]
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             loss_steps += 1
 
             last = step >= total
@@ -495,12 +495,13 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
     started = time.perf_counter()
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
     sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray}
     run = {"input": str(Path(pairs_path).resolve()),
            **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train")}}
-    run["train"].pop("max_failures")  # changing the restart budget does not change the run
+    for key in ("max_failures", "log_every", "eval_every", "checkpoint_every"):  # free to change on a resume
+        run["train"].pop(key)
     _check_same_run(out_dir, _plain(run))
+    (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
     (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
 
     # -- read and validate: rejects to OUT/rejected, counts for the step plan -------------------

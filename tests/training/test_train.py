@@ -214,3 +214,4 @@ def test_lora_exports_a_merged_plain_model_and_a_rerun_resumes(ray_session, tiny
     assert (out / "_SUCCESS").exists()
     with pytest.raises(ValueError, match="train.lr"):
         run_train(data, out, tiny_model, **settings, lr=5e-4)
+    assert (out / "_SUCCESS").exists()  # a refused rerun leaves the finished folder as it was
