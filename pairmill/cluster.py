@@ -25,7 +25,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     cores = os.cpu_count() or 1
     ray.init(
         num_cpus=num_cpus or max(4, 2 * cores),
-        include_dashboard=False,
+        # Ray Train V2 (and Tune) ask the state API, served by the dashboard, to clean up placement
+        # groups; without it they log "Failed to query ..." every few seconds and, under Tune, leak
+        # a stopped trial's placement group (RAY_NOTES). Bound to localhost only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="warning",
     )
