@@ -15,7 +15,7 @@ VERBS = {
     "filter": ("pipelines.filter", ("encoder", "read", "filter", "ray"), "raw pairs -> kept pairs (dedup, consistency filter, semantic dedup)"),
     "mine": ("mining.mine", ("encoder", "read", "mine", "ray"), "pairs -> pairs with mined hard negatives (+ the sharded index)"),
     "train": ("training.train", ("encoder", "read", "train", "eval", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
-    "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+    "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
 }
 
 

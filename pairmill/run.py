@@ -1,9 +1,11 @@
 """``pairmill run``: the whole chain, on the bundled sample when given nothing.
 
-Today the chain is: the pairs -> ``OUT/filter`` (exact dedup, consistency filter, semantic dedup,
+The chain: the pairs -> ``OUT/filter`` (exact dedup, consistency filter, semantic dedup,
 decontamination against the held-out split; encodes the pairs once) -> ``OUT/mine`` (hard
-negatives, reusing the filter's embeddings; the sharded index in ``OUT/mine/index``) -> evaluate
-the base model on the held-out split -> ``OUT/report.json``. Train slots in after mine as it lands.
+negatives, reusing the filter's embeddings; the sharded index in ``OUT/mine/index``) ->
+``OUT/train`` (Ray Train; ``OUT/train/model``) -> the base and the trained model evaluated on the
+held-out split -> ``OUT/report.json``. Training never sees the held-out split: no checkpoint is
+chosen by it (the final one is exported), so the trained score is not selected on the test data.
 
 Each stage's folder is reused on a rerun when it finished and its fingerprint (the stage's input
 and the config it reads) is unchanged, so a failed run resumes at the failed stage; ``--force``
@@ -16,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -64,6 +67,8 @@ def main(args) -> int:
     from pairmill.embed import format_summary, read_kwargs
     from pairmill.evaluate import evaluate_model, format_table, load_task
     from pipelines.filter import filter_pairs
+    from training.train import format_summary as train_summary
+    from training.train import train as train_model
 
     cfg = args.config_sections
     out = Path(args.output).resolve()
@@ -84,6 +89,10 @@ def main(args) -> int:
     filter_stats = stages.run("filter", filter_key, lambda folder: filter_pairs(
         train, folder, options=filter_cfg, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"]))
     print(format_summary(filter_stats, str(out / "filter")))
+    if not filter_stats["kept"]:
+        print(f"pairmill run: the filter kept no pairs (see {out / 'filter' / 'stats.json'} and dropped/); "
+              "nothing to mine or train on. Loosen filter.k / filter.eps or switch stages off.", file=sys.stderr)
+        return 1
 
     mine_key = fingerprint("mine", filter_key, sections["mine"], encoder_key, sections["read"])
     mine_stats = stages.run("mine", mine_key, lambda folder: mine(
@@ -91,19 +100,30 @@ def main(args) -> int:
         mine_cfg=cfg["mine"], ray=cfg["ray"]))
     print(mine_summary(mine_stats, str(out / "mine")))
 
+    train_key = fingerprint("train", mine_key, sections["train"], encoder_key, sections["read"])
+    no_eval = dataclasses.replace(cfg["eval"], data=None)  # held-out data is for the report only
+    train_stats = stages.run("train", train_key, lambda folder: train_model(
+        str(out / "mine"), folder, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
+        eval_cfg=no_eval, ray=cfg["ray"]))
+    print(train_summary(train_stats, str(out / "train")))
+
     task = load_task(heldout, cfg["eval"].corpus, read_kwargs(cfg["read"]))
     base = evaluate_model(cfg["encoder"], cfg["eval"], task)
+    trained_encoder = dataclasses.replace(cfg["encoder"], model=str(out / "train" / "model"))
+    trained = evaluate_model(trained_encoder, cfg["eval"], task)
     counts = ("input_rows", "kept", "dropped", "rejected", "stages")
     report = {
         "base": base,
+        "trained": trained,
         "stages": {
             "filter": {**{k: filter_stats[k] for k in counts}, **({"audit": filter_stats["audit"]} if "audit" in filter_stats else {})},
             "mine": {**{k: mine_stats[k] for k in counts}, "negatives": mine_stats["negatives"]},
+            "train": {k: v for k, v in train_stats.items() if k not in ("config",)},
         },
         "config": sections,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(format_table({"base": base}))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(format_table({"base": base, "trained": trained}))
     print(f"[pairmill] report: {out / 'report.json'} ({report['seconds']}s)")
     return 0

@@ -277,6 +277,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"])  # same LoRA init on every rank
     st = _setup_model(cfg["model"], cfg["lora"], device)
     tokenizer = st.tokenizer
+    # The model's own limit wins: a 128-position model given max_length 256 indexes past its embeddings.
+    query_max = min(cfg["query_max_length"], st.max_seq_length or cfg["query_max_length"])
+    passage_max = min(cfg["passage_max_length"], st.max_seq_length or cfg["passage_max_length"])
     st.train()
     frozen = _freeze_unused(st, tokenizer, device)
     optimizer = _setup_optimizer(st, cfg["lr"], cfg["weight_decay"])
@@ -315,10 +318,10 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 hard_negative_count=cfg["hard_negatives"], query_prefix=cfg["query_prefix"],
                 passage_prefix=cfg["passage_prefix"],
             )
-            q_features = _to_device(tokenizer(batch.queries, truncation=True, max_length=cfg["query_max_length"], padding=True, return_tensors="pt"), device)
-            p_features = _to_device(tokenizer(batch.passages, truncation=True, max_length=cfg["passage_max_length"], padding=True, return_tensors="pt"), device)
+            q_features = _to_device(tokenizer(batch.queries, truncation=True, max_length=query_max, padding=True, return_tensors="pt"), device)
+            p_features = _to_device(tokenizer(batch.passages, truncation=True, max_length=passage_max, padding=True, return_tensors="pt"), device)
             n_features = (
-                _to_device(tokenizer(batch.negatives, truncation=True, max_length=cfg["passage_max_length"], padding=True, return_tensors="pt"), device)
+                _to_device(tokenizer(batch.negatives, truncation=True, max_length=passage_max, padding=True, return_tensors="pt"), device)
                 if batch.negatives else None
             )
             mask, pos_ids, neg_ids = batch.negative_mask.to(device), batch.positive_ids.to(device), batch.negative_ids.to(device)
