@@ -14,7 +14,7 @@ VERBS = {
     "eval": ("pairmill.evaluate", ("encoder", "read", "eval"), "retrieval metrics of a model on held-out data"),
     "filter": ("pipelines.filter", ("encoder", "read", "filter", "ray"), "raw pairs -> kept pairs (dedup, consistency filter, semantic dedup)"),
     "mine": ("mining.mine", ("encoder", "read", "mine", "ray"), "pairs -> pairs with mined hard negatives (+ the sharded index)"),
-    "train": ("training.train", ("encoder", "read", "train", "eval", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
+    "train": ("training.train", ("encoder", "read", "train", "eval", "mine", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
     "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
 }
 
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder (e.g. mine's)")
             p.add_argument("-o", "--output", required=True, help="output folder (model/, config.yaml, metrics.jsonl, checkpoints/, stats.json)")
             p.add_argument("--eval-data", help="held-out pairs file or BEIR folder evaluated during training (eval.data)")
+            p.add_argument("--refresh-every", type=int, metavar="N",
+                           help="re-mine hard negatives with the current model every N steps, beside training (train.refresh_every)")
         if verb == "run":
             p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
             p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")
@@ -71,6 +73,7 @@ FLAG_KEYS = {
     "text_field": "read.text_field",
     "data": "eval.data",
     "eval_data": "eval.data",
+    "refresh_every": "train.refresh_every",
     "corpus": "eval.corpus",
     "decontaminate": "filter.decontaminate",
     "audit": "filter.audit",
