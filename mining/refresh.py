@@ -166,9 +166,12 @@ def refresh_negatives(
     slice_: tuple[int, int] = (0, 1),
     store: NegativeStore | None = None,
     actors: int | None = None,
+    pool=None,
 ) -> dict:
     """One refresh round: re-encode with ``model``, rebuild the index in ``OUT/index``, re-mine the
-    slice's pairs into ``OUT/negatives`` and (with a store) swap them in. Returns its stats."""
+    slice's pairs into ``OUT/negatives`` and (with a store) swap them in. Returns its stats.
+    ``pool`` (a ``pairmill.cluster.PoolSize``) sizes the encoder actors exactly, e.g. a fraction of
+    a CPU next to Train workers; else ``encoder_pool(actors)`` sizes them from the whole cluster."""
     import ray
     import pyarrow.parquet as pq
 
@@ -182,7 +185,7 @@ def refresh_negatives(
     out_dir = Path(out)
     work = out_dir / "work"
     encoder = {**encoder_kwargs, "model": model}
-    args = encode_pool_args(encoder_pool(actors), encoder.get("batch_size"))
+    args = encode_pool_args(pool or encoder_pool(actors), encoder.get("batch_size"))
     source = ray.data.read_parquet(pairs)
     columns = [c for c in output_columns("pairs") if c in source.schema().names]
     (

@@ -179,6 +179,11 @@ class TrainConfig:
     log_every: int = _field(10, "steps between progress lines")
     max_failures: int = _field(3, "worker-group restarts from the last checkpoint before the run fails")
     seed: int = _field(0, "seed of model init (LoRA), dropout and the per-epoch shuffle")
+    refresh_every: int = _field(
+        0, "steps between ANCE negative refreshes (re-encode the corpus with the current model, re-mine with the "
+        "mine section's selection settings) that run beside training; 0 = off"
+    )
+    refresh_slices: int = _field(1, "each refresh round re-mines 1/refresh_slices of the queries, in rotation (bounds its cost)")
 
     def __post_init__(self):
         checks = [
@@ -204,6 +209,8 @@ class TrainConfig:
             (self.eval_every >= 0, f"train.eval_every={self.eval_every}; use >= 0 (0 = only at the end)"),
             (self.log_every >= 1, f"train.log_every={self.log_every}; use >= 1"),
             (self.max_failures >= 0, f"train.max_failures={self.max_failures}; use >= 0"),
+            (self.refresh_every >= 0, f"train.refresh_every={self.refresh_every}; use >= 0 steps (0 = no refresh)"),
+            (self.refresh_slices >= 1, f"train.refresh_slices={self.refresh_slices}; use >= 1 (1 = all queries every round)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -212,6 +219,10 @@ class TrainConfig:
             import warnings
 
             warnings.warn("train.lora_alpha / train.lora_targets have no effect with train.lora_rank=0 (full fine-tuning)")
+        if self.refresh_every == 0 and self.refresh_slices != 1:
+            import warnings
+
+            warnings.warn(f"train.refresh_slices={self.refresh_slices} has no effect with train.refresh_every=0 (no refresh)")
 
 
 @dataclasses.dataclass

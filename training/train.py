@@ -31,6 +31,14 @@ Evaluation runs on rank 0 at the steps of ``eval_every`` and at the end (the oth
 The export is built on the driver from the final checkpoint, so the exported folder holds exactly
 the checkpointed weights.
 
+Refresh (``train.refresh_every`` > 0, ANCE). Every batch takes its negatives through
+``mining.refresh.current_negatives``: rows a round re-mined (in the ``NegativeStore``) win, others
+keep the batch's own (step 0 = the mine job); the mean staleness (steps behind) is a metric. Rank 0
+(``RefreshRounds``) saves the live model to ``OUT/refresh/step-N/model`` every ``refresh_every``
+steps and starts a round as a Ray task on a slice of the queries; training never waits for it. One
+round in flight at most (a due round is skipped and counted); a round still running at the end is
+cancelled. Its encoder actors and shards take fractions of a CPU so they fit beside the workers.
+
 Cost per step and worker: 2 + H encoder forwards and backwards of B/W texts (H = hard negatives),
 the all-gather of the embeddings, DDP's all-reduce of the gradients; GradCache adds one forward.
 """
@@ -50,12 +58,20 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from mining.refresh import NegativeStore, current_negatives
 from pairmill.pairs import text_key
 from training.losses import GradCache, InfoNCELoss
 
 RUN_NAME = "train"
 FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank raises once at this step
+# test hook: every step also sleeps this long, as a step on an accelerator leaves the CPUs to a refresh round
+STEP_SLEEP_ENV = "PAIRMILL_TRAIN_STEP_SLEEP_S"
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
+# A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
+# of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
+REFRESH_ACTOR_CPUS = 0.5
+REFRESH_SHARD_CPUS = 0.25
+PAIRS_PER_STORE_SHARD = 1_000_000  # NegativeStore actors: each holds its pairs' refreshed negative texts
 
 
 # ----------------------------------------------------------------------------- batches (in memory)
@@ -255,6 +271,126 @@ def _evaluate(st: nn.Module, tokenizer, task, cfg: dict, device, autocast) -> di
     return evaluate_embeddings(task, q, c, query_batch=cfg["eval_query_batch"], uniformity_sample=cfg["eval_uniformity_sample"])
 
 
+# ----------------------------------------------------------------------------- refresh rounds (rank 0)
+
+
+class RefreshRounds:
+    """Rank 0's bookkeeping of ANCE refresh rounds (``mining.refresh``). Every ``every`` steps it
+    saves the live model and starts a round as a Ray task; it never waits for one: at most one
+    round is in flight, a due round finds the previous one still running is skipped (counted),
+    and a finished round is noticed by a zero-timeout ``ray.wait`` at the next step. Its counters
+    travel in the checkpoint's state.json, so a resumed run continues the slice rotation."""
+
+    def __init__(self, cfg: dict, save_model):
+        self.cfg = cfg
+        self.folder = Path(cfg["folder"])
+        self.save_model = save_model  # folder -> the live model saved there as a ST folder
+        self.inflight: dict | None = None  # {"ref", "step", "t0", "save_seconds"}
+        self.started = self.skipped = 0
+        self.finished: list[dict] = []
+        self.staleness_sum = self.staleness_rows = self.refreshed_used = 0.0
+        self.step_seconds = self.steps_timed = 0.0
+        self.cancelled: dict | None = None
+
+    def state(self) -> dict:
+        keys = ("started", "skipped", "finished", "staleness_sum", "staleness_rows", "refreshed_used",
+                "step_seconds", "steps_timed")
+        return {k: getattr(self, k) for k in keys}
+
+    def restore(self, state: dict | None) -> None:
+        for k, v in (state or {}).items():
+            setattr(self, k, v)
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.cfg["every"] == 0 and not last  # a round started at the end could never be used
+
+    def start(self, step: int) -> None:
+        from mining.refresh import start_refresh
+
+        if self.inflight is not None:  # one round at a time: this one is skipped, training goes on
+            self.skipped += 1
+            self.inflight["skipped"] += 1
+            return
+        t0 = time.perf_counter()
+        out = self.folder / f"step-{step}"
+        model = self.save_model(out / "model")
+        save_seconds = time.perf_counter() - t0
+        slices = self.cfg["slices"]
+        ref = start_refresh(
+            str(model), step, pairs=self.cfg["pairs"], index_folder=self.cfg["index_folder"], out=str(out),
+            encoder_kwargs=self.cfg["encoder_kwargs"], mine_cfg=self.cfg["mine_cfg"],
+            slice_=(self.started % slices, slices), store=self.cfg["store"], pool=self.cfg["pool"],
+        )
+        self.inflight = {"ref": ref, "step": step, "t0": time.perf_counter(), "save_seconds": save_seconds, "skipped": 0}
+        self.started += 1
+        print(f"[pairmill] train: refresh round {self.started} started at step {step} "
+              f"(slice {(self.started - 1) % slices + 1}/{slices}; model saved in {save_seconds:.1f}s)")
+
+    def poll(self, step: int) -> dict | None:
+        """The round's record when it finished since the last poll, else None. A failed round raises."""
+        import ray
+
+        if self.inflight is None or not ray.wait([self.inflight["ref"]], timeout=0)[0]:
+            return None
+        round_, self.inflight = self.inflight, None
+        try:
+            stats = ray.get(round_["ref"])
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(f"the negative refresh round started at step {round_['step']} failed: {e}") from e
+        record = {**stats, "finished_by_step": step, "steps_trained_meanwhile": step - round_["step"],
+                  "rounds_skipped_meanwhile": round_["skipped"], "wall_seconds": round(time.perf_counter() - round_["t0"], 3),
+                  "save_seconds": round(round_["save_seconds"], 3)}
+        self.finished.append(record)
+        with open(self.folder / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for older in self.finished[:-1]:  # the newest finished round holds the live index; older ones are spent
+            shutil.rmtree(self.folder / f"step-{older['step']}", ignore_errors=True)
+        print(f"[pairmill] train: refresh round of step {record['step']} finished at step {step}: "
+              f"{record['refreshed']} pairs re-mined in {record['seconds']:.1f}s ({record['rounds_skipped_meanwhile']} due "
+              "round(s) skipped meanwhile)")
+        return record
+
+    def metrics(self) -> dict:
+        out = {"refresh_rounds_started": self.started, "refresh_rounds_finished": len(self.finished),
+               "refresh_rounds_skipped": self.skipped}
+        if self.finished:
+            last = self.finished[-1]
+            out.update({"refresh_last_step": last["step"], "refresh_last_seconds": last["seconds"],
+                        "refresh_last_pairs": last["refreshed"]})
+        return out
+
+    def close(self, step: int) -> None:
+        """End of training: a round still running could never be used, so it is cancelled, not awaited."""
+        import ray
+
+        if self.inflight is None or self.poll(step) is not None:
+            return
+        ray.cancel(self.inflight["ref"], force=True)  # kills its worker; the round's actors go with it
+        self.cancelled = {"step": self.inflight["step"], "action": "cancelled", "at_step": step}
+        print(f"[pairmill] train: refresh round of step {self.inflight['step']} cancelled at the end of training")
+        self.inflight = None
+
+    def summary(self) -> dict:
+        rounds = self.finished
+        per_round = sum(r["seconds"] for r in rounds) / len(rounds) if rounds else None
+        per_step = self.step_seconds / self.steps_timed if self.steps_timed else None
+        return {
+            "every": self.cfg["every"],
+            "slices": self.cfg["slices"],
+            "rounds_started": self.started,
+            "rounds_finished": len(rounds),
+            "rounds_skipped": self.skipped,
+            "unfinished_at_end": self.cancelled,  # {"action": "cancelled", ...} or None
+            "mean_staleness": round(self.staleness_sum / self.staleness_rows, 3) if self.staleness_rows else None,
+            "refreshed_pairs_used": int(self.refreshed_used),
+            "seconds_per_round": round(per_round, 3) if per_round is not None else None,
+            "seconds_per_step": round(per_step, 4) if per_step is not None else None,
+            "round_cost_in_steps": round(per_round / per_step, 1) if per_round and per_step else None,
+            "model_save_seconds_per_round": round(sum(r["save_seconds"] for r in rounds) / len(rounds), 3) if rounds else None,
+            "rounds": rounds,
+        }
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -270,7 +406,10 @@ def train_loop_per_worker(cfg: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray CPUs are logical slots: use this worker's share of the node's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+        share = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+        # ... less one when refresh rounds encode beside the steps: with every core taken, torch's
+        # threads wait on each other at every op (measured: steps 10x slower while a round ran, 2 cores)
+        torch.set_num_threads(max(1, share - 1) if cfg["refresh"] else share)
     # bf16 autocast on GPU (the loss itself runs in fp32), plain fp32 on CPU
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
@@ -287,6 +426,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
     warmup = int(cfg["warmup_ratio"] * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total, cfg["schedule"]))
     state = _restore(ray.train.get_checkpoint(), st, optimizer, scheduler)
+    refresh = cfg["refresh"]
+    store = refresh["store"] if refresh else None  # pair id -> refreshed negatives; every rank reads it
+    rounds = None
+    if refresh and rank == 0:
+        rounds = RefreshRounds(refresh, lambda folder: save_live_model(st, folder, model=cfg["model"], lora=cfg["lora"]))
+        rounds.restore(state.get("refresh"))
     start_step = step = state["step"]
     epoch, skip, pairs = state["epoch"], state["step_in_epoch"], state["pairs"]
     torch.manual_seed(cfg["seed"] + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
@@ -305,6 +450,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
 
     loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+    stale_sum, stale_rows, fresh_rows = 0, 0, 0  # since the last log line: staleness of the negatives used
     while step < total:
         batches = shard.iter_batches(
             batch_size=cfg["per_worker_batch"], batch_format="pyarrow", drop_last=True,
@@ -313,8 +459,18 @@ def train_loop_per_worker(cfg: dict) -> dict:
         for i, table in enumerate(batches):
             if i < skip:  # resume: these batches were trained on before the checkpoint
                 continue
+            if cfg["step_sleep"]:
+                time.sleep(cfg["step_sleep"])
+            t_step = time.perf_counter()
+            columns = {c: table.column(c).to_pylist() for c in table.column_names}
+            # The store's refreshed negatives win over the batch's own (mined at step 0 by the mine job)
+            columns["negatives"], columns["negative_ids"], mined_at = current_negatives(
+                columns["id"], columns["negatives"], columns.get("negative_ids") or [None] * len(columns["id"]), store)
+            stale_sum += sum(step - s for s in mined_at)
+            stale_rows += len(mined_at)
+            fresh_rows += sum(s > 0 for s in mined_at)
             batch = build_batch(
-                {c: table.column(c).to_pylist() for c in table.column_names},
+                columns,
                 hard_negative_count=cfg["hard_negatives"], query_prefix=cfg["query_prefix"],
                 passage_prefix=cfg["passage_prefix"],
             )
@@ -349,6 +505,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
             loss_steps += 1
 
             last = step >= total
+            if rounds is not None:
+                rounds.step_seconds += time.perf_counter() - t_step  # compute only: no data wait, eval or checkpoint
+                rounds.steps_timed += 1
+                rounds.poll(step)
+                if rounds.due(step, last):
+                    rounds.start(step)  # saves the model, starts the round, returns: training goes on
             do_eval = task is not None and (last or (cfg["eval_every"] and step % cfg["eval_every"] == 0))
             do_checkpoint = last or step % cfg["checkpoint_every"] == 0
             do_report = do_checkpoint or (cfg["eval_every"] and step % cfg["eval_every"] == 0)
@@ -360,6 +522,16 @@ def train_loop_per_worker(cfg: dict) -> dict:
                     "pairs_per_s": round((step - steps_last) * cfg["global_batch"] / max(elapsed, 1e-9), 2),
                     "pairs": pairs,
                 }
+                if refresh:
+                    stale, rows, fresh = _sum_over_ranks([stale_sum, stale_rows, fresh_rows], device, world)
+                    metrics["negative_staleness"] = round(stale / max(1, rows), 3)  # steps behind, mean over pairs
+                    metrics["refreshed_pairs_used"] = int(fresh)
+                    stale_sum, stale_rows, fresh_rows = 0, 0, 0
+                    if rounds is not None:
+                        rounds.staleness_sum += stale
+                        rounds.staleness_rows += rows
+                        rounds.refreshed_used += fresh
+                        metrics.update(rounds.metrics())
                 loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
                 if rank == 0:
                     print(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
@@ -381,6 +553,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
                     if do_checkpoint and rank == 0:
                         state = {"step": step, "epoch": epoch + (i + 1 == cfg["steps_per_epoch"]),
                                  "step_in_epoch": 0 if i + 1 == cfg["steps_per_epoch"] else i + 1, "pairs": pairs}
+                        if rounds is not None:
+                            state["refresh"] = rounds.state()
                         save_checkpoint(Path(tmp), st, optimizer, scheduler, state)
                         checkpoint = Checkpoint.from_directory(tmp)
                     ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}" if do_checkpoint else None)
@@ -390,7 +564,10 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 break
         if step < total:
             epoch += 1
-    return {"step": step, "start_step": start_step, "epoch": epoch, "pairs": pairs}
+    if rounds is not None:
+        rounds.close(step)
+    return {"step": step, "start_step": start_step, "epoch": epoch, "pairs": pairs,
+            "refresh": rounds.summary() if rounds is not None else None}
 
 
 def _encode(model: nn.Module, features: dict[str, Tensor], autocast) -> Tensor:
@@ -406,6 +583,16 @@ def _mean_over_ranks(value: float, device, world: int) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return round(float(t) / world, 6)
+
+
+def _sum_over_ranks(values: list[float], device, world: int) -> list[float]:
+    if world == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _append_metrics(path: Path, metrics: dict) -> None:
@@ -430,9 +617,25 @@ def export_model(checkpoint_dir: str | Path, out: str | Path, *, model: str | No
     load_trainable_state(st, torch.load(Path(checkpoint_dir) / "model.pt", map_location="cpu"))
     if lora and merge:
         st[0].model = st[0].model.merge_and_unload()
-    out = Path(out)
+    return _save_atomically(st, Path(out))
+
+
+def save_live_model(st: nn.Module, out: str | Path, *, model: str | None, lora: dict | None) -> Path:
+    """The model being trained (unwrapped from DDP) as a plain sentence-transformers folder at ``out``,
+    for a refresh round to encode with. LoRA: merged into a CPU copy, the training model is untouched."""
+    if lora:
+        with torch.random.fork_rng(devices=[]):  # the copy's LoRA init must not move the dropout RNG
+            copy = _setup_model(model, lora, "cpu")
+        load_trainable_state(copy, trainable_state(st))
+        copy[0].model = copy[0].model.merge_and_unload()
+        st = copy
+    return _save_atomically(st, Path(out))
+
+
+def _save_atomically(st: nn.Module, out: Path) -> Path:
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
     st.save(str(partial))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(partial, out)
@@ -475,8 +678,9 @@ def _check_same_run(out: Path, run: dict) -> None:
     saved_path.write_text(json.dumps(run, indent=2))
 
 
-def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray) -> dict:
-    """Run the train job; returns the stats written to ``OUT/stats.json``."""
+def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray, mine_cfg=None) -> dict:
+    """Run the train job; returns the stats written to ``OUT/stats.json``. ``mine_cfg`` (the mine
+    section) holds the selection rules of refresh rounds (``train.refresh_every``)."""
     import dataclasses
 
     import ray as ray_lib
@@ -487,7 +691,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
     from ray.train.torch import TorchTrainer
 
     from pairmill.cluster import init_ray
-    from pairmill.config import config_to_dict
+    from pairmill.config import MineConfig, config_to_dict
     from pairmill.embed import read_kwargs
     from pairmill.encoder import resolve_model
     from pairmill.evaluate import load_task
@@ -498,9 +702,12 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
     started = time.perf_counter()
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray}
+    mine_cfg = mine_cfg or MineConfig()
+    refreshing = train_cfg.refresh_every > 0
+    sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray,
+                **({"mine": mine_cfg} if refreshing else {})}
     run = {"input": str(Path(pairs_path).resolve()),
-           **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train")}}
+           **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train") + (("mine",) if refreshing else ())}}
     for key in ("max_failures", "log_every", "eval_every", "checkpoint_every"):  # free to change on a resume
         run["train"].pop(key)
     _check_same_run(out_dir, _plain(run))
@@ -528,10 +735,14 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
             f"over train.num_workers={train_cfg.num_workers}; use a smaller batch_size or more pairs"
         )
     total_steps = train_cfg.max_steps or train_cfg.epochs * per_epoch
-    hard = train_cfg.hard_negatives if with_negatives else 0
+    hard = train_cfg.hard_negatives if with_negatives or refreshing else 0
     if train_cfg.hard_negatives and not with_negatives:
-        print(f"[pairmill] train: {pairs_path} has no `negatives`; training on in-batch negatives only")
+        print(f"[pairmill] train: {pairs_path} has no `negatives`; training on in-batch negatives only"
+              + (" until the first refresh round" if refreshing else ""))
+    if refreshing and train_cfg.refresh_every >= total_steps:
+        print(f"[pairmill] train: train.refresh_every={train_cfg.refresh_every} >= {total_steps} steps: no refresh round will run")
     use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray_lib.cluster_resources().get("GPU"))
+    store = NegativeStore.create(max(1, math.ceil(valid_rows / PAIRS_PER_STORE_SHARD))) if refreshing else None
     task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(read)) if eval_cfg.data else None
 
     loop_config = {
@@ -551,6 +762,9 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
         "hard_negatives": hard,
         "metrics_path": str(out_dir / "metrics.jsonl"),
         "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0")),
+        "step_sleep": float(os.environ.get(STEP_SLEEP_ENV, "0")),
+        "refresh": _refresh_config(pairs_path, valid, out_dir, store, encoder, train_cfg, mine_cfg, ray.actors,
+                                   train_gpus=train_cfg.num_workers if use_gpu else 0) if refreshing else None,
         **{k: getattr(train_cfg, k) for k in (
             "lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature", "symmetric",
             "mini_batch_size", "query_max_length", "passage_max_length", "checkpoint_every", "eval_every",
@@ -579,7 +793,11 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
           f"{train_cfg.num_workers} worker(s) x {per_worker}, {per_epoch} steps/epoch, {total_steps} steps, "
           f"{'GPU' if use_gpu else 'CPU'}")
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if store is not None:
+            store.close()
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -612,6 +830,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
             "resumed_from_step": (result.return_value or {}).get("start_step"),
             "pairs_per_s": round(final_state["pairs"] / max(train_seconds, 1e-9), 2),
         },
+        "refresh": (result.return_value or {}).get("refresh"),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if not _is_nan(v)},
         "best_checkpoint": best,
         "base_model": resolve_model(encoder.model),
@@ -622,6 +841,48 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
     (out_dir / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return stats
+
+
+def _refresh_config(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> dict:
+    """What a refresh round needs, sized to run beside the Train workers without taking the CPUs or
+    GPUs they and the data ingest need (RAY_NOTES: small-machine deadlock)."""
+    import dataclasses
+
+    import ray
+
+    from pairmill.cluster import PoolSize
+    from pairmill.embed import encoder_kwargs
+
+    source = Path(pairs_path)
+    folder = out_dir / "refresh"
+    if (source / "_SUCCESS").exists() and (source / "kept").is_dir():
+        pairs = source / "kept"  # a job folder's rows are already validated, with the same ids
+    else:
+        pairs = folder / "pairs"
+        shutil.rmtree(pairs, ignore_errors=True)
+        valid.write_parquet(str(pairs))
+    index = source / "index"
+    index_folder = str(index) if any(index.glob("*.texts.parquet")) else None  # else: the pairs' own passages
+    free_gpus = int(ray.cluster_resources().get("GPU", 0)) - train_gpus
+    if free_gpus >= 1:
+        pool = PoolSize(size=min(actors or 1, free_gpus), num_cpus=1, num_gpus=1)
+    else:
+        if train_gpus:
+            print("[pairmill] train: the Train workers hold every GPU; refresh rounds encode on CPU")
+        pool = PoolSize(size=actors or 1, num_cpus=REFRESH_ACTOR_CPUS, num_gpus=0)
+    if mine_cfg.shard_gpus:
+        print(f"[pairmill] train: mine.shard_gpus={mine_cfg.shard_gpus} has no effect on refresh rounds (CPU shards beside training)")
+    return {
+        "every": train_cfg.refresh_every,
+        "slices": train_cfg.refresh_slices,
+        "folder": str(folder),
+        "store": store,
+        "pairs": str(pairs),
+        "index_folder": index_folder,
+        "encoder_kwargs": {**encoder_kwargs(encoder), **({} if pool.num_gpus else {"device": "cpu"})},
+        "mine_cfg": dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus, REFRESH_SHARD_CPUS), shard_gpus=0.0),
+        "pool": pool,
+    }
 
 
 def _negative_counts(batch):
@@ -664,6 +925,6 @@ def main(args) -> int:
     """``pairmill train PAIRS -o OUT [--eval-data D] [--model M]``."""
     cfg = args.config_sections
     stats = train(args.input, args.output, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
-                  eval_cfg=cfg["eval"], ray=cfg["ray"])
+                  eval_cfg=cfg["eval"], ray=cfg["ray"], mine_cfg=cfg["mine"])
     print(format_summary(stats, args.output))
     return 0

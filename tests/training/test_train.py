@@ -102,7 +102,7 @@ def test_train_verb_maps_flags():
     args = build_parser().parse_args(["train", "pairs.jsonl", "-o", "out", "--eval-data", "held.jsonl", "--model", "m"])
     assert (args.input, args.output, args.eval_data, args.model) == ("pairs.jsonl", "out", "held.jsonl", "m")
     assert FLAG_KEYS["eval_data"] == "eval.data"
-    assert VERBS["train"][1] == ("encoder", "read", "train", "eval", "ray")
+    assert VERBS["train"][1] == ("encoder", "read", "train", "eval", "mine", "ray")
 
 
 # ----------------------------------------------------------------------------- on Ray

@@ -1,0 +1,107 @@
+"""Training with ANCE refresh rounds: a round re-mines negatives from a live mine job folder while
+training keeps stepping, and later batches train on the refreshed negatives."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pairmill.config import ConfigError, EncoderConfig, EvalConfig, MineConfig, RayConfig, ReadConfig, TrainConfig, SECTIONS, load_config
+from tests.conftest import literal_pairs, write_jsonl
+from training.train import STEP_SLEEP_ENV, _refresh_config, train
+
+SELECTION = {"num_negatives": 2, "range_max": 10, "margin_ratio": None}
+
+
+@pytest.mark.parametrize("override, named", [("train.refresh_every=-1", "train.refresh_every=-1"),
+                                             ("train.refresh_slices=0", "train.refresh_slices=0")])
+def test_bad_refresh_config_names_the_value(override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config({"train": SECTIONS["train"]}, None, [override])
+    assert named in str(e.value)
+
+
+def test_train_verb_reads_the_mine_section_and_the_refresh_flag():
+    from pairmill.cli import FLAG_KEYS, VERBS, build_parser
+
+    assert "mine" in VERBS["train"][1]
+    args = build_parser().parse_args(["train", "pairs.jsonl", "-o", "out", "--refresh-every", "50"])
+    assert args.refresh_every == 50 and FLAG_KEYS["refresh_every"] == "train.refresh_every"
+
+
+def test_refresh_reads_a_job_folders_kept_rows_and_live_index(ray_session, tmp_path):
+    """A mine job folder: the round re-mines its kept/ rows from the texts of its index/; any other
+    input is written once (validated) to OUT/refresh/pairs and its passages are the corpus."""
+    job = tmp_path / "mined"
+    for folder in ("kept", "index"):
+        (job / folder).mkdir(parents=True)
+    (job / "index" / "shard-0.texts.parquet").write_bytes(b"")
+    (job / "_SUCCESS").write_text("done")
+    cfg = _refresh_config(str(job), None, tmp_path / "out", None, EncoderConfig(), TrainConfig(refresh_every=5),
+                          MineConfig(shard_cpus=2.0), None, train_gpus=0)
+    assert cfg["pairs"] == str(job / "kept") and cfg["index_folder"] == str(job / "index")
+    assert cfg["every"] == 5 and cfg["slices"] == 1 and cfg["mine_cfg"].shard_cpus == 0.25
+    assert cfg["pool"].size == 1 and cfg["pool"].num_cpus < 1 and cfg["encoder_kwargs"]["device"] == "cpu"
+
+    import ray
+
+    rows = ray.data.from_items([{"id": "a", "query": "q", "passage": "p", "negatives": None}])
+    cfg = _refresh_config(str(tmp_path / "pairs.jsonl"), rows, tmp_path / "out", None, EncoderConfig(),
+                          TrainConfig(refresh_every=5), MineConfig(), 2, train_gpus=0)
+    assert cfg["pairs"] == str(tmp_path / "out" / "refresh" / "pairs") and cfg["index_folder"] is None
+    assert ray.data.read_parquet(cfg["pairs"]).take_all()[0]["id"] == "a" and cfg["pool"].size == 2
+
+
+def expected_use(rounds: list[dict], steps: int, batch: int) -> tuple[float, int]:
+    """Mean staleness and refreshed rows used when each batch takes the newest round finished
+    before it (all queries refreshed per round), else the step-0 negatives."""
+    stale, used = 0, 0
+    for s in range(steps):  # s = steps done before this batch
+        mined = max([r["step"] for r in rounds if r["finished_by_step"] <= s], default=0)
+        stale += s - mined
+        used += batch if mined else 0
+    return round(stale / steps, 3), used
+
+
+def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, tmp_path, monkeypatch):
+    """refresh_every=30 on one worker: rounds start every 30 steps unless one is in flight (skipped);
+    the first finishes while training steps on, then batches train on its negatives. Steps sleep a
+    little (as a step on an accelerator leaves the CPUs free) so a round fits in the run on 2 cores."""
+    rows = literal_pairs(40)
+    for i, row in enumerate(rows):  # the "mine job" negatives (step 0): two other passages
+        row["negatives"] = [rows[(i + k + 1) % len(rows)]["passage"] for k in range(2)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "train"
+    encoder = EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: ", batch_size=16)
+    settings = dict(num_workers=1, batch_size=8, max_steps=150, lr=1e-3, hard_negatives=2, query_max_length=16,
+                    passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=30)
+    monkeypatch.setenv(STEP_SLEEP_ENV, "0.5")
+    t0 = time.perf_counter()
+    stats = train(str(pairs), str(out), encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
+                  eval_cfg=EvalConfig(), ray=RayConfig(), mine_cfg=MineConfig(**SELECTION))
+    print(f"train {time.perf_counter() - t0:.1f}s")
+    print(json.dumps(stats["refresh"]))
+
+    refresh = stats["refresh"]
+    assert stats["train"]["steps"] == 150 and (out / "_SUCCESS").exists()
+    assert refresh["rounds_finished"] >= 1 and refresh["rounds_started"] >= refresh["rounds_finished"]
+    assert refresh["rounds_started"] + refresh["rounds_skipped"] == 4  # due at steps 30, 60, 90, 120
+    first, last = refresh["rounds"][0], refresh["rounds"][-1]
+    assert first["step"] == 30 and first["refreshed"] == 40 and first["slice"] == [0, 1]
+    # training did not wait: it stepped on while the round ran, and later batches used its negatives
+    assert first["finished_by_step"] > first["step"] + 1
+    # every batch after a round was seen finished used its negatives; one may have used them a step
+    # earlier (the store write is the swap, rank 0 notices the task's end at its next step)
+    staleness, used = expected_use(refresh["rounds"], 150, 8)
+    assert used <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
+    assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness
+    assert (out / "refresh" / f"step-{last['step']}" / "index" / "manifest.json").exists()
+    assert (out / "refresh" / f"step-{last['step']}" / "model").is_dir()
+    # a round still running at the end is cancelled, not awaited, and said so
+    if refresh["rounds_started"] > refresh["rounds_finished"]:
+        assert refresh["unfinished_at_end"]["action"] == "cancelled"
+    assert refresh["seconds_per_round"] > 0 and refresh["seconds_per_step"] > 0
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["refresh_rounds_finished"] == refresh["rounds_finished"] and "negative_staleness" in final
