@@ -104,7 +104,7 @@ def main(args) -> int:
     no_eval = dataclasses.replace(cfg["eval"], data=None)  # held-out data is for the report only
     train_stats = stages.run("train", train_key, lambda folder: train_model(
         str(out / "mine"), folder, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
-        eval_cfg=no_eval, ray=cfg["ray"]))
+        eval_cfg=no_eval, ray=cfg["ray"], mine_cfg=cfg["mine"]))
     print(train_summary(train_stats, str(out / "train")))
 
     task = load_task(heldout, cfg["eval"].corpus, read_kwargs(cfg["read"]))

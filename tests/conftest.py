@@ -74,7 +74,11 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
-            include_dashboard=False,
+            # Ray Train V2's placement-group cleaner asks the state API (served by the dashboard)
+            # whether the train controller lives; without it, it logged failures every few seconds
+            # and under load removed a live run's placement group. Localhost only; a busy port moves on.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             object_store_memory=256 * 2**20,
             log_to_driver=False,
             configure_logging=False,
