@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,13 +53,22 @@ class Stages:
         if not self.force and self.state.get(name) == key and (folder / "_SUCCESS").exists():
             print(f"[pairmill] run: {name}: reusing {folder} (same input and settings; --force to redo)")
             return json.loads((folder / "stats.json").read_text())
+        # A stage that started with these settings and did not finish keeps its folder, so the job
+        # resumes (training from its last checkpoint); other settings, or --force, start it over.
+        if folder.exists() and (self.force or self.state.get(f"{name}:started") != key):
+            shutil.rmtree(folder)
         self.state.pop(name, None)
+        self.state[f"{name}:started"] = key
+        self._save()
         stats = job(str(folder))
         self.state[name] = key
+        self._save()
+        return stats
+
+    def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         os.replace(tmp, self.state_file)
-        return stats
 
 
 def main(args) -> int:

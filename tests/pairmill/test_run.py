@@ -47,3 +47,23 @@ def test_fingerprint_follows_the_input_files(tmp_path):
     assert before != fingerprint("filter", input_identity(str(data)), {"k": 3})
     data.write_text('{"query": "a", "passage": "b"}\n{"query": "c", "passage": "d"}\n')
     assert before != fingerprint("filter", input_identity(str(data)), {"k": 2})
+
+
+def test_changed_settings_start_over_but_an_interrupted_stage_resumes(tmp_path):
+    calls: list = []
+    Stages(tmp_path, force=False).run("train", "k1", _job(calls))
+    (tmp_path / "train" / "checkpoint").write_text("from k1")
+    Stages(tmp_path, force=False).run("train", "k2", _job(calls))  # other settings: the old folder goes
+    assert not (tmp_path / "train" / "checkpoint").exists()
+
+    def dies(folder: str) -> dict:
+        os.makedirs(folder, exist_ok=True)
+        (tmp_path / "train" / "checkpoint").write_text("from k3")
+        raise RuntimeError("killed")
+
+    try:
+        Stages(tmp_path, force=False).run("train", "k3", dies)
+    except RuntimeError:
+        pass
+    Stages(tmp_path, force=False).run("train", "k3", _job(calls))  # same settings: resumes in place
+    assert (tmp_path / "train" / "checkpoint").read_text() == "from k3"
