@@ -26,7 +26,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from pairmill.pairs import text_key
@@ -122,10 +121,10 @@ def current_negatives(ids: list[str], negatives: list, negative_ids: list, store
 
 
 def in_slice(batch: pa.Table, slice_: tuple[int, int]) -> pa.Table:
-    """Rows whose query key falls in slice ``slice_ = (r, rounds)``."""
+    """Rows whose ``query_key`` falls in slice ``slice_ = (r, rounds)``: all pairs of a query
+    land in one slice. (Arrow has no integer modulo kernel, so not a filter expression.)"""
     r, rounds = slice_
-    keys = np.array([text_key(q) for q in batch.column("query").to_pylist()], dtype=np.int64)
-    return batch.filter(pa.array(keys % rounds == r))
+    return batch.filter(pa.array(batch.column("query_key").to_numpy() % rounds == r))
 
 
 def _corpus_from_index(batch: pa.Table) -> pa.Table:
@@ -190,10 +189,10 @@ def refresh_negatives(
     columns = [c for c in output_columns("pairs") if c in source.schema().names]
     (
         source.select_columns(columns)
+        .map_batches(add_keys, batch_format="pyarrow")
         .map_batches(in_slice, fn_kwargs={"slice_": slice_}, batch_format="pyarrow")
         .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder, "keep_columns": True},
                      **args)
-        .map_batches(add_keys, batch_format="pyarrow")
         .write_parquet(str(work / "pairs"))
     )
     rows = parquet_rows(work / "pairs")

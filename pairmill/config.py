@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -216,12 +217,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets):
-            import warnings
-
             warnings.warn("train.lora_alpha / train.lora_targets have no effect with train.lora_rank=0 (full fine-tuning)")
         if self.refresh_every == 0 and self.refresh_slices != 1:
-            import warnings
-
             warnings.warn(f"train.refresh_slices={self.refresh_slices} has no effect with train.refresh_every=0 (no refresh)")
 
 
