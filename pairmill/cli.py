@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from pairmill.config import SECTIONS, ConfigError, describe, load_config
 
@@ -15,6 +16,8 @@ VERBS = {
     "filter": ("pipelines.filter", ("encoder", "read", "filter", "ray"), "raw pairs -> kept pairs (dedup, consistency filter, semantic dedup)"),
     "mine": ("mining.mine", ("encoder", "read", "mine", "ray"), "pairs -> pairs with mined hard negatives (+ the sharded index)"),
     "train": ("training.train", ("encoder", "read", "train", "eval", "mine", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
+    "tune": ("tune.tune", ("tune", "encoder", "read", "train", "eval", "mine", "ray"),
+             "many train runs (Ray Tune, ASHA) -> OUT/best_model + results.csv; the defaults are the first trial"),
     "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
 }
 
@@ -55,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-data", help="held-out pairs file or BEIR folder evaluated during training (eval.data)")
             p.add_argument("--refresh-every", type=int, metavar="N",
                            help="re-mine hard negatives with the current model every N steps, beside training (train.refresh_every)")
+        if verb == "tune":
+            p.description = (
+                f"{help_text}. Each trial is a whole `pairmill train` run; ASHA stops trials that trail on the held-out "
+                "metric (tune.metric, reported every train.eval_every steps). The train section's own values are always "
+                "the first trial, so the best trial is never worse than the defaults on that metric. Rerunning the same "
+                "command into the same OUT resumes an interrupted run.")
+            p.add_argument("input", nargs="?", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job "
+                           "folder; empty = the bundled sample's train split")
+            p.add_argument("-o", "--output", required=True, help="output folder (best_model/, results.csv, trials.png, "
+                           "trials/, stats.json)")
+            p.add_argument("--num-samples", type=int, metavar="N", help="trials, the default settings included (tune.num_samples)")
+            p.add_argument("--eval-data", help="held-out pairs file or BEIR folder the trials are ranked on (eval.data); "
+                           "default: the bundled held-out split when PAIRS is the bundled sample, else required")
         if verb == "run":
             p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
             p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")
@@ -74,6 +90,7 @@ FLAG_KEYS = {
     "data": "eval.data",
     "eval_data": "eval.data",
     "refresh_every": "train.refresh_every",
+    "num_samples": "tune.num_samples",
     "corpus": "eval.corpus",
     "decontaminate": "filter.decontaminate",
     "audit": "filter.audit",
@@ -90,12 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     module, sections, _ = VERBS[args.verb]
     overrides = list(args.overrides) + extra
+    if args.verb == "tune" and args.input and "=" in args.input and not Path(args.input).exists():
+        overrides.insert(0, args.input)  # PAIRS is optional there: argparse took the first key=value for it
+        args.input = None
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
             if isinstance(value, list):  # nargs="+" flags: the config reads comma-separated lists
                 value = ",".join(value)
             overrides.append(f"{key}={value}")
+    if args.verb == "run":  # no --config on the bundled sample: the sample-sized profile (configs/sample.yaml)
+        from pairmill.run import sample_overrides
+
+        overrides = sample_overrides(args.config, overrides)
     try:
         args.config_sections = load_config({s: SECTIONS[s] for s in sections}, args.config, overrides)
     except ConfigError as e:

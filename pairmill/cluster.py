@@ -77,6 +77,10 @@ def encoder_pool(actors: int | None = None, cpus_per_actor: int = 4) -> PoolSize
             f"ray.actors={actors} needs {actors} CPUs plus one for reading, but the cluster has {cpus}; "
             f"use ray.actors={max(1, cpus - 1)} or fewer, or leave it empty to size the pool automatically"
         )
+    # An actor lives on one node: asking for more CPUs than the largest node has never schedules
+    # (seen: a 4-CPU actor on a cluster of 2-CPU nodes, and the pipeline hung).
+    node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=cpus)
+    cpus_per_actor = max(1, min(cpus_per_actor, int(node_cpus)))
     size = actors or max(1, (cpus - 1) // max(1, min(cpus_per_actor, cpus - 1)))
     per_actor = max(1, min(cpus_per_actor, (cpus - 1) // size))
     return PoolSize(size=size, num_cpus=per_actor, num_gpus=0)

@@ -175,6 +175,10 @@ class TrainConfig:
     lora_merge: bool = _field(True, "merge the LoRA adapter into the exported model (false: export the adapter, needs peft to load)")
     num_workers: int = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu)")
     use_gpu: bool | None = _field(None, "train on GPUs; empty = when the Ray cluster has GPUs")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _field(
+        "PACK", "how Ray places the workers: PACK (fewest nodes, Ray's default), SPREAD (over nodes, best effort), "
+        "STRICT_SPREAD (one worker per node; waits until that many nodes have room), STRICT_PACK (one node)"
+    )
     checkpoint_every: int = _field(200, "steps between checkpoints (one is always written at the end)")
     eval_every: int = _field(0, "steps between held-out evaluations (eval.data); 0 = only at the end")
     log_every: int = _field(10, "steps between progress lines")
@@ -223,6 +227,89 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class TuneConfig:
+    """`pairmill tune`: Ray Tune over whole train runs. The search-space keys name a train setting:
+    a range [low, high] for lr, temperature (both log-uniform) and warmup_ratio (uniform), a list of
+    choices for batch_size, hard_negatives and lora_rank; empty = fixed at the train section's value.
+    The train section's values are always the first trial."""
+
+    num_samples: int = _field(4, "trials, the first of them the train section's own settings (the defaults)")
+    metric: Literal["ndcg@10", "recall@10", "recall@100", "mrr@10"] = _field(
+        "ndcg@10", "held-out metric the trials are ranked and stopped on (higher is better)")
+    search: Literal["random", "optuna"] = _field("random", "how trials are drawn: random, or optuna (TPE; pip install optuna)")
+    scheduler: Literal["asha", "none"] = _field("asha", "asha: stop trials that trail at a rung (grace_period x reduction_factor^k steps); none: run all to the end")
+    grace_period: int = _field(20, "steps a trial trains before ASHA may stop it; also the evaluation interval when train.eval_every is 0")
+    reduction_factor: float = _field(2.0, "ASHA: a trial goes on past a rung when it is in the top 1/reduction_factor there")
+    max_concurrent: int | None = _field(None, "trials at once; empty = as many as the cluster's CPUs/GPUs fit (always at least one)")
+    cpus_per_worker: float = _field(1.0, "CPUs each Train worker of a trial holds (a trial holds train.num_workers x this)")
+    seed: int = _field(0, "seed of the search")
+    lr: list[float] = _field((1e-5, 2e-4), "learning-rate range [low, high], log-uniform; empty = train.lr")
+    temperature: list[float] = _field((0.01, 0.1), "InfoNCE temperature range [low, high], log-uniform; empty = train.temperature")
+    warmup_ratio: list[float] = _field((), "warmup range [low, high], uniform; empty = train.warmup_ratio")
+    batch_size: list[int] = _field((), "global batch sizes to choose from, e.g. [16,32,64]; empty = train.batch_size")
+    hard_negatives: list[int] = _field((), "hard negatives per pair to choose from, e.g. [0,1,3]; empty = train.hard_negatives")
+    lora_rank: list[int] = _field((), "LoRA ranks to choose from (0 = full fine-tuning), e.g. [0,8,16]; empty = train.lora_rank")
+
+    RANGES = {"lr": "log", "temperature": "log", "warmup_ratio": "uniform"}
+    CHOICES = {"batch_size": 1, "hard_negatives": 0, "lora_rank": 0}  # key -> smallest valid choice
+
+    def __post_init__(self):
+        for key in (*self.RANGES, *self.CHOICES):
+            setattr(self, key, _numbers(getattr(self, key), f"tune.{key}", int if key in self.CHOICES else float))
+        checks = [
+            (self.num_samples >= 1, f"tune.num_samples={self.num_samples}; use >= 1"),
+            (self.grace_period >= 1, f"tune.grace_period={self.grace_period}; use >= 1 step"),
+            (self.reduction_factor > 1, f"tune.reduction_factor={self.reduction_factor}; use > 1 (2 keeps the better half at each rung)"),
+            (self.max_concurrent is None or self.max_concurrent >= 1, f"tune.max_concurrent={self.max_concurrent}; use >= 1 or empty"),
+            (self.cpus_per_worker > 0, f"tune.cpus_per_worker={self.cpus_per_worker}; use > 0"),
+        ]
+        for key, kind in self.RANGES.items():
+            bounds = getattr(self, key)
+            low_ok = bool(bounds) and (bounds[0] > 0 if kind == "log" else bounds[0] >= 0)
+            checks.append((not bounds or (len(bounds) == 2 and low_ok and bounds[0] < bounds[1]
+                                          and (key != "warmup_ratio" or bounds[1] < 1)),
+                           f"tune.{key}={list(bounds)}; use a range [low, high] with {'0 < ' if kind == 'log' else '0 <= '}low < high"
+                           f"{' < 1' if key == 'warmup_ratio' else ''}, e.g. tune.{key}={_EXAMPLES[key]}, or empty to keep train.{key}"))
+        for key, smallest in self.CHOICES.items():
+            values = getattr(self, key)
+            checks.append((all(v >= smallest for v in values),
+                           f"tune.{key}={list(values)}; use a list of choices >= {smallest}, e.g. tune.{key}={_EXAMPLES[key]}, "
+                           f"or empty to keep train.{key}"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def space(self) -> dict[str, tuple[str, list]]:
+        """The keys that vary: ``{train key: ("log" | "uniform" | "choice", values)}``."""
+        out = {key: (kind, list(getattr(self, key))) for key, kind in self.RANGES.items() if getattr(self, key)}
+        out.update({key: ("choice", list(getattr(self, key))) for key in self.CHOICES if getattr(self, key)})
+        return out
+
+
+_EXAMPLES = {"lr": "[1e-5,2e-4]", "temperature": "[0.01,0.1]", "warmup_ratio": "[0,0.2]",
+             "batch_size": "[16,32,64]", "hard_negatives": "[0,1,3]", "lora_rank": "[0,8,16]"}
+
+
+def _numbers(values, key: str, typ: type) -> tuple:
+    """A search-space value from YAML (a list) or the command line ('[1e-5,1e-4]' arrives as
+    '[1e-5', '1e-4]') as a tuple of numbers."""
+    out = []
+    for value in values:
+        text = str(value).strip().strip("[]() ")
+        if not text:
+            continue
+        try:
+            number = float(text)
+            if typ is int and number != int(number):
+                raise ValueError
+            out.append(typ(number))
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not {'an integer' if typ is int else 'a number'}; "
+                              f"write e.g. {key}={_EXAMPLES[key.split('.')[1]]}") from None
+    return tuple(out)
+
+
+@dataclasses.dataclass
 class ChainConfig:
     """What `pairmill run` chains together."""
 
@@ -239,6 +326,7 @@ SECTIONS: dict[str, type] = {
     "mine": MineConfig,
     "train": TrainConfig,
     "ray": RayConfig,
+    "tune": TuneConfig,
 }
 
 

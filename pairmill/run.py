@@ -10,6 +10,15 @@ chosen by it (the final one is exported), so the trained score is not selected o
 Each stage's folder is reused on a rerun when it finished and its fingerprint (the stage's input
 and the config it reads) is unchanged, so a failed run resumes at the failed stage; ``--force``
 redoes every stage. Fingerprints live in ``OUT/stages.json``.
+
+The base and trained models' held-out metrics (and a fixed sample of their held-out embeddings,
+for the report's 2-D projection) are a stage too, ``OUT/eval``. ``OUT/report.md`` (with
+``training_curve.png`` and ``projection.png``) is rendered from the folders by ``pairmill.report``.
+
+Sizes. The generic defaults of each section serve ``pairmill filter/mine/train`` at any scale.
+``pairmill run`` on the bundled sample with no ``--config`` uses ``SAMPLE_PROFILE`` instead, the
+settings ``configs/sample.yaml`` holds with the reasons for each (a test checks they are equal):
+sized to finish in under 10 minutes on 2 CPUs with the bundled model.
 """
 
 from __future__ import annotations
@@ -26,6 +35,39 @@ from typing import Callable
 
 from pairmill import sample
 from pairmill.config import config_to_dict
+
+# `pairmill run` with no --config on the bundled sample: these settings, under the user's key=value
+# overrides. configs/sample.yaml is the same profile with the reason for each value.
+SAMPLE_PROFILE: dict[str, dict] = {
+    "train": {
+        "max_steps": 36,
+        "passage_max_length": 128,
+        "refresh_every": 12,
+        "refresh_slices": 2,
+        "log_every": 1,
+    },
+}
+EVAL_SAMPLE_PAIRS = 300  # held-out pairs whose embeddings (base and trained) are kept for the report's projection
+
+
+def profile_overrides(profile: dict[str, dict]) -> list[str]:
+    """``{section: {key: value}}`` -> ``["section.key=value", ...]`` (lists comma-separated)."""
+    def text(value) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    return [f"{section}.{key}={text(value)}" for section, values in profile.items() for key, value in values.items()]
+
+
+def sample_overrides(config_path: str | None, overrides: list[str]) -> list[str]:
+    """The overrides `pairmill run` loads its config with: the sample profile first (the user's
+    settings win) when there is no --config file and the pairs are the bundled sample."""
+    if config_path is not None or any(o.split("=", 1)[0].strip() == "run.train" for o in overrides):
+        return list(overrides)
+    return profile_overrides(SAMPLE_PROFILE) + list(overrides)
 
 
 def input_identity(path: str) -> list:
@@ -75,7 +117,8 @@ def main(args) -> int:
     from mining.mine import format_summary as mine_summary
     from mining.mine import mine
     from pairmill.embed import format_summary, read_kwargs
-    from pairmill.evaluate import evaluate_model, format_table, load_task
+    from pairmill.evaluate import format_table
+    from pairmill.report import render_report
     from pipelines.filter import filter_pairs
     from training.train import format_summary as train_summary
     from training.train import train as train_model
@@ -117,14 +160,18 @@ def main(args) -> int:
         eval_cfg=no_eval, ray=cfg["ray"], mine_cfg=cfg["mine"]))
     print(train_summary(train_stats, str(out / "train")))
 
-    task = load_task(heldout, cfg["eval"].corpus, read_kwargs(cfg["read"]))
-    base = evaluate_model(cfg["encoder"], cfg["eval"], task)
+    eval_key = fingerprint("eval", train_key, input_identity(heldout), sections["eval"], sections["encoder"],
+                           sections["read"], EVAL_SAMPLE_PAIRS)
     trained_encoder = dataclasses.replace(cfg["encoder"], model=str(out / "train" / "model"))
-    trained = evaluate_model(trained_encoder, cfg["eval"], task)
+    scores = stages.run("eval", eval_key, lambda folder: evaluate_stage(
+        heldout, folder, {"base": cfg["encoder"], "trained": trained_encoder}, cfg["eval"], read_kwargs(cfg["read"])))
+    base, trained = scores["base"], scores["trained"]
     counts = ("input_rows", "kept", "dropped", "rejected", "stages")
     report = {
         "base": base,
         "trained": trained,
+        "train_data": train,
+        "heldout_data": heldout,
         "stages": {
             "filter": {**{k: filter_stats[k] for k in counts}, **({"audit": filter_stats["audit"]} if "audit" in filter_stats else {})},
             "mine": {**{k: mine_stats[k] for k in counts}, "negatives": mine_stats["negatives"]},
@@ -134,6 +181,40 @@ def main(args) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    report_md = render_report(out)
     print(format_table({"base": base, "trained": trained}))
-    print(f"[pairmill] report: {out / 'report.json'} ({report['seconds']}s)")
+    print(f"[pairmill] report: {report_md} and {out / 'report.json'} ({report['seconds']}s)")
     return 0
+
+
+def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwargs: dict) -> dict:
+    """Each encoder's held-out metrics -> ``folder/stats.json`` (``{name: metrics}``), and the
+    embeddings of a fixed sample of positive pairs -> ``folder/embeddings.npz`` (``{name}_queries``,
+    ``{name}_passages``: (n, D) float32, row i of both = pair i) for the report's projection."""
+    import numpy as np
+
+    from pairmill.embed import encoder_kwargs
+    from pairmill.encoder import Encoder
+    from pairmill.evaluate import evaluate_embeddings, load_task
+
+    task = load_task(heldout, eval_cfg.corpus, read_kwargs)
+    rng = np.random.default_rng(0)
+    sample_pairs = rng.permutation(len(task.positives))[:EVAL_SAMPLE_PAIRS]
+    qi = np.array([task.positives[i][0] for i in sample_pairs], dtype=np.int64)
+    ci = np.array([task.positives[i][1] for i in sample_pairs], dtype=np.int64)
+    metrics, arrays = {}, {}
+    for name, encoder_cfg in encoders.items():
+        print(f"[pairmill] run: evaluating the {name} model on {len(task.queries)} held-out queries")
+        encoder = Encoder(**encoder_kwargs(encoder_cfg))
+        q = encoder.encode(task.queries, "query", show_progress=True)  # (Q, D)
+        c = encoder.encode(task.corpus, "passage", show_progress=True)  # (N, D)
+        metrics[name] = evaluate_embeddings(task, q, c, query_batch=eval_cfg.query_batch,
+                                            uniformity_sample=eval_cfg.uniformity_sample)
+        arrays[f"{name}_queries"], arrays[f"{name}_passages"] = q[qi], c[ci]
+    path = Path(folder)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    np.savez(path / "embeddings.npz", **arrays)
+    (path / "stats.json").write_text(json.dumps(metrics, indent=2))
+    (path / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return metrics

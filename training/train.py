@@ -28,6 +28,9 @@ read config or input is refused); dropout noise after a resume is reseeded, not 
 
 Evaluation runs on rank 0 at the steps of ``eval_every`` and at the end (the other ranks wait in
 ``ray.train.report``, which every rank calls at the same steps); its metrics go into that report.
+Rank 0 appends a line to ``OUT/metrics.jsonl`` every ``log_every`` steps and at every report: loss,
+lr, pairs/s, the wall ``seconds`` since the previous line (data wait included) and the worker's
+``cpu_seconds`` meanwhile; with ``log_every=1`` these are per-step timings (``benchmarks/train.py``).
 The export is built on the driver from the final checkpoint, so the exported folder holds exactly
 the checkpointed weights.
 
@@ -450,6 +453,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
 
     loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+    cpu_last = time.process_time()  # this worker's CPU seconds: a load-independent cost next to the wall time
     stale_sum, stale_rows, fresh_rows = 0, 0, 0  # since the last log line: staleness of the negatives used
     while step < total:
         batches = shard.iter_batches(
@@ -520,6 +524,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
                     "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                     "loss": _mean_over_ranks(loss_sum / max(1, loss_steps), device, world),
                     "pairs_per_s": round((step - steps_last) * cfg["global_batch"] / max(elapsed, 1e-9), 2),
+                    "seconds": round(elapsed, 4),  # wall time of the steps since the last line (data wait included)
+                    "cpu_seconds": round(time.process_time() - cpu_last, 4),  # this worker process, all its threads
                     "pairs": pairs,
                 }
                 if refresh:
@@ -533,9 +539,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
                         rounds.refreshed_used += fresh
                         metrics.update(rounds.metrics())
                 loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+                cpu_last = time.process_time()
                 if rank == 0:
                     print(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
                           f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
+            if rank == 0 and step % cfg["log_every"] == 0 and not do_report:  # a report step's line is written below
+                _append_metrics(Path(cfg["metrics_path"]), metrics)
             if do_report:
                 if do_eval:
                     t0 = time.perf_counter()
@@ -660,10 +669,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_same_run(out: Path, run: dict) -> None:
+def _check_same_run(out: Path, run: dict, run_name: str = RUN_NAME) -> None:
     """A rerun into OUT resumes its checkpoints: refuse when what they were made from differs."""
     saved_path = out / "checkpoints" / "run.json"
-    if saved_path.exists() and any((out / "checkpoints" / RUN_NAME).glob("step_*")):
+    if saved_path.exists() and any((out / "checkpoints" / run_name).glob("step_*")):
         saved = json.loads(saved_path.read_text())
         changed = sorted(
             f"{section}.{key}" for section in run for key in set(run[section]) | set(saved.get(section, {}))
@@ -678,9 +687,12 @@ def _check_same_run(out: Path, run: dict) -> None:
     saved_path.write_text(json.dumps(run, indent=2))
 
 
-def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray, mine_cfg=None) -> dict:
+def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray, mine_cfg=None,
+          run_name: str = RUN_NAME, callbacks: list | None = None, resources_per_worker: dict | None = None) -> dict:
     """Run the train job; returns the stats written to ``OUT/stats.json``. ``mine_cfg`` (the mine
-    section) holds the selection rules of refresh rounds (``train.refresh_every``)."""
+    section) holds the selection rules of refresh rounds (``train.refresh_every``). ``run_name``,
+    ``callbacks`` and ``resources_per_worker`` go to Ray Train as they are (the tune job names each
+    trial's run, passes ``TuneReportCallback`` and sizes the workers)."""
     import dataclasses
 
     import ray as ray_lib
@@ -708,9 +720,9 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
                 **({"mine": mine_cfg} if refreshing else {})}
     run = {"input": str(Path(pairs_path).resolve()),
            **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train") + (("mine",) if refreshing else ())}}
-    for key in ("max_failures", "log_every", "eval_every", "checkpoint_every"):  # free to change on a resume
+    for key in ("max_failures", "log_every", "eval_every", "checkpoint_every", "placement_strategy"):  # free to change on a resume
         run["train"].pop(key)
-    _check_same_run(out_dir, _plain(run))
+    _check_same_run(out_dir, _plain(run), run_name)
     (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
     (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
 
@@ -775,9 +787,12 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker,
+                                     placement_strategy=train_cfg.placement_strategy),
         run_config=RunConfig(
-            name=RUN_NAME,
+            name=run_name,
+            callbacks=callbacks,
             storage_path=str(out_dir / "checkpoints"),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(

@@ -1,0 +1,1 @@
+"""Ray Tune over whole ``pairmill train`` runs (``pairmill tune``)."""

@@ -1,10 +1,15 @@
-"""`pairmill run`'s stage reuse: a finished stage with the same fingerprint is skipped."""
+"""`pairmill run`'s stage reuse (a finished stage with the same fingerprint is skipped) and its
+report (report.md + PNGs rendered from the stage outputs alone)."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
+import pytest
+
+from pairmill.report import render_report
 from pairmill.run import Stages, fingerprint, input_identity
 
 
@@ -67,3 +72,110 @@ def test_changed_settings_start_over_but_an_interrupted_stage_resumes(tmp_path):
         pass
     Stages(tmp_path, force=False).run("train", "k3", _job(calls))  # same settings: resumes in place
     assert (tmp_path / "train" / "checkpoint").read_text() == "from k3"
+
+
+def _metrics(ndcg: float, alignment: float) -> dict:
+    return {"ndcg@10": ndcg, "recall@1": ndcg / 2, "recall@10": ndcg, "recall@100": 1.0, "mrr@10": ndcg * 0.9,
+            "alignment": alignment, "uniformity": -2.5, "queries": 40, "corpus": 40}
+
+
+def _stage(rows_in: int, kept: int, dropped: dict, steps: list) -> dict:
+    return {"input_rows": rows_in, "kept": kept, "dropped": dropped, "rejected": {},
+            "stages": [{"name": n, "rows_in": rows_in, "rows_out": kept, "seconds": 1.5} for n in steps]}
+
+
+def _run_folder(out, *, curve: bool = True, embeddings: bool = True):
+    """The stage outputs report.md is rendered from, as `pairmill run` writes them."""
+    audit = {"fraction": 0.2, "k": 2, "pool": 100, "corrupted": 20, "clean": 100, "corrupted_removed": 0.9,
+             "clean_kept": 0.7, "curve": {"1": {"corrupted_removed": 0.95, "clean_kept": 0.5},
+                                          "2": {"corrupted_removed": 0.9, "clean_kept": 0.7}}}
+    negatives = {"asked_per_pair": 4, "total": 280, "short_pairs": 3, "padded_random": 0, "pairs_without_negatives": 1,
+                 "filtered_by_margin": 12, "near_duplicates": 7, "near_duplicate_rate": 0.025,
+                 "mean_positive_score": 0.61, "mean_negative_score": 0.42}
+    train = {**_stage(70, 70, {}, ["read+validate", "train", "export"]), "base_model": "tiny",
+             "train": {"steps": 6, "pairs_trained": 48, "pairs_per_s": 3.2, "hard_negatives_per_pair": 1},
+             "refresh": {"every": 2, "slices": 1, "rounds_started": 2, "rounds_finished": 1, "rounds_skipped": 1,
+                         "refreshed_pairs_used": 16, "mean_staleness": 1.25, "seconds_per_round": 9.0,
+                         "round_cost_in_steps": 3.0}}
+    report = {"base": _metrics(0.40, 1.10), "trained": _metrics(0.55, 0.80), "seconds": 61.0,
+              "stages": {"filter": {**_stage(100, 70, {"inconsistent": 25, "semantic_duplicate": 5}, ["encode", "consistency"]),
+                                    "audit": audit},
+                         "mine": {**_stage(70, 70, {}, ["index", "mine"]), "negatives": negatives},
+                         "train": train},
+              "config": {"run": {"train": None}, "eval": {"data": None}}}
+    (out / "report.json").write_text(json.dumps(report))
+    if curve:
+        (out / "train").mkdir()
+        lines = [{"step": s, "epoch": 0, "lr": 1e-5 * s, "loss": 2.0 - 0.1 * s,
+                  **({"refresh_last_step": 2} if s >= 4 else {})} for s in (6, 1, 2, 3, 4, 5)]
+        (out / "train" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if embeddings:
+        rng = np.random.default_rng(0)
+        (out / "eval").mkdir()
+        arrays = {f"{m}_{side}": rng.normal(size=(25, 8)).astype(np.float32)
+                  for m in ("base", "trained") for side in ("queries", "passages")}
+        np.savez(out / "eval" / "embeddings.npz", **arrays)
+
+
+def _is_png(path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def test_report_md_and_plots_are_rendered_from_the_stage_outputs(tmp_path):
+    _run_folder(tmp_path)
+    text = render_report(tmp_path).read_text()
+    assert "| ndcg@10 | 0.4000 | 0.5500 | +0.1500 |" in text
+    assert "| alignment (lower is better) | 1.1000 | 0.8000 | -0.3000 |" in text
+    assert "The trained model beats the base model on nDCG@10 (+0.1500)" in text
+    assert "| filter | 100 | 70 | inconsistent 25, semantic_duplicate 5 | – | 3.0 |" in text
+    assert "removed 0.900 of them and kept 0.700 of the clean pairs" in text and "| 1 | 0.950 | 0.500 |" in text
+    assert "| mean cosine: query to its positive | 0.6100 |" in text and "| 0.0250 |" in text
+    assert "2 round(s) started, 1 finished, 1 skipped" in text
+    assert "Loss 1.9000 at step 1 → 1.4000 at step 6 (6 logged points" in text  # read back in step order
+    assert "![training loss](training_curve.png)" in text and "![2-D projection" in text
+    assert "25 held-out pairs" in text and "projected to 2-D by " in text
+    assert "plain" not in text  # no plain arm yet
+    assert _is_png(tmp_path / "training_curve.png") and _is_png(tmp_path / "projection.png")
+
+    # benchmarks/run.py's plain arm, when present, adds a column and the verdict, honestly either way
+    (tmp_path / "plain").mkdir()
+    plain = {"plain": _metrics(0.60, 0.9), "steps": 6, "pairs": 100, "seconds": 20.0}
+    (tmp_path / "plain" / "report.json").write_text(json.dumps(plain))
+    text = render_report(tmp_path).read_text()
+    assert "| ndcg@10 | 0.4000 | 0.5500 | 0.6000 | +0.1500 | +0.2000 |" in text
+    assert "does **not** beat plain in-batch training on the raw pairs with the same budget of 6 steps" in text
+    assert "(-0.0500)" in text
+
+
+def test_report_without_curve_or_embeddings_says_so(tmp_path):
+    _run_folder(tmp_path, curve=False, embeddings=False)
+    text = render_report(tmp_path).read_text()
+    assert "no curve" in text and "no projection" in text
+    assert not (tmp_path / "training_curve.png").exists() and not (tmp_path / "projection.png").exists()
+
+
+def test_report_needs_a_finished_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pairmill run"):
+        render_report(tmp_path)
+
+
+def test_eval_stage_scores_each_model_and_keeps_a_sample_of_embeddings(tiny_model, tmp_path):
+    from pairmill.config import EncoderConfig, EvalConfig
+    from pairmill.evaluate import evaluate_model, load_task
+    from pairmill.run import evaluate_stage
+    from tests.conftest import literal_pairs, write_jsonl
+
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", literal_pairs(30))
+    encoder = EncoderConfig(model=tiny_model, device="cpu")
+    stats = evaluate_stage(str(heldout), str(tmp_path / "eval"), {"base": encoder, "trained": encoder}, EvalConfig(), {})
+    reference = evaluate_model(encoder, EvalConfig(), load_task(str(heldout)))
+    assert stats["base"] == pytest.approx(reference) and stats["trained"] == pytest.approx(reference)
+    assert json.loads((tmp_path / "eval" / "stats.json").read_text()) == stats
+    assert (tmp_path / "eval" / "_SUCCESS").exists()
+    with np.load(tmp_path / "eval" / "embeddings.npz") as data:
+        assert sorted(data.files) == ["base_passages", "base_queries", "trained_passages", "trained_queries"]
+        q, p = data["base_queries"], data["base_passages"]
+    assert q.shape == p.shape == (30, 32)  # every pair (fewer than EVAL_SAMPLE_PAIRS), the tiny model's width
+    # row i of both is one pair: the sampled queries sit closer to their own passage than to the others
+    sims = q @ p.T
+    assert np.mean(np.diag(sims)) > np.mean(sims)

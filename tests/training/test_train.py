@@ -18,6 +18,7 @@ from training.train import (
     FAIL_AT_STEP_ENV,
     _setup_model,
     build_batch,
+    export_model,
     hard_negatives,
     load_trainable_state,
     lr_lambda,
@@ -103,6 +104,40 @@ def test_train_verb_maps_flags():
     assert (args.input, args.output, args.eval_data, args.model) == ("pairs.jsonl", "out", "held.jsonl", "m")
     assert FLAG_KEYS["eval_data"] == "eval.data"
     assert VERBS["train"][1] == ("encoder", "read", "train", "eval", "mine", "ray")
+
+
+def test_unmerged_lora_export_is_a_peft_adapter_that_loads_to_the_training_time_encoder(tiny_model, tmp_path):
+    """train.lora_merge=false: OUT/model holds the adapter (not the base weights); SentenceTransformer
+    loads it through peft, onto the base model the adapter names, and encodes as the trained model did."""
+    from peft.tuners.lora import LoraLayer
+    from sentence_transformers import SentenceTransformer
+
+    from training.train import trainable_state
+
+    lora = {"rank": 4, "alpha": 8, "targets": []}
+    torch.manual_seed(0)
+    trained = _setup_model(tiny_model, lora)
+    with torch.no_grad():  # lora_B starts at zero (a no-op adapter): make the adapter change the model
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    torch.save(trainable_state(trained), checkpoint / "model.pt")
+
+    out = export_model(checkpoint, tmp_path / "model", model=tiny_model, lora=lora, merge=False)
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()  # the base weights stay where the adapter config points
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+    loaded = SentenceTransformer(str(out), device="cpu")
+    # transformers' peft integration injects the adapter's LoRA layers into the base model
+    assert any(isinstance(m, LoraLayer) for m in loaded.modules())
+    texts = ["query: cpu memory", "passage: the unix file system 7"]
+    trained.eval()
+    np.testing.assert_allclose(loaded.encode(texts, convert_to_numpy=True), trained.encode(texts, convert_to_numpy=True), atol=1e-6)
+    base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.abs(loaded.encode(texts, convert_to_numpy=True) - base).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- on Ray

@@ -1,0 +1,70 @@
+"""Every shipped config under configs/ loads through the real loader (a mistyped key fails), and
+`pairmill run`'s built-in sample profile is configs/sample.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pairmill.cli import VERBS
+from pairmill.config import SECTIONS, ConfigError, load_config
+from pairmill.run import SAMPLE_PROFILE, profile_overrides, sample_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+RUN_SECTIONS = {s: SECTIONS[s] for s in VERBS["run"][1]}
+GPUS_PER_INSTANCE = {"g5.12xlarge": 4}  # cluster.yaml's gpu_worker instance type
+
+
+def test_configs_are_shipped():
+    assert {p.name for p in CONFIGS} >= {"sample.yaml", "cluster-1b.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_names_only_known_keys(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(RUN_SECTIONS, path)
+    for section, values in raw.items():  # every value the file sets arrived, with its type
+        for key, value in values.items():
+            loaded = getattr(cfg[section], key)
+            assert loaded == value or (isinstance(value, int) and loaded == float(value)), f"{section}.{key}"
+
+
+def test_a_mistyped_key_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs" / "sample.yaml").read_text().replace("max_steps:", "max_step:"))
+    with pytest.raises(ConfigError, match="unknown key 'train.max_step'"):
+        load_config(RUN_SECTIONS, bad)
+
+
+def test_run_without_config_uses_configs_sample_yaml():
+    from_file = load_config(RUN_SECTIONS, ROOT / "configs" / "sample.yaml")
+    built_in = load_config(RUN_SECTIONS, None, sample_overrides(None, []))
+    assert built_in == from_file
+    assert yaml.safe_load((ROOT / "configs" / "sample.yaml").read_text()) == SAMPLE_PROFILE
+    assert built_in["train"].refresh_every > 0  # the issue: the default run trains with refresh
+
+
+def test_sample_profile_yields_to_the_user():
+    cfg = load_config(RUN_SECTIONS, None, sample_overrides(None, ["train.max_steps=5"]))
+    assert cfg["train"].max_steps == 5 and cfg["train"].passage_max_length == SAMPLE_PROFILE["train"]["passage_max_length"]
+    # a --config file, or pairs of one's own, get the generic defaults instead
+    assert sample_overrides("c.yaml", ["a.b=1"]) == ["a.b=1"]
+    assert sample_overrides(None, ["run.train=big.jsonl"]) == ["run.train=big.jsonl"]
+    assert profile_overrides({"filter": {"decontaminate": ["a", "b"], "n_clusters": None}}) == [
+        "filter.decontaminate=a,b", "filter.n_clusters=none"]
+
+
+def test_cluster_config_fits_the_cluster():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    gpu_node = cluster["available_node_types"]["gpu_worker"]
+    gpus = gpu_node["max_workers"] * GPUS_PER_INSTANCE[gpu_node["node_config"]["InstanceType"]]
+    cfg = load_config(RUN_SECTIONS, ROOT / "configs" / "cluster-1b.yaml")
+    train = cfg["train"]
+    assert train.num_workers + cfg["ray"].actors <= gpus  # training and refresh encoders side by side
+    assert train.use_gpu and train.refresh_every > 0
+    assert (train.batch_size // train.num_workers) % train.mini_batch_size == 0  # whole GradCache chunks
+    cpu_node = cluster["available_node_types"]["cpu_worker"]
+    assert cfg["mine"].shards * cfg["mine"].shard_cpus <= cpu_node["max_workers"] * 32  # r6i.8xlarge: 32 vCPU

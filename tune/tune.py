@@ -1,0 +1,513 @@
+"""``pairmill tune PAIRS -o OUT``: Ray Tune over whole ``pairmill train`` runs.
+
+Design note
+-----------
+What. Each trial is one ``training.train.train`` run (a ``TorchTrainer``, possibly several workers)
+into ``OUT/trials/<trial_id>``. In Ray 2.60 Train V2 ``Tuner(TorchTrainer)`` raises, so the trial
+is a Tune *function trainable* that calls ``train`` with its own run name, storage under OUT and
+``TuneReportCallback``, which forwards every Train report (rank 0's metrics and the checkpoint path)
+to Tune. The trainable itself holds 0.01 CPU (``tune.with_resources``); the Train workers hold the
+real resources through their own placement group.
+
+Search. The keys that vary and their ranges come from the ``tune`` section (``TuneConfig.space``);
+random search or Optuna (TPE). The train section's own values are the first trial
+(``points_to_evaluate``), so the best trial is never worse than the defaults on the tuning metric:
+the default trial is one of the candidates. ASHA stops trials that trail at a rung (time = train
+step), on the held-out metric each trial reports every ``train.eval_every`` steps; the trial
+checkpoints at every evaluation, so every reported score has its weights on disk and no report
+carries a NaN score (a NaN would let a trial pass a rung unjudged).
+
+Resources. A trial holds ``train.num_workers x tune.cpus_per_worker`` CPUs (and a GPU per worker
+with ``train.use_gpu``) plus one CPU's worth of room for its Ray Data ingest; trials at once are
+sized from the cluster so every trial that is started can also get its workers (more would wait on
+each other forever on a small machine). A local single-node Ray counts logical CPUs above the
+cores (``init_ray``), so there trials are sized on the cores: 1 at a time on 2 cores.
+
+Resume. Tune checkpoints its experiment state in ``OUT/tune``; rerunning the same command finds it
+(``Tuner.can_restore``) and continues (``Tuner.restore``): finished trials are kept, an interrupted
+trial restarts and its ``train`` run resumes from its own last checkpoint.
+
+Output. ``OUT/best_model`` (the best trial's best checkpoint, exported by ``training.train``),
+``OUT/best_config.yaml`` (the settings that made it), ``OUT/results.csv`` (a row per trial),
+``OUT/trials.png`` (the metric over steps per trial), ``OUT/stats.json`` and ``_SUCCESS`` last.
+The best checkpoint is chosen on the held-out data, so its score there is optimistic: report a
+separate test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+TRIALS = "trials"  # OUT/trials/<trial_id>: one train job folder per trial
+EXPERIMENT = "tune"  # OUT/tune: Ray Tune's experiment state (what a rerun restores)
+SETTINGS = "tune_settings.json"
+DATA_CPUS = 1.0  # room each trial leaves for its Ray Data ingest (read + split feeding the workers)
+
+
+class BadInput(ValueError):
+    """What the user asked for cannot run; the message says what to change."""
+
+
+class Interrupted(RuntimeError):
+    """The experiment stopped before every trial ended (Ctrl-C, a lost driver): rerun to resume."""
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def search_space(space: dict[str, tuple[str, list]]) -> dict:
+    """``TuneConfig.space()`` -> Ray Tune domains."""
+    from ray import tune
+
+    make = {"log": lambda v: tune.loguniform(v[0], v[1]), "uniform": lambda v: tune.uniform(v[0], v[1]),
+            "choice": lambda v: tune.choice(v)}
+    return {key: make[kind](values) for key, (kind, values) in space.items()}
+
+
+def with_defaults(space: dict[str, tuple[str, list]], train_cfg) -> tuple[dict, dict]:
+    """The space with the train section's value added to every choice list (the first trial must be
+    a point of the space, or Optuna refuses it), and that first trial's config."""
+    default = {key: getattr(train_cfg, key) for key in space}
+    out = {}
+    for key, (kind, values) in space.items():
+        if kind == "choice" and default[key] not in values:
+            print(f"[pairmill] tune: tune.{key}={values} does not hold train.{key}={default[key]}, the first trial's "
+                  "value: added to the choices")
+            values = [default[key], *values]
+        out[key] = (kind, values)
+    return out, default
+
+
+def trial_train_config(train_cfg, config: dict):
+    """The train section with a trial's values (validated: TrainConfig checks them on construction)."""
+    types = {f.name: f.type for f in dataclasses.fields(train_cfg)}
+    values = {key: (int(v) if "int" in str(types[key]) else float(v)) for key, v in config.items()}
+    return dataclasses.replace(train_cfg, **values)
+
+
+def check_space(space: dict[str, tuple[str, list]], train_cfg) -> None:
+    """Every choice and range bound must make a valid train config (e.g. a batch size that
+    num_workers divides): fail before any trial starts, naming the value."""
+    from pairmill.config import ConfigError
+
+    for key, (_, values) in space.items():
+        for value in values:
+            try:
+                trial_train_config(train_cfg, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"tune.{key} holds {value}, which train refuses: {e}") from None
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def trial_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
+    """What one trial's Train workers hold together."""
+    return {"CPU": num_workers * cpus_per_worker, **({"GPU": float(num_workers)} if use_gpu else {})}
+
+
+def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], cores: int | None = None) -> int:
+    """Trials that can run at once: each needs its workers' resources plus ``DATA_CPUS`` for its
+    ingest. ``cores`` (a local single-node Ray) caps the CPUs counted at the physical cores.
+    Raises when not even one trial fits (it would wait forever)."""
+    need_cpu = per_trial["CPU"] + DATA_CPUS
+    logical = cluster.get("CPU", 0.0)
+    if need_cpu > logical or per_trial.get("GPU", 0) > cluster.get("GPU", 0):
+        raise BadInput(
+            f"one trial needs {per_trial} for its Train workers plus {DATA_CPUS} CPU for its data, but the cluster "
+            f"has {{CPU: {logical}, GPU: {cluster.get('GPU', 0)}}}: lower train.num_workers or tune.cpus_per_worker, "
+            "or add nodes"
+        )
+    cpus = min(logical, cores) if cores else logical
+    n = max(1, int(cpus // need_cpu))
+    if per_trial.get("GPU"):
+        n = min(n, int(cluster["GPU"] // per_trial["GPU"]))
+    return n
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_per_worker: dict) -> None:
+    """The Tune function trainable: one train run with this trial's values. Its reports reach Tune
+    through ``TuneReportCallback`` (``tune.report`` is not called here: Train's workers report)."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from training.train import train
+
+    trial_id = tune.get_context().get_trial_id()
+    # The callback is made here, in the Tune session it reports to (through a queue actor); the train
+    # run itself runs as a task outside the trial's placement group, which would otherwise capture
+    # train's Ray Data tasks (and refuse them: the group holds 0.01 CPU). The task is owned by this
+    # trial, so a trial that Tune stops takes its train run (and its Train workers) with it.
+    run = ray.remote(train).options(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)
+    ray.get(run.remote(
+        pairs, str(Path(out) / TRIALS / trial_id),
+        encoder=sections["encoder"], read=sections["read"], train_cfg=trial_train_config(sections["train"], config),
+        eval_cfg=sections["eval"], ray=sections["ray"], mine_cfg=sections["mine"],
+        run_name=f"train-{trial_id}", callbacks=[TuneReportCallback()], resources_per_worker=resources_per_worker,
+    ))
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    trial_id: str
+    config: dict
+    status: str  # finished | stopped early | error | not finished
+    history: list[dict]  # [{"step", metric, "checkpoint_path"}] in report order
+    error: str = ""
+
+    def best(self, metric: str) -> dict | None:
+        """The report with the highest metric (the earliest of equals)."""
+        scored = [h for h in self.history if not _is_nan(h.get(metric))]
+        return max(scored, key=lambda h: h[metric]) if scored else None
+
+
+def trial_records(grid, out: Path, metric: str, max_steps: int | None = None) -> list[TrialRecord]:
+    """One record per trial of a ``ResultGrid``, in trial order (the default trial first). A trial
+    is finished when its train run wrote ``_SUCCESS``, or reported ``max_steps`` (ASHA may stop a
+    trial at its last report, while it exports its own model)."""
+    records = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        frame = result.metrics_dataframe
+        history = []
+        if frame is not None and metric in frame.columns:
+            for row in frame.to_dict("records"):
+                if not _is_nan(row.get("step")):
+                    history.append({"step": int(row["step"]), metric: row[metric],
+                                    "checkpoint_path": row.get("checkpoint_path")})
+        if result.error is not None:
+            status = "error"
+        elif (out / TRIALS / trial_id / "_SUCCESS").exists() or (max_steps and history and history[-1]["step"] >= max_steps):
+            status = "finished"
+        elif history:
+            status = "stopped early"
+        else:
+            status = "not finished"
+        error = f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300] if result.error else ""
+        records.append(TrialRecord(trial_id, dict(result.config or {}), status, history, error))
+    return sorted(records, key=lambda r: r.trial_id)
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    match = re.search(r"_([0-9a-f]{5}_\d{5})", Path(path or "").name)
+    return match.group(1) if match else Path(path or "unknown").name
+
+
+def _is_nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def write_results_csv(records: list[TrialRecord], keys: list[str], metric: str, path: Path) -> None:
+    columns = ["trial_id", "default", "status", *keys, metric, "best_step", f"last_{metric}", "steps", "error"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for i, r in enumerate(records):
+            best = r.best(metric)
+            writer.writerow({
+                "trial_id": r.trial_id, "default": i == 0, "status": r.status,
+                **{k: r.config.get(k) for k in keys},
+                metric: best[metric] if best else "", "best_step": best["step"] if best else "",
+                f"last_{metric}": r.history[-1][metric] if r.history else "",
+                "steps": r.history[-1]["step"] if r.history else 0, "error": r.error,
+            })
+
+
+def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
+    """The metric over steps, one line per trial; a trial ASHA stopped ends in an x."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(records):
+        points = [(h["step"], h[metric]) for h in r.history if not _is_nan(h.get(metric))]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        label = f"{r.trial_id}{' (default)' if i == 0 else ''}: {r.status}"
+        (line,) = ax.plot(steps, values, marker="o", markersize=3, linewidth=2.5 if i == 0 else 1.5, label=label)
+        if r.status == "stopped early":
+            ax.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
+    ax.set_xlabel("train step")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_title("pairmill tune: trials (x = stopped early by ASHA)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def count_input(pairs: str, read) -> tuple[int, dict[str, int]]:
+    """(valid rows, {reject reason: rows}) of PAIRS, when no trial finished to tell."""
+    from pairmill.embed import read_kwargs
+    from pairmill.pairs import read_parsed
+
+    rows = read_parsed(pairs, "pairs", **read_kwargs(read)).select_columns(["reason"]).map_batches(
+        _reason_counts, batch_format="pyarrow").take_all()
+    valid, rejected = 0, {}
+    for row in rows:
+        if row["reason"] is None:
+            valid += row["n"]
+        else:
+            rejected[row["reason"]] = rejected.get(row["reason"], 0) + row["n"]
+    return valid, dict(sorted(rejected.items()))
+
+
+def _reason_counts(batch):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(batch.column("reason"))  # struct<values, counts>; null = a valid row
+    return pa.table({"reason": counts.field("values"), "n": counts.field("counts")})
+
+
+def _absolute(path: str | None) -> str | None:
+    """Trials run with the trial folder as working directory: local paths must be absolute."""
+    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def _check_same_settings(out: Path, settings: dict, restorable: bool) -> None:
+    """A rerun into OUT resumes its experiment: refuse when it was started with other settings."""
+    path = out / SETTINGS
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
+    if restorable and path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(
+            f"{section}.{key}" for section in settings["sections"]
+            for key in set(settings["sections"][section]) | set(saved["sections"].get(section, {}))
+            if settings["sections"][section].get(key) != saved["sections"].get(section, {}).get(key)
+        ) + (["input"] if saved["input"] != settings["input"] else [])
+        if changed:
+            raise BadInput(
+                f"{out} holds a tuning run started with other settings ({', '.join(changed)}); rerunning the same "
+                "command resumes it. Use a new -o folder, or delete this one to start over."
+            )
+    path.write_text(json.dumps(settings, indent=2, default=str))
+
+
+def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = None) -> dict:
+    """Run the tune job; returns the stats written to ``OUT/stats.json``. ``sections`` are the
+    config sections (tune, encoder, read, train, eval, mine, ray); ``callbacks`` go to Tune's RunConfig."""
+    import ray
+    import yaml
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from pairmill.cluster import init_ray
+    from pairmill.config import config_to_dict
+    from training.train import _lora, export_model
+
+    started = time.perf_counter()
+    tune_cfg, train_cfg, eval_cfg = sections["tune"], sections["train"], sections["eval"]
+    metric = tune_cfg.metric
+    if not eval_cfg.data:
+        raise BadInput("trials are ranked on held-out data: pass --eval-data FILE (eval.data), pairs or a "
+                         "BEIR folder kept apart from PAIRS")
+    if tune_cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise BadInput("tune.search=optuna needs optuna, which is not installed: pip install 'pairmill[tune]' "
+                         "(or pip install optuna), or use tune.search=random")
+    space, default = with_defaults(tune_cfg.space(), train_cfg)
+    if not space:
+        raise BadInput("nothing to tune: every search-space key (tune.lr, tune.temperature, tune.warmup_ratio, "
+                         "tune.batch_size, tune.hard_negatives, tune.lora_rank) is empty; give at least one a range or choices")
+    # Every trial evaluates every eval_every steps (ASHA's signal) and checkpoints there (the best
+    # report's weights are then on disk, and no report carries a NaN score).
+    eval_every = train_cfg.eval_every or tune_cfg.grace_period
+    train_cfg = dataclasses.replace(train_cfg, eval_every=eval_every, checkpoint_every=eval_every)
+    check_space(space, train_cfg)
+    sections = {**sections, "train": train_cfg,
+                "encoder": dataclasses.replace(sections["encoder"], model=_absolute(sections["encoder"].model)),
+                "eval": dataclasses.replace(eval_cfg, data=_absolute(eval_cfg.data), corpus=_absolute(eval_cfg.corpus))}
+    pairs = str(Path(pairs).expanduser().resolve())
+    if not Path(pairs).exists():
+        raise BadInput(f"{pairs}: no such file or folder (PAIRS: JSONL(.gz), Parquet, an HF dataset or a job folder)")
+
+    init_ray(sections["ray"].address, sections["ray"].num_cpus)
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    experiment = out_dir / EXPERIMENT
+    restorable = tune.Tuner.can_restore(str(experiment))
+    _check_same_settings(out_dir, {"input": pairs, "sections": config_to_dict(
+        {k: v for k, v in sections.items() if k != "ray"})}, restorable)
+    (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
+
+    use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray.cluster_resources().get("GPU"))
+    per_trial = trial_resources(train_cfg.num_workers, tune_cfg.cpus_per_worker, use_gpu)
+    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    fits = max_concurrent_trials(ray.cluster_resources(), per_trial, cores=os.cpu_count() if single_node else None)
+    if tune_cfg.max_concurrent and tune_cfg.max_concurrent > fits:
+        raise BadInput(f"tune.max_concurrent={tune_cfg.max_concurrent}, but the cluster fits {fits} trial(s) of "
+                         f"{per_trial} + {DATA_CPUS} CPU at once; use <= {fits}, or leave it empty")
+    concurrent = tune_cfg.max_concurrent or fits
+
+    resources_per_worker = {"CPU": tune_cfg.cpus_per_worker}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, pairs=pairs, out=str(out_dir), sections=sections,
+                             resources_per_worker=resources_per_worker),
+        {"CPU": 0.01},  # the trial function only waits on its train run ({"CPU": 0} is refused)
+    )
+    if restorable:
+        print(f"[pairmill] tune: resuming the interrupted tuning run in {experiment} (finished trials are kept)", flush=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, param_space=search_space(space))
+    else:
+        if tune_cfg.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg, limit = OptunaSearch(points_to_evaluate=[default], seed=tune_cfg.seed), concurrent
+        else:  # a SearchGenerator: Tune ignores max_concurrent_trials for it, it takes its own limit
+            search_alg, limit = BasicVariantGenerator(
+                points_to_evaluate=[default], random_state=tune_cfg.seed, max_concurrent=concurrent), None
+        scheduler = FIFOScheduler() if tune_cfg.scheduler == "none" else ASHAScheduler(
+            time_attr="step", grace_period=tune_cfg.grace_period, reduction_factor=tune_cfg.reduction_factor,
+            # above any trial's length, so the max_t rule never cuts a trial's end (a rung falling on the last
+            # step still may: such a trial reported every step and counts as finished)
+            max_t=(train_cfg.max_steps + 1) if train_cfg.max_steps else 2**31,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(space),
+            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=tune_cfg.num_samples,
+                                        search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), callbacks=callbacks),
+        )
+    print(f"[pairmill] tune: {tune_cfg.num_samples} trial(s) ({tune_cfg.search} search, {tune_cfg.scheduler}), "
+          f"{concurrent} at a time, each {per_trial}; varying "
+          f"{', '.join(f'{k} {kind} {v}' for k, (kind, v) in space.items())}; trial 1 = the train section's values "
+          f"{default}; {metric} on {eval_cfg.data} every {eval_every} steps", flush=True)
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    tune_seconds = time.perf_counter() - t0
+
+    records = trial_records(grid, out_dir, metric, train_cfg.max_steps)
+    keys = list(space)
+    write_results_csv(records, keys, metric, out_dir / "results.csv")
+    plot_trials(records, metric, out_dir / "trials.png")
+    # Ctrl-C marks a running trial TERMINATED too: one that never reported nor failed did not end
+    ended = grid.num_terminated + grid.num_errors - sum(r.status == "not finished" for r in records)
+    if ended < len(grid) or len(records) < tune_cfg.num_samples:
+        raise Interrupted(f"the tuning run was interrupted ({ended} of {tune_cfg.num_samples} trial(s) ended); "
+                          f"rerun the same command to resume it from {experiment}")
+    candidates = [(r, r.best(metric)) for r in records if r.best(metric) is not None]
+    if not candidates:
+        errors = "; ".join(f"{r.trial_id}: {r.error}" for r in records if r.error)
+        raise RuntimeError(f"no trial reported {metric} (see {out_dir / 'results.csv'}): {errors}")
+    best_record, best = max(candidates, key=lambda c: c[1][metric])  # the earliest trial wins ties: the defaults
+
+    t0 = time.perf_counter()
+    checkpoint = best.get("checkpoint_path")
+    if not checkpoint or not Path(checkpoint).exists():  # only kept checkpoints can be exported
+        kept = [h for h in best_record.history if h.get("checkpoint_path") and Path(h["checkpoint_path"]).exists()]
+        if not kept:
+            raise RuntimeError(f"trial {best_record.trial_id} has no checkpoint left under {out_dir / TRIALS}")
+        best = max(kept, key=lambda h: h[metric])
+        checkpoint = best["checkpoint_path"]
+    best_train = trial_train_config(train_cfg, {k: best_record.config[k] for k in keys})
+    export_model(checkpoint, out_dir / "best_model", model=sections["encoder"].model, lora=_lora(best_train),
+                 merge=best_train.lora_merge)
+    best_sections = {k: v for k, v in sections.items() if k not in ("tune", "mine", "ray")}
+    (out_dir / "best_config.yaml").write_text(yaml.safe_dump(
+        json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
+    export_seconds = time.perf_counter() - t0
+
+    # Input counts: every trial read and validated the same PAIRS; a finished trial's stats hold them
+    t0 = time.perf_counter()
+    done = [out_dir / TRIALS / r.trial_id / "stats.json" for r in records]
+    done = [json.loads(path.read_text()) for path in done if path.exists()]
+    valid_rows, rejected = (done[0]["kept"], done[0]["rejected"]) if done else count_input(pairs, sections["read"])
+    read_seconds = time.perf_counter() - t0
+    default_best = records[0].best(metric)
+    counts = {s: sum(r.status == s for r in records) for s in ("finished", "stopped early", "error")}
+    stats = {
+        "input_rows": valid_rows + sum(rejected.values()),
+        "kept": valid_rows,
+        "dropped": {},
+        "rejected": rejected,
+        "stages": ([] if done else [  # else every trial validated PAIRS itself (its own stats.json)
+            {"name": "read+validate", "rows_in": valid_rows + sum(rejected.values()), "rows_out": valid_rows,
+             "seconds": round(read_seconds, 3)}]) + [
+            {"name": "tune", "rows_in": valid_rows, "rows_out": valid_rows, "seconds": round(tune_seconds, 3)},
+            {"name": "export", "rows_in": 1, "rows_out": 1, "seconds": round(export_seconds, 3)},
+        ],
+        "tune": {
+            "metric": metric,
+            "trials": len(records),
+            **{k.replace(" ", "_"): v for k, v in counts.items()},
+            "resumed": restorable,
+            "max_concurrent": concurrent,
+            "per_trial_resources": per_trial,
+            "space": {k: {"kind": kind, "values": v} for k, (kind, v) in space.items()},
+            "eval_every": eval_every,
+            "best": {"trial_id": best_record.trial_id, "config": {k: best_record.config[k] for k in keys},
+                     metric: best[metric], "step": best["step"], "checkpoint": checkpoint},
+            "default": {"trial_id": records[0].trial_id, "config": default, "status": records[0].status,
+                        metric: default_best[metric] if default_best else None,
+                        "step": default_best["step"] if default_best else None},
+        },
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    (out_dir / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return stats
+
+
+def format_summary(stats: dict, out: str) -> str:
+    from pairmill.embed import format_summary as job_summary
+
+    t = stats["tune"]
+    metric, best, default = t["metric"], t["best"], t["default"]
+    default_score = f"{default[metric]:.4f} (step {default['step']})" if default[metric] is not None else "none reported"
+    return "\n".join([
+        job_summary(stats, out),
+        f"    trials              {t['trials']}: {t['finished']} finished, {t['stopped_early']} stopped early, "
+        f"{t['error']} error(s){'; resumed' if t['resumed'] else ''}; {t['max_concurrent']} at a time",
+        f"    default trial       {default['trial_id']} {metric} {default_score} {default['config']}",
+        f"    best trial          {best['trial_id']} {metric} {best[metric]:.4f} (step {best['step']}) {best['config']}",
+        f"    best model          {Path(out) / 'best_model'}  (settings: {Path(out) / 'best_config.yaml'})",
+        f"    results             {Path(out) / 'results.csv'}, {Path(out) / 'trials.png'}",
+    ])
+
+
+def main(args) -> int:
+    """``pairmill tune [PAIRS] -o OUT --num-samples N [--eval-data D]``."""
+    import sys
+
+    from pairmill import sample
+    from pairmill.config import ConfigError
+
+    cfg = dict(args.config_sections)
+    pairs = args.input or str(sample.TRAIN)
+    if not cfg["eval"].data and Path(pairs).expanduser().resolve() == sample.TRAIN.resolve():
+        cfg["eval"] = dataclasses.replace(cfg["eval"], data=str(sample.HELDOUT))  # the sample's own held-out split
+    try:
+        stats = tune_runs(pairs, args.output, sections=cfg)
+    except Interrupted as e:
+        print(f"pairmill tune: {e}", file=sys.stderr)
+        return 1
+    except (BadInput, ConfigError) as e:
+        print(f"pairmill tune: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(stats, args.output))
+    return 0
+
