@@ -228,15 +228,22 @@ def _warn_rejected(table, path) -> None:
         print(f"[pairmill] eval: {path}: {len(reasons)} rows left out as invalid: {counts}")
 
 
-def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask) -> dict[str, float]:
-    """Metrics of the model an EncoderConfig names on ``task``, with an EvalConfig's settings."""
+def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask, keep: dict | None = None) -> dict[str, float]:
+    """Metrics of the model an EncoderConfig names on ``task``, with an EvalConfig's settings.
+    ``keep``, when given, receives the embeddings by kind (``"query"`` (Q, D), ``"passage"`` (N, D))."""
     from pairmill.embed import encoder_kwargs
     from pairmill.encoder import Encoder
 
     encoder = Encoder(**encoder_kwargs(encoder_cfg))
+    kept = {} if keep is None else keep
+
+    def encode(texts, kind):
+        kept[kind] = encoder.encode(texts, kind, show_progress=True)
+        return kept[kind]
+
     return evaluate(
         task,
-        lambda texts, kind: encoder.encode(texts, kind, show_progress=True),
+        encode,
         query_batch=eval_cfg.query_batch,
         uniformity_sample=eval_cfg.uniformity_sample,
     )

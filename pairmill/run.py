@@ -193,9 +193,7 @@ def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwa
     ``{name}_passages``: (n, D) float32, row i of both = pair i) for the report's projection."""
     import numpy as np
 
-    from pairmill.embed import encoder_kwargs
-    from pairmill.encoder import Encoder
-    from pairmill.evaluate import evaluate_embeddings, load_task
+    from pairmill.evaluate import evaluate_model, load_task
 
     task = load_task(heldout, eval_cfg.corpus, read_kwargs)
     rng = np.random.default_rng(0)
@@ -205,12 +203,9 @@ def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwa
     metrics, arrays = {}, {}
     for name, encoder_cfg in encoders.items():
         print(f"[pairmill] run: evaluating the {name} model on {len(task.queries)} held-out queries")
-        encoder = Encoder(**encoder_kwargs(encoder_cfg))
-        q = encoder.encode(task.queries, "query", show_progress=True)  # (Q, D)
-        c = encoder.encode(task.corpus, "passage", show_progress=True)  # (N, D)
-        metrics[name] = evaluate_embeddings(task, q, c, query_batch=eval_cfg.query_batch,
-                                            uniformity_sample=eval_cfg.uniformity_sample)
-        arrays[f"{name}_queries"], arrays[f"{name}_passages"] = q[qi], c[ci]
+        embeddings: dict = {}
+        metrics[name] = evaluate_model(encoder_cfg, eval_cfg, task, keep=embeddings)
+        arrays[f"{name}_queries"], arrays[f"{name}_passages"] = embeddings["query"][qi], embeddings["passage"][ci]
     path = Path(folder)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
