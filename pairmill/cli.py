@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from pairmill.run import sample_overrides
 
         overrides = sample_overrides(args.config, overrides)
+    if args.verb == "tune":  # likewise for tune (configs/tune-sample.yaml)
+        from tune.tune import sample_overrides as tune_sample_overrides
+
+        overrides = tune_sample_overrides(args.config, args.input, overrides)
     try:
         args.config_sections = load_config({s: SECTIONS[s] for s in sections}, args.config, overrides)
     except ConfigError as e:

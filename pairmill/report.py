@@ -210,7 +210,8 @@ def format_report(report: dict, curve: list[dict], plain: dict | None, projectio
               "| stage | input rows | kept | dropped (by reason) | rejected (by reason) | seconds |", "|---|---|---|---|---|---|"]
     for name in ("filter", "mine", "train"):
         s = stages[name]
-        seconds = sum(x["seconds"] for x in s.get("stages", []))
+        # the job's wall time (its steps overlap in a streaming pipeline and leave out start-up)
+        seconds = s.get("seconds", sum(x["seconds"] for x in s.get("stages", [])))
         lines.append(f"| {name} | {s['input_rows']} | {s['kept']} | {_reasons(s['dropped'])} | {_reasons(s['rejected'])} | {seconds:.1f} |")
     lines += ["", "Steps within each stage:", "", "| stage | step | rows in | rows out | seconds |", "|---|---|---|---|---|"]
     for name in ("filter", "mine", "train"):

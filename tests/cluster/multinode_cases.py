@@ -123,6 +123,35 @@ def test_two_worker_training_places_one_worker_per_node(cluster, tiny_model, tmp
     assert len(workers) == 2 and len(set(workers)) == 2 and "head" not in workers, workers
 
 
+def test_two_trial_tune_run_finishes_with_best_model_and_results(cluster, tiny_model, tmp_path):
+    import csv
+
+    from pairmill.config import SECTIONS, load_config
+    from sentence_transformers import SentenceTransformer
+    from tune.tune import tune_runs
+
+    rows = literal_pairs(120)
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows[:96])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", rows[96:])
+    names = ("tune", "encoder", "read", "train", "eval", "mine", "ray")
+    sections = load_config({s: SECTIONS[s] for s in names}, None, [
+        f"encoder.model={tiny_model}", f"eval.data={heldout}", "train.batch_size=8", "train.max_steps=2",
+        "train.eval_every=2", "train.log_every=1", "train.max_failures=0", "tune.num_samples=2",
+        "tune.scheduler=none", "tune.lr=[1e-4,1e-3]", "tune.temperature="])
+    out = tmp_path / "tune"
+    stats = tune_runs(str(src), str(out), sections=sections)
+
+    # 6 CPUs on three nodes: each trial takes its 1-CPU worker plus 1 CPU of ingest, so both run at once
+    assert stats["tune"]["max_concurrent"] == 3 and stats["tune"]["finished"] == 2
+    with open(out / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    assert [r["status"] for r in results] == ["finished", "finished"] and all(r["ndcg@10"] for r in results)
+    assert (out / "_SUCCESS").exists()
+    assert SentenceTransformer(str(out / "best_model"), device="cpu").encode(["a query"]).shape == (1, 32)
+    workers = cluster.placed("RayTrainWorker")
+    assert "head" not in workers, workers
+
+
 def test_mining_finishes_with_the_same_result_after_losing_a_node(cluster, tmp_path):
     """Runs last: it removes a worker node. The node holding an index shard goes away once the
     index is saved (the job then searches it); Ray restarts the shard on another node from its file.

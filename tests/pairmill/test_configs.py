@@ -15,17 +15,18 @@ from pairmill.run import SAMPLE_PROFILE, profile_overrides, sample_overrides
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 RUN_SECTIONS = {s: SECTIONS[s] for s in VERBS["run"][1]}
+TUNE_SECTIONS = {s: SECTIONS[s] for s in VERBS["tune"][1]}
 GPUS_PER_INSTANCE = {"g5.12xlarge": 4}  # cluster.yaml's gpu_worker instance type
 
 
 def test_configs_are_shipped():
-    assert {p.name for p in CONFIGS} >= {"sample.yaml", "cluster-1b.yaml"}
+    assert {p.name for p in CONFIGS} >= {"sample.yaml", "cluster-1b.yaml", "tune-sample.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_names_only_known_keys(path):
     raw = yaml.safe_load(path.read_text())
-    cfg = load_config(RUN_SECTIONS, path)
+    cfg = load_config(TUNE_SECTIONS if path.name.startswith("tune") else RUN_SECTIONS, path)
     for section, values in raw.items():  # every value the file sets arrived, with its type
         for key, value in values.items():
             loaded = getattr(cfg[section], key)
@@ -68,3 +69,18 @@ def test_cluster_config_fits_the_cluster():
     assert (train.batch_size // train.num_workers) % train.mini_batch_size == 0  # whole GradCache chunks
     cpu_node = cluster["available_node_types"]["cpu_worker"]
     assert cfg["mine"].shards * cfg["mine"].shard_cpus <= cpu_node["max_workers"] * 32  # r6i.8xlarge: 32 vCPU
+
+
+def test_tune_without_config_on_the_sample_uses_configs_tune_sample_yaml():
+    from pairmill import sample
+    from tune.tune import SAMPLE_PROFILE as TUNE_PROFILE
+    from tune.tune import sample_overrides as tune_overrides
+
+    path = ROOT / "configs" / "tune-sample.yaml"
+    assert yaml.safe_load(path.read_text()) == TUNE_PROFILE
+    assert load_config(TUNE_SECTIONS, None, tune_overrides(None, None, [])) == load_config(TUNE_SECTIONS, path)
+    assert load_config(TUNE_SECTIONS, None, tune_overrides(None, str(sample.TRAIN), [])) == load_config(TUNE_SECTIONS, path)
+    # the user's settings win; a --config file or pairs of one's own get the generic defaults
+    assert load_config(TUNE_SECTIONS, None, tune_overrides(None, None, ["train.max_steps=7"]))["train"].max_steps == 7
+    assert tune_overrides("c.yaml", None, ["a.b=1"]) == ["a.b=1"]
+    assert tune_overrides(None, "mine.jsonl", []) == []

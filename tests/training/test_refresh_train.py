@@ -105,3 +105,24 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     assert refresh["seconds_per_round"] > 0 and refresh["seconds_per_step"] > 0
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["refresh_rounds_finished"] == refresh["rounds_finished"] and "negative_staleness" in final
+
+
+def test_a_round_that_would_land_after_the_last_step_is_not_started(tmp_path, monkeypatch):
+    """The last round took 12 steps: one due at step 24 of 36 would finish at the end, unused."""
+    import mining.refresh
+    from training.train import RefreshRounds
+
+    started = []
+    monkeypatch.setattr(mining.refresh, "start_refresh", lambda *a, **k: started.append(a) or "ref")
+    rounds = RefreshRounds({"folder": str(tmp_path), "every": 12, "slices": 2, "pairs": None, "index_folder": None,
+                            "encoder_kwargs": {}, "mine_cfg": None, "store": None, "pool": None},
+                           save_model=lambda folder: folder)
+    rounds.start(12, total=36)
+    assert len(started) == 1 and rounds.started == 1
+    rounds.inflight = None
+    rounds.finished.append({"step": 12, "steps_trained_meanwhile": 12, "seconds": 100.0, "save_seconds": 0.1})
+    rounds.start(24, total=36)  # 24 + 12 >= 36
+    assert len(started) == 1 and (rounds.skipped, rounds.late_skipped) == (1, 1)
+    rounds.start(24, total=40)  # 24 + 12 < 40: still useful
+    assert len(started) == 2 and rounds.started == 2
+    assert rounds.summary()["rounds_skipped_as_too_late"] == 1
