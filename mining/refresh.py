@@ -234,5 +234,17 @@ def start_refresh(model: str, step: int, **kwargs):
     """``refresh_negatives`` as a Ray task; returns its ObjectRef at once (the caller keeps training)."""
     import ray
 
-    task = ray.remote(num_cpus=0)(refresh_negatives)  # its encoder actors and shards take the CPUs
+    task = ray.remote(num_cpus=0)(_quiet_refresh)  # its encoder actors and shards take the CPUs
     return task.remote(model, step, **kwargs)
+
+
+def _quiet_refresh(model: str, step: int, **kwargs) -> dict:
+    """A round without Ray Data's progress bars and plan logs: it runs beside training, whose own
+    lines (round started / finished, with its counts and seconds) would drown in them."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return refresh_negatives(model, step, **kwargs)

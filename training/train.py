@@ -49,6 +49,7 @@ the all-gather of the embeddings, DDP's all-reduce of the gradients; GradCache a
 from __future__ import annotations
 
 import json
+import sys
 import math
 import os
 import shutil
@@ -213,8 +214,13 @@ def _setup_optimizer(st: nn.Module, lr: float, weight_decay: float) -> torch.opt
     params = [p for p in st.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    # The fused kernel (what transformers' Trainer picks by default): one pass over all parameters
+    # instead of a loop of ops per tensor. Measured on 2 CPUs with all-MiniLM-L6-v2: 18 ms a step
+    # against 91-97 ms for foreach/for-loop, ~3% of a training step at batch 32.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+        **({"fused": True} if fused else {}),
     )
 
 
@@ -277,6 +283,16 @@ def _evaluate(st: nn.Module, tokenizer, task, cfg: dict, device, autocast) -> di
 # ----------------------------------------------------------------------------- refresh rounds (rank 0)
 
 
+def _say(message: str) -> None:
+    """A progress line from a Train worker, shown once on the driver. Ray Train V2 patches ``print``
+    in its workers to send a line both to the worker's stdout and to a logger with a console
+    handler, so every ``print`` there reached the driver twice (Ray 2.60); writing to the process's
+    own stdout skips the patch (Ray's log monitor still forwards it)."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
 class RefreshRounds:
     """Rank 0's bookkeeping of ANCE refresh rounds (``mining.refresh``). Every ``every`` steps it
     saves the live model and starts a round as a Ray task; it never waits for one: at most one
@@ -320,8 +336,8 @@ class RefreshRounds:
             # -> 10 s a step while a round ran)
             self.skipped += 1
             self.late_skipped += 1
-            print(f"[pairmill] train: refresh round due at step {step} skipped: the last one took "
-                  f"{self.finished[-1]['steps_trained_meanwhile']} steps, so it would land after step {total}")
+            _say(f"[pairmill] train: refresh round due at step {step} skipped: the last one took "
+                 f"{self.finished[-1]['steps_trained_meanwhile']} steps, so it would land after step {total}")
             return
         t0 = time.perf_counter()
         out = self.folder / f"step-{step}"
@@ -335,8 +351,8 @@ class RefreshRounds:
         )
         self.inflight = {"ref": ref, "step": step, "t0": time.perf_counter(), "save_seconds": save_seconds, "skipped": 0}
         self.started += 1
-        print(f"[pairmill] train: refresh round {self.started} started at step {step} "
-              f"(slice {(self.started - 1) % slices + 1}/{slices}; model saved in {save_seconds:.1f}s)")
+        _say(f"[pairmill] train: refresh round {self.started} started at step {step} "
+             f"(slice {(self.started - 1) % slices + 1}/{slices}; model saved in {save_seconds:.1f}s)")
 
     def poll(self, step: int) -> dict | None:
         """The round's record when it finished since the last poll, else None. A failed round raises."""
@@ -357,9 +373,9 @@ class RefreshRounds:
             f.write(json.dumps(record) + "\n")
         for older in self.finished[:-1]:  # the newest finished round holds the live index; older ones are spent
             shutil.rmtree(self.folder / f"step-{older['step']}", ignore_errors=True)
-        print(f"[pairmill] train: refresh round of step {record['step']} finished at step {step}: "
-              f"{record['refreshed']} pairs re-mined in {record['seconds']:.1f}s ({record['rounds_skipped_meanwhile']} due "
-              "round(s) skipped meanwhile)")
+        _say(f"[pairmill] train: refresh round of step {record['step']} finished at step {step}: "
+             f"{record['refreshed']} pairs re-mined in {record['seconds']:.1f}s ({record['rounds_skipped_meanwhile']} due "
+             "round(s) skipped meanwhile)")
         return record
 
     def metrics(self) -> dict:
@@ -379,7 +395,7 @@ class RefreshRounds:
             return
         ray.cancel(self.inflight["ref"], force=True)  # kills its worker; the round's actors go with it
         self.cancelled = {"step": self.inflight["step"], "action": "cancelled", "at_step": step}
-        print(f"[pairmill] train: refresh round of step {self.inflight['step']} cancelled at the end of training")
+        _say(f"[pairmill] train: refresh round of step {self.inflight['step']} cancelled at the end of training")
         self.inflight = None
 
     def summary(self) -> dict:
@@ -450,8 +466,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"] + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
     if rank == 0:
         _truncate_metrics(Path(cfg["metrics_path"]), start_step)
-        print(f"[pairmill] train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
-              f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
+        _say(f"[pairmill] train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
+             f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
     # Embedding buffers (position ids) are constants, so DDP need not broadcast them every forward;
     # that also lets ranks run different numbers of forwards (ragged hard negatives, GradCache chunks).
     model = ray.train.torch.prepare_model(st, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -551,8 +567,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
                 cpu_last = time.process_time()
                 if rank == 0:
-                    print(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
-                          f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
+                    _say(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
+                         f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
             if rank == 0 and step % cfg["log_every"] == 0 and not do_report:  # a report step's line is written below
                 _append_metrics(Path(cfg["metrics_path"]), metrics)
             if do_report:
@@ -560,8 +576,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
                     t0 = time.perf_counter()
                     metrics.update(_evaluate(st, tokenizer, task, cfg, device, autocast))
                     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
-                    print(f"[pairmill] train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
-                          f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
+                    _say(f"[pairmill] train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
+                         f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
                 reported = dict(metrics)
                 if cfg["eval_task"] is not None and "ndcg@10" not in reported:
                     reported["ndcg@10"] = float("nan")  # ranks below every evaluated checkpoint
@@ -664,7 +680,8 @@ def _save_atomically(st: nn.Module, out: Path) -> Path:
 # ----------------------------------------------------------------------------- the job
 
 
-def _lora(train_cfg) -> dict | None:
+def lora_settings(train_cfg) -> dict | None:
+    """The train section's LoRA settings as the loop and ``export_model`` take them (None: full fine-tuning)."""
     if not train_cfg.lora_rank:
         return None
     alpha = train_cfg.lora_alpha if train_cfg.lora_alpha is not None else 2 * train_cfg.lora_rank
@@ -775,7 +792,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         "eval_query_batch": eval_cfg.query_batch,
         "eval_uniformity_sample": eval_cfg.uniformity_sample,
         "eval_task": ray_lib.put(task) if task is not None else None,
-        "lora": _lora(train_cfg),
+        "lora": lora_settings(train_cfg),
         "total_steps": total_steps,
         "steps_per_epoch": per_epoch,
         "per_worker_batch": per_worker,
@@ -828,7 +845,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     t0 = time.perf_counter()
     with result.checkpoint.as_directory() as folder:
         final_state = json.loads((Path(folder) / "state.json").read_text())
-        export_model(folder, out_dir / "model", model=encoder.model, lora=_lora(train_cfg), merge=train_cfg.lora_merge)
+        export_model(folder, out_dir / "model", model=encoder.model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
     export_seconds = time.perf_counter() - t0
     best = None
     if task is not None and result.best_checkpoints:
@@ -859,8 +876,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if not _is_nan(v)},
         "best_checkpoint": best,
         "base_model": resolve_model(encoder.model),
-        "lora": _lora(train_cfg),
-        "exported_merged": bool(_lora(train_cfg) is None or train_cfg.lora_merge),
+        "lora": lora_settings(train_cfg),
+        "exported_merged": bool(lora_settings(train_cfg) is None or train_cfg.lora_merge),
         "seconds": round(time.perf_counter() - started, 3),
     }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))

@@ -337,7 +337,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
-    from training.train import _lora, export_model
+    from training.train import export_model, lora_settings
 
     started = time.perf_counter()
     tune_cfg, train_cfg, eval_cfg = sections["tune"], sections["train"], sections["eval"]
@@ -444,7 +444,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
         best = max(kept, key=lambda h: h[metric])
         checkpoint = best["checkpoint_path"]
     best_train = trial_train_config(train_cfg, {k: best_record.config[k] for k in keys})
-    export_model(checkpoint, out_dir / "best_model", model=sections["encoder"].model, lora=_lora(best_train),
+    export_model(checkpoint, out_dir / "best_model", model=sections["encoder"].model, lora=lora_settings(best_train),
                  merge=best_train.lora_merge)
     best_sections = {k: v for k, v in sections.items() if k not in ("tune", "mine", "ray")}
     (out_dir / "best_config.yaml").write_text(yaml.safe_dump(
