@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "the first trial, so the best trial is never worse than the defaults on that metric. Rerunning the same "
                 "command into the same OUT resumes an interrupted run.")
             p.add_argument("input", nargs="?", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job "
-                           "folder; empty = the bundled sample's train split")
+                           "folder; empty = the bundled sample's train split (with no --config, sized to finish in minutes: "
+                           "configs/tune-sample.yaml)")
             p.add_argument("-o", "--output", required=True, help="output folder (best_model/, results.csv, trials.png, "
                            "trials/, stats.json)")
             p.add_argument("--num-samples", type=int, metavar="N", help="trials, the default settings included (tune.num_samples)")
