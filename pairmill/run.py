@@ -39,6 +39,7 @@ from pairmill.config import config_to_dict
 # `pairmill run` with no --config on the bundled sample: these settings, under the user's key=value
 # overrides. configs/sample.yaml is the same profile with the reason for each value.
 SAMPLE_PROFILE: dict[str, dict] = {
+    "filter": {"audit": 0.2},
     "train": {
         "max_steps": 36,
         "passage_max_length": 128,
