@@ -49,10 +49,10 @@ the all-gather of the embeddings, DDP's all-reduce of the gradients; GradCache a
 from __future__ import annotations
 
 import json
-import sys
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
