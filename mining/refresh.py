@@ -245,6 +245,12 @@ def _quiet_refresh(model: str, step: int, **kwargs) -> dict:
 
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return refresh_negatives(model, step, **kwargs)
+    ctx, logger = DataContext.get_current(), logging.getLogger("ray.data")
+    bars, level = ctx.enable_progress_bars, logger.level
+    ctx.enable_progress_bars = False
+    logger.setLevel(logging.WARNING)
+    try:
+        return refresh_negatives(model, step, **kwargs)
+    finally:  # Ray reuses worker processes: the next task there gets its bars and logs back
+        ctx.enable_progress_bars = bars
+        logger.setLevel(level)
