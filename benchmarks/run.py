@@ -67,6 +67,7 @@ def plain_arm(out: Path, cfg: dict, force: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pairmill.cli import VERBS
     from pairmill.cli import main as cli_main
     from pairmill.config import SECTIONS, load_config
     from pairmill.evaluate import format_table
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     overrides = list(args.overrides) + ([f"encoder.model={args.model}"] if args.model else [])
-    names = ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray")
-    cfg = load_config({s: SECTIONS[s] for s in names}, args.config, sample_overrides(args.config, overrides))
+    cfg = load_config({s: SECTIONS[s] for s in VERBS["run"][1]}, args.config, sample_overrides(args.config, overrides))
     out = Path(args.output).resolve()
     plain = plain_arm(out, cfg, force=args.force)
     report = json.loads((out / "report.json").read_text())

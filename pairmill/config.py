@@ -414,6 +414,16 @@ def load_config(
     return out
 
 
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The ``section.key`` names whose value differs between two ``{section: {key: value}}`` dicts
+    (non-dict entries of ``current`` are left out), sorted: what a rerun into a job's folder changed."""
+    return sorted(
+        f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+        for key in set(values) | set(saved.get(section, {}))
+        if values.get(key) != saved.get(section, {}).get(key)
+    )
+
+
 def config_to_dict(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(section) for name, section in config.items()}
 

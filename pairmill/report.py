@@ -65,7 +65,8 @@ def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 # ----------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (the report and tune's trials.png write files only)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; works without a display
@@ -76,7 +77,7 @@ def _pyplot():
 
 def plot_curve(curve: list[dict], path: Path) -> None:
     """Loss per logged step, with the learning rate on a second axis."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in curve]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     ax.plot(steps, [r["loss"] for r in curve], marker="o", markersize=3, color="tab:blue", label="InfoNCE loss")
@@ -98,7 +99,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
 
 def plot_projection(embeddings: dict[str, np.ndarray], path: Path, seed: int = 0) -> dict:
     """Base and trained samples side by side; returns the method and the sample size."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=110)
     n = len(embeddings["base_queries"])
     method = ""

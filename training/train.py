@@ -698,13 +698,12 @@ def _plain(value: Any) -> Any:
 
 def _check_same_run(out: Path, run: dict, run_name: str = RUN_NAME) -> None:
     """A rerun into OUT resumes its checkpoints: refuse when what they were made from differs."""
+    from pairmill.config import changed_settings
+
     saved_path = out / "checkpoints" / "run.json"
     if saved_path.exists() and any((out / "checkpoints" / run_name).glob("step_*")):
         saved = json.loads(saved_path.read_text())
-        changed = sorted(
-            f"{section}.{key}" for section in run for key in set(run[section]) | set(saved.get(section, {}))
-            if isinstance(run[section], dict) and run[section].get(key) != saved.get(section, {}).get(key)
-        ) + (["input"] if saved.get("input") != run["input"] else [])
+        changed = changed_settings(saved, run) + (["input"] if saved.get("input") != run["input"] else [])
         if changed:
             raise ValueError(
                 f"{out} holds checkpoints of a run with different settings ({', '.join(changed)}); a rerun into "

@@ -250,11 +250,9 @@ def write_results_csv(records: list[TrialRecord], keys: list[str], metric: str, 
 
 def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
     """The metric over steps, one line per trial; a trial ASHA stopped ends in an x."""
-    import matplotlib
+    from pairmill.report import pyplot
 
-    matplotlib.use("Agg")  # no display: write the file only
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(records):
         points = [(h["step"], h[metric]) for h in r.history if not _is_nan(h.get(metric))]
@@ -309,15 +307,14 @@ def _absolute(path: str | None) -> str | None:
 
 def _check_same_settings(out: Path, settings: dict, restorable: bool) -> None:
     """A rerun into OUT resumes its experiment: refuse when it was started with other settings."""
+    from pairmill.config import changed_settings
+
     path = out / SETTINGS
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
     if restorable and path.exists():
         saved = json.loads(path.read_text())
-        changed = sorted(
-            f"{section}.{key}" for section in settings["sections"]
-            for key in set(settings["sections"][section]) | set(saved["sections"].get(section, {}))
-            if settings["sections"][section].get(key) != saved["sections"].get(section, {}).get(key)
-        ) + (["input"] if saved["input"] != settings["input"] else [])
+        changed = changed_settings(saved["sections"], settings["sections"]) + (
+            ["input"] if saved["input"] != settings["input"] else [])
         if changed:
             raise BadInput(
                 f"{out} holds a tuning run started with other settings ({', '.join(changed)}); rerunning the same "
