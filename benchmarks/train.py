@@ -1,7 +1,7 @@
 """Training benchmark: `pairmill train` vs sentence-transformers' trainer (MNRL), GradCache and
 refresh cost, and held-out quality on the bundled sample.
 
-    HF_HUB_OFFLINE=1 python benchmarks/train.py [--steps 20] [--max-length 128] [--json bench-out/train.json]
+    HF_HUB_OFFLINE=1 python benchmarks/train.py [--steps 20] [--max-length 128] [--one-forward-arm] [--json bench-out/train.json]
     HF_HUB_OFFLINE=1 python benchmarks/train.py --quality [--no-throughput] [--json ...]
 
 Every arm uses the bundled all-MiniLM-L6-v2, batch 32 (--batch-size), one process / one Ray Train
@@ -19,6 +19,9 @@ quote ratios: other work on the machine slows both sides alike only when it is s
    ``metrics.jsonl`` ``cpu_seconds``, the callback's for ST): on a machine shared with other work
    read this one, because Ray starts its workers at nice 15 (``RAY_worker_niceness``), so under
    contention the Train worker gets far less CPU than the nice-0 process running ST's trainer.
+   pairmill runs with its defaults, so each side's texts are encoded in length groups
+   (``train.length_group_overhead``); --one-forward-arm adds pairmill with that off (one forward
+   per side padded to its longest, as ST), which separates the grouping's gain from the rest.
    Then pairmill with GradCache (``mini_batch_size`` --mini-batch) on the same batch.
 2. Refresh cost: a pairmill run on the mined pairs with ``refresh_every``; its ``stats.json``
    gives seconds per round, per step (while rounds ran) and the round's cost in steps.
@@ -86,7 +89,7 @@ def step_summary(step_seconds: list[float], cpu_seconds: list[float], batch: int
 
 def pairmill_arm(pairs: str, out: Path, *, batch: int, max_length: int, steps: int | None, warmup: int,
                  temperature: float = 0.05, mini_batch: int | None = None, refresh_every: int = 0,
-                 hard_negatives: int = 1) -> dict:
+                 hard_negatives: int = 1, length_group_overhead: int | None = None) -> dict:
     """``training.train.train`` into a fresh ``out`` (a leftover folder would be resumed, not rerun)."""
     from pairmill.config import EncoderConfig, EvalConfig, MineConfig, RayConfig, ReadConfig, TrainConfig
     from training.train import train
@@ -96,6 +99,7 @@ def pairmill_arm(pairs: str, out: Path, *, batch: int, max_length: int, steps: i
         epochs=1, max_steps=steps, batch_size=batch, temperature=temperature, mini_batch_size=mini_batch,
         query_max_length=max_length, passage_max_length=max_length, hard_negatives=hard_negatives,
         refresh_every=refresh_every, log_every=1, checkpoint_every=10**9, max_failures=0,
+        length_group_overhead=length_group_overhead,
     )
     t0 = time.perf_counter()
     stats = train(pairs, str(out), encoder=EncoderConfig(), read=ReadConfig(), train_cfg=cfg, eval_cfg=EvalConfig(),
@@ -257,14 +261,19 @@ def throughput(args, work: Path) -> dict:
     queries, passages = valid_pairs(str(sample.TRAIN))
     print(f"[bench] throughput: {len(queries)} valid pairs of {sample.TRAIN}, batch {args.batch_size}, "
           f"max length {args.max_length}, {args.steps} steps per arm, steady state after {args.warmup} steps")
-    runs: dict[str, list[dict]] = {"pairmill": [], "sentence-transformers": [], "pairmill_gradcache": []}
+    runs: dict[str, list[dict]] = {"pairmill": [], "sentence-transformers": [], "pairmill_one_forward": [],
+                                   "pairmill_gradcache": []}
     common = dict(batch=args.batch_size, max_length=args.max_length, steps=args.steps, warmup=args.warmup)
     arms = {
         "pairmill": lambda: pairmill_arm(str(sample.TRAIN), work / "tp-pairmill", **common),
         "sentence-transformers": lambda: st_arm(queries, passages, work / "tp-st", **common),
+        # length grouping off: one forward per side padded to its longest, as sentence-transformers
+        "pairmill_one_forward": lambda: pairmill_arm(str(sample.TRAIN), work / "tp-pairmill-1f", length_group_overhead=0,
+                                                     **common),
         "pairmill_gradcache": lambda: pairmill_arm(str(sample.TRAIN), work / "tp-pairmill-gc", mini_batch=args.mini_batch, **common),
     }
-    order = ["pairmill", "sentence-transformers"] + (["pairmill_gradcache"] if args.mini_batch else [])
+    order = (["pairmill", "sentence-transformers"] + (["pairmill_one_forward"] if args.one_forward_arm else [])
+             + (["pairmill_gradcache"] if args.mini_batch else []))
     for r in range(args.repeats):
         for name in order if r % 2 == 0 else order[::-1]:  # alternate, so neither side always runs first
             print(f"[bench] throughput round {r + 1}/{args.repeats}: {name}")
@@ -274,6 +283,7 @@ def throughput(args, work: Path) -> dict:
         "max_length": args.max_length, "steps": args.steps, "warmup_steps_excluded": args.warmup,
         "gradcache_mini_batch": args.mini_batch, "cpus": os.cpu_count(), "runs": runs,
         "ratio_pairmill_over_st": ratios(runs["pairmill"], runs["sentence-transformers"]),
+        "ratio_one_forward_over_st": ratios(runs["pairmill_one_forward"], runs["sentence-transformers"]),
         # > 1: a GradCache step costs that many plain steps
         "gradcache_step_cost": ratios(runs["pairmill"], runs["pairmill_gradcache"]),
     }
@@ -344,6 +354,9 @@ def format_throughput(t: dict) -> str:
                          f"{r['first_step_s']:>12.2f} {r['wall_s']:>7.1f} {r['wall_pairs_per_s']:>12.2f}")
     lines.append("pairmill / sentence-transformers pairs/s, per round: "
                  + "; ".join(f"{m} {v}" for m, v in t["ratio_pairmill_over_st"].items()))
+    if t["runs"].get("pairmill_one_forward"):
+        lines.append("pairmill without length grouping / sentence-transformers pairs/s, per round: "
+                     + "; ".join(f"{m} {v}" for m, v in t["ratio_one_forward_over_st"].items()))
     if t["runs"]["pairmill_gradcache"]:
         lines.append(f"GradCache (mini-batch {t['gradcache_mini_batch']}) step cost in plain steps, per round: "
                      + "; ".join(f"{m} {v}" for m, v in t["gradcache_step_cost"].items()))
@@ -376,6 +389,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per passage, every arm")
     parser.add_argument("--mini-batch", type=int, default=8, help="GradCache mini-batch of the GradCache arm; 0 = skip it")
+    parser.add_argument("--one-forward-arm", action="store_true",
+                        help="also run pairmill with train.length_group_overhead=0 (one padded forward per side, as ST)")
     parser.add_argument("--repeats", type=int, default=1, help="throughput rounds (pairmill, ST, GradCache each)")
     parser.add_argument("--quality", action="store_true", help="also run the quality arms (slow: ~6 trainings)")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput part")

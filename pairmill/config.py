@@ -167,6 +167,11 @@ class TrainConfig:
     symmetric: bool = _field(False, "add the passage->query InfoNCE term")
     hard_negatives: int = _field(1, "hard negatives per pair taken from the `negatives` column (0 = in-batch only)")
     mini_batch_size: int | None = _field(None, "GradCache mini-batch (texts per forward); empty = no GradCache")
+    length_group_overhead: int | None = _field(
+        None, "encode each side's texts sorted by length, in the groups that minimise padded tokens + this many "
+        "tokens per extra forward (same embeddings, less padding); empty = 128 on CPU (measured fastest on the "
+        "sample), 2048 on GPU (not measured); 0 = one forward per side padded to its longest, as sentence-transformers"
+    )
     query_max_length: int = _field(64, "tokens per query in training (prefix included)")
     passage_max_length: int = _field(256, "tokens per passage or hard negative in training (prefix included)")
     lora_rank: int = _field(0, "LoRA rank; 0 = full fine-tuning")
@@ -206,6 +211,8 @@ class TrainConfig:
             (self.hard_negatives >= 0, f"train.hard_negatives={self.hard_negatives}; use >= 0"),
             (self.mini_batch_size is None or self.mini_batch_size >= 1,
              f"train.mini_batch_size={self.mini_batch_size}; use >= 1, or empty for no GradCache"),
+            (self.length_group_overhead is None or self.length_group_overhead >= 0,
+             f"train.length_group_overhead={self.length_group_overhead}; use >= 0 tokens (0 = off), or empty for the default"),
             (self.query_max_length >= 2, f"train.query_max_length={self.query_max_length}; use >= 2 (room for special tokens)"),
             (self.passage_max_length >= 2, f"train.passage_max_length={self.passage_max_length}; use >= 2"),
             (self.lora_rank >= 0, f"train.lora_rank={self.lora_rank}; use >= 0 (0 = full fine-tuning)"),

@@ -8,7 +8,9 @@ What. A ``TorchTrainer`` runs ``train_loop_per_worker`` on ``train.num_workers``
 tokenises queries, passages and hard negatives itself with the model's tokenizer (E5 prefixes from
 the encoder section, a max length per side), and minimises ``InfoNCELoss`` over the global batch
 (all-gather across workers, false negatives masked by ``text_key``), through ``GradCache`` when
-``train.mini_batch_size`` is set. AdamW, warmup + linear/cosine decay, gradient clipping, bf16
+``train.mini_batch_size`` is set. Each side's texts are encoded sorted by length, in groups padded to
+their own longest (``encode_by_length``, ``train.length_group_overhead``): the same embeddings for
+less padding. AdamW, warmup + linear/cosine decay, gradient clipping, bf16
 autocast on GPU and fp32 on CPU; LoRA (peft) optional and merged on export.
 
 Checkpoints. Every ``checkpoint_every`` steps and at the end, rank 0 hands ``ray.train.report`` a
@@ -64,13 +66,17 @@ from torch import Tensor, nn
 
 from mining.refresh import NegativeStore, current_negatives
 from pairmill.pairs import text_key
-from training.losses import GradCache, InfoNCELoss
+from training.losses import GradCache, InfoNCELoss, encode_by_length
 
 RUN_NAME = "train"
 FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank raises once at this step
 # test hook: every step also sleeps this long, as a step on an accelerator leaves the CPUs to a refresh round
 STEP_SLEEP_ENV = "PAIRMILL_TRAIN_STEP_SLEEP_S"
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
+# train.length_group_overhead when empty, (CPU, GPU): tokens one extra forward is worth. CPU: 128 and
+# 256 were fastest on the sample (1.23x and 1.22x a one-forward step of 32 pairs, 64: 1.19x, 384:
+# 1.17x); GPU: not measured, set high so that only batches with much padding are split.
+LENGTH_GROUP_OVERHEAD = (128, 2048)
 # A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
 # of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
 REFRESH_ACTOR_CPUS = 0.5
@@ -474,6 +480,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     loss_fn = InfoNCELoss(cfg["temperature"], cfg["symmetric"])
     encode = lambda m, features: _encode(m, features, autocast)  # noqa: E731
     grad_cache = GradCache(model, cfg["mini_batch_size"], encode) if cfg["mini_batch_size"] else None
+    overhead = cfg["length_group_overhead"]
+    if overhead is None:  # per extra forward, in tokens: measured on CPU (benchmarks/train.py); a guess on GPU
+        overhead = LENGTH_GROUP_OVERHEAD[device.type == "cuda"]
     task = ray.get(cfg["eval_task"]) if cfg["eval_task"] is not None and rank == 0 else None
     trainable = [p for p in st.parameters() if p.requires_grad]
     shard = ray.train.get_dataset_shard("train")
@@ -522,7 +531,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
             if grad_cache is not None:
                 loss = grad_cache.forward_backward(groups, loss_of)
             else:
-                loss = loss_of(*[encode(model, g) for g in groups])
+                loss = loss_of(*[encode_by_length(model, g, overhead, encode) for g in groups])
                 loss.backward()
             if cfg["max_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
@@ -805,7 +814,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
                                    train_gpus=train_cfg.num_workers if use_gpu else 0) if refreshing else None,
         **{k: getattr(train_cfg, k) for k in (
             "lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature", "symmetric",
-            "mini_batch_size", "query_max_length", "passage_max_length", "checkpoint_every", "eval_every",
+            "mini_batch_size", "length_group_overhead", "query_max_length", "passage_max_length", "checkpoint_every", "eval_every",
             "log_every", "seed")},
     }
     ingest = DataConfig.default_ingest_options()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import losses
-from training.losses import GradCache, InfoNCELoss, passage_ids
+from training.losses import GradCache, InfoNCELoss, encode_by_length, length_groups, passage_ids
 
 B, H, D = 6, 3, 8  # global batch: 6 pairs, 3 hard-negative slots, 8-dim embeddings
 WORLD = 2
@@ -195,8 +195,10 @@ def bert_step(model, groups, loss_fn, seed, mini_batch_size=None, chunked_refere
     if mini_batch_size:
         loss = GradCache(model, mini_batch_size, bert_encode).forward_backward(groups, loss_fn)
     else:
-        split = (lambda g: losses._split(g, 3)) if chunked_reference else (lambda g: [g])
-        embs = [torch.cat([bert_encode(model, c) for c in split(g)]) for g in groups]
+        # GradCache's chunks: 3 rows each, longest texts first, each cut to its longest
+        split = (lambda g: losses.length_chunks(g, 3)) if chunked_reference else (lambda g: ([g], None))
+        embs = [losses._unsort(torch.cat([bert_encode(model, c) for c in chunks]), order)
+                for chunks, order in map(split, groups)]
         loss = loss_fn(*embs)
         loss.backward()
     return loss.detach(), {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
@@ -237,6 +239,65 @@ def test_grad_cache_replays_dropout(tiny_bert, monkeypatch):
     _, unreplayed = bert_step(tiny_bert, bert_groups(), bert_loss_fn(), seed=7, mini_batch_size=3)
     name = "embeddings.word_embeddings.weight"
     assert not torch.allclose(unreplayed[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_grad_cache_chunks_cut_padding_when_sorted_by_length():
+    features = {"input_ids": torch.arange(8)[:, None].repeat(1, 6), "attention_mask":
+                (torch.arange(6)[None, :] < torch.tensor([2, 6, 1, 5, 3, 6, 2, 4])[:, None]).long()}
+    chunks, order = losses.length_chunks(features, 3)
+    assert order.tolist() == [1, 5, 3, 7, 4, 0, 6, 2]  # longest first, ties in input order
+    assert [c["input_ids"].shape for c in chunks] == [(3, 6), (3, 4), (2, 2)]
+    assert chunks[1]["input_ids"][:, 0].tolist() == [7, 4, 0]
+    left = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"].flip(1)}
+    chunks, order = losses.length_chunks(left, 3)  # left padding: chunked as it is (trimming shifts positions)
+    assert order is None and [c["input_ids"].shape for c in chunks] == [(3, 6), (3, 6), (2, 6)]
+
+
+# ----------------------------------------------------------------------------- length groups
+
+
+def brute_force_groups(lengths, overhead):
+    """The least cost over every way to cut the sorted lengths into consecutive groups."""
+    n, best = len(lengths), None
+    for mask in range(2 ** (n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        cost = sum(overhead + (b - a) * lengths[a] for a, b in zip(cuts, cuts[1:]))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_length_groups_minimise_padding_plus_overhead():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(1, 10, (1,), generator=g))
+        lengths = sorted(torch.randint(1, 20, (n,), generator=g).tolist(), reverse=True)
+        overhead = float(torch.randint(0, 40, (1,), generator=g))
+        spans = length_groups(lengths, overhead)
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        cost = sum(overhead + (b - a) * lengths[a] for a, b in spans)
+        assert cost == pytest.approx(brute_force_groups(lengths, overhead)), (lengths, overhead)
+    assert length_groups([128] * 10 + [20] * 22, 128) == [(0, 10), (10, 32)]
+    assert length_groups([128] * 10 + [120] * 22, 256) == [(0, 32)]  # padding 8 x 22 < one more forward
+    assert length_groups([], 5) == []
+    with pytest.raises(ValueError, match="longest first"):
+        length_groups([3, 5], 1)
+
+
+def test_encoding_by_length_gives_the_one_forward_embeddings_and_gradients(tiny_bert):
+    tiny_bert.eval()  # no dropout: the grouped and the one-forward call must agree exactly
+    features = token_batch(16, 5)
+    out = {}
+    for overhead in (0, 4):
+        tiny_bert.zero_grad()
+        calls = []
+        emb = encode_by_length(tiny_bert, features, overhead, lambda m, f: calls.append(f["input_ids"].shape) or bert_encode(m, f))
+        emb.pow(2).sum().backward()
+        out[overhead] = emb.detach(), {k: v.grad.clone() for k, v in tiny_bert.named_parameters() if v.grad is not None}, calls
+    (one, grads, calls), (grouped, grouped_grads, group_calls) = out[0], out[4]
+    assert calls == [(16, 12)] and len(group_calls) > 1 and sum(s[0] for s in group_calls) == 16
+    assert sum(s[0] * s[1] for s in group_calls) < 16 * 12  # fewer tokens through the encoder
+    torch.testing.assert_close(grouped, one, rtol=1e-5, atol=1e-6)
+    assert_same_grads(grouped_grads, grads)
 
 
 # ----------------------------------------------------------------------------- 2 gloo workers

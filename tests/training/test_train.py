@@ -87,6 +87,7 @@ def test_steps_per_epoch_follows_equal_split_and_drop_last():
         ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5"),
         ("train.lora_rank=-2", "train.lora_rank=-2"),
         ("train.mini_batch_size=0", "train.mini_batch_size=0"),
+        ("train.length_group_overhead=-1", "train.length_group_overhead=-1"),
         ("train.schedule=step", "train.schedule='step'"),
         ("train.epochs=0", "train.epochs=0"),
     ],
@@ -228,7 +229,9 @@ def test_lora_exports_a_merged_plain_model_and_a_rerun_resumes(ray_session, tiny
     from transformers import AutoModel
 
     out = tmp_path / "lora"
-    settings = dict(lora_rank=4, max_steps=3, hard_negatives=0)
+    # length_group_overhead=4: each side encoded in several length groups, under DDP with ranks
+    # running different numbers of forwards
+    settings = dict(lora_rank=4, max_steps=3, hard_negatives=0, length_group_overhead=4)
     stats = run_train(data, out, tiny_model, **settings)
     assert stats["train"]["steps"] == 3 and stats["train"]["resumed_from_step"] == 0 and stats["exported_merged"]
     assert not (out / "model" / "adapter_config.json").exists()
