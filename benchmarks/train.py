@@ -9,7 +9,7 @@ worker, and the same max length for queries and passages (--max-length, the peer
 ``max_seq_length``), on this machine's CPUs. Arms run one after another in this process, so
 quote ratios: other work on the machine slows both sides alike only when it is steady.
 
-1. Throughput (on the raw train split of the sample, --steps optimizer steps per arm):
+1. Throughput (on the raw train split of the sample, or --pairs; --steps optimizer steps per arm):
    ``training.train.train`` (Ray Train, 1 worker, in-batch negatives; ``log_every=1`` so
    ``metrics.jsonl`` holds every step's wall time, data wait included) against
    ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` (a ``TrainerCallback`` takes
@@ -258,19 +258,20 @@ def ratios(a: list[dict], b: list[dict]) -> dict[str, list[float]]:
 def throughput(args, work: Path) -> dict:
     from pairmill import sample
 
-    queries, passages = valid_pairs(str(sample.TRAIN))
-    print(f"[bench] throughput: {len(queries)} valid pairs of {sample.TRAIN}, batch {args.batch_size}, "
+    pairs = args.pairs or str(sample.TRAIN)
+    queries, passages = valid_pairs(pairs)
+    print(f"[bench] throughput: {len(queries)} valid pairs of {pairs}, batch {args.batch_size}, "
           f"max length {args.max_length}, {args.steps} steps per arm, steady state after {args.warmup} steps")
     runs: dict[str, list[dict]] = {"pairmill": [], "sentence-transformers": [], "pairmill_one_forward": [],
                                    "pairmill_gradcache": []}
     common = dict(batch=args.batch_size, max_length=args.max_length, steps=args.steps, warmup=args.warmup)
     arms = {
-        "pairmill": lambda: pairmill_arm(str(sample.TRAIN), work / "tp-pairmill", **common),
+        "pairmill": lambda: pairmill_arm(pairs, work / "tp-pairmill", **common),
         "sentence-transformers": lambda: st_arm(queries, passages, work / "tp-st", **common),
         # length grouping off: one forward per side padded to its longest, as sentence-transformers
-        "pairmill_one_forward": lambda: pairmill_arm(str(sample.TRAIN), work / "tp-pairmill-1f", length_group_overhead=0,
+        "pairmill_one_forward": lambda: pairmill_arm(pairs, work / "tp-pairmill-1f", length_group_overhead=0,
                                                      **common),
-        "pairmill_gradcache": lambda: pairmill_arm(str(sample.TRAIN), work / "tp-pairmill-gc", mini_batch=args.mini_batch, **common),
+        "pairmill_gradcache": lambda: pairmill_arm(pairs, work / "tp-pairmill-gc", mini_batch=args.mini_batch, **common),
     }
     order = (["pairmill", "sentence-transformers"] + (["pairmill_one_forward"] if args.one_forward_arm else [])
              + (["pairmill_gradcache"] if args.mini_batch else []))
@@ -279,7 +280,7 @@ def throughput(args, work: Path) -> dict:
             print(f"[bench] throughput round {r + 1}/{args.repeats}: {name}")
             runs[name].append(arms[name]())
     return {
-        "pairs": str(sample.TRAIN), "valid_pairs": len(queries), "batch_size": args.batch_size,
+        "pairs": pairs, "valid_pairs": len(queries), "batch_size": args.batch_size,
         "max_length": args.max_length, "steps": args.steps, "warmup_steps_excluded": args.warmup,
         "gradcache_mini_batch": args.mini_batch, "cpus": os.cpu_count(), "runs": runs,
         "ratio_pairmill_over_st": ratios(runs["pairmill"], runs["sentence-transformers"]),
@@ -354,6 +355,9 @@ def format_throughput(t: dict) -> str:
                          f"{r['first_step_s']:>12.2f} {r['wall_s']:>7.1f} {r['wall_pairs_per_s']:>12.2f}")
     lines.append("pairmill / sentence-transformers pairs/s, per round: "
                  + "; ".join(f"{m} {v}" for m, v in t["ratio_pairmill_over_st"].items()))
+    # the host's speed drifts between rounds: the median round is the number to quote
+    lines.append("  median over rounds: " + "; ".join(
+        f"{m} {statistics.median(v):.3f}" for m, v in t["ratio_pairmill_over_st"].items() if v))
     if t["runs"].get("pairmill_one_forward"):
         lines.append("pairmill without length grouping / sentence-transformers pairs/s, per round: "
                      + "; ".join(f"{m} {v}" for m, v in t["ratio_one_forward_over_st"].items()))
@@ -391,6 +395,8 @@ def main() -> None:
     parser.add_argument("--mini-batch", type=int, default=8, help="GradCache mini-batch of the GradCache arm; 0 = skip it")
     parser.add_argument("--one-forward-arm", action="store_true",
                         help="also run pairmill with train.length_group_overhead=0 (one padded forward per side, as ST)")
+    parser.add_argument("--pairs", help="throughput: this pairs file or folder instead of the sample's raw train split "
+                        "(e.g. bench-out/train/filter, the filtered pairs --quality makes)")
     parser.add_argument("--repeats", type=int, default=1, help="throughput rounds (pairmill, ST, GradCache each)")
     parser.add_argument("--quality", action="store_true", help="also run the quality arms (slow: ~6 trainings)")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput part")

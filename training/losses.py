@@ -412,6 +412,8 @@ def _right_padded_lengths(features: Features) -> Tensor | None:
     lengths = mask.sum(1)
     if not torch.equal(mask != 0, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
         return None
+    if len(lengths) and int(lengths.min()) == 0:  # an all-padding row: nothing to cut it to
+        return None
     return lengths
 
 

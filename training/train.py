@@ -73,9 +73,9 @@ FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank rai
 # test hook: every step also sleeps this long, as a step on an accelerator leaves the CPUs to a refresh round
 STEP_SLEEP_ENV = "PAIRMILL_TRAIN_STEP_SLEEP_S"
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
-# train.length_group_overhead when empty, (CPU, GPU): tokens one extra forward is worth. CPU: 128 and
-# 256 were fastest on the sample (1.23x and 1.22x a one-forward step of 32 pairs, 64: 1.19x, 384:
-# 1.17x); GPU: not measured, set high so that only batches with much padding are split.
+# train.length_group_overhead when empty, (CPU, GPU): tokens one extra forward is worth. CPU: 64-128
+# were fastest on the sample (benchmarks/length_groups.py: 1.13-1.14x one padded forward per side,
+# 256: 1.12x, 384: 1.09x); GPU: not measured, set high so that only batches with much padding split.
 LENGTH_GROUP_OVERHEAD = (128, 2048)
 # A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
 # of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
