@@ -45,7 +45,7 @@ def main() -> None:
     from pairmill import sample
     from pairmill.encoder import load_sentence_transformer
     from train import valid_pairs  # benchmarks/train.py: the rows `pairmill train` trains on
-    from training.losses import _right_padded_lengths, encode_by_length, length_groups
+    from training.losses import encode_by_length, length_groups
 
     queries, passages = valid_pairs(str(sample.TRAIN))
     st = load_sentence_transformer(None, "cpu")
@@ -64,7 +64,7 @@ def main() -> None:
         rows = order[step * args.batch_size:(step + 1) * args.batch_size]
         features = [tokenizer([texts[i] for i in rows], truncation=True, max_length=args.max_length, padding=True,
                               return_tensors="pt") for texts in (queries, passages)]
-        lengths = sorted(_right_padded_lengths(features[1]).tolist(), reverse=True)
+        lengths = sorted(features[1]["attention_mask"].sum(1).tolist(), reverse=True)  # passages, right-padded
         for arm in arms if step % 2 else arms[::-1]:
             spans = length_groups(lengths, arm) if arm else [(0, len(lengths))]
             groups[arm].append(len(spans))

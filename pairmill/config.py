@@ -170,7 +170,8 @@ class TrainConfig:
     length_group_overhead: int | None = _field(
         None, "encode each side's texts sorted by length, in the groups that minimise padded tokens + this many "
         "tokens per extra forward (same embeddings, less padding); empty = 128 on CPU (measured fastest on the "
-        "sample), 2048 on GPU (not measured); 0 = one forward per side padded to its longest, as sentence-transformers"
+        "sample), 0 on GPU (grouping measured slower there); 0 = one forward per side padded to its longest, as "
+        "sentence-transformers"
     )
     query_max_length: int = _field(64, "tokens per query in training (prefix included)")
     passage_max_length: int = _field(256, "tokens per passage or hard negative in training (prefix included)")

@@ -187,13 +187,13 @@ def token_batch(rows: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def bert_step(model, groups, loss_fn, seed, mini_batch_size=None, chunked_reference=False):
+def bert_step(model, groups, loss_fn, seed, mini_batch_size=None, chunked_reference=False, by_length=True):
     """Parameter gradients of one step: GradCache when mini_batch_size is set, else the plain loss
     (each group encoded whole, or in the same chunks in the same order when chunked_reference)."""
     model.zero_grad()
     torch.manual_seed(seed)
     if mini_batch_size:
-        loss = GradCache(model, mini_batch_size, bert_encode).forward_backward(groups, loss_fn)
+        loss = GradCache(model, mini_batch_size, bert_encode, by_length=by_length).forward_backward(groups, loss_fn)
     else:
         # GradCache's chunks: 3 rows each, longest texts first, each cut to its longest
         split = (lambda g: losses.length_chunks(g, 3)) if chunked_reference else (lambda g: ([g], None))
@@ -220,10 +220,11 @@ def assert_same_grads(a, b):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_grad_cache_equals_full_batch_without_dropout(tiny_bert):
+@pytest.mark.parametrize("by_length", [True, False])  # length-sorted chunks (CPU) or input order (GPU)
+def test_grad_cache_equals_full_batch_without_dropout(tiny_bert, by_length):
     tiny_bert.eval()
     loss, grads = bert_step(tiny_bert, bert_groups(), bert_loss_fn(), seed=0)
-    cached_loss, cached = bert_step(tiny_bert, bert_groups(), bert_loss_fn(), seed=0, mini_batch_size=4)
+    cached_loss, cached = bert_step(tiny_bert, bert_groups(), bert_loss_fn(), seed=0, mini_batch_size=4, by_length=by_length)
     torch.testing.assert_close(cached_loss, loss)
     assert_same_grads(cached, grads)
 
