@@ -77,7 +77,7 @@ BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
 # were fastest on the sample (benchmarks/length_groups.py: 1.13-1.14x one padded forward per side,
 # 256: 1.12x, 384: 1.09x). GPU: off. On an H100 (MiniLM shapes, bf16, batches 32-1024) every grouping
 # was 2-30x slower than one padded forward (36 ms -> 160-360 ms at batch 32), though it cut tokens by
-# 20-55%; not yet understood (odd sequence widths taking slow attention kernels is the first guess).
+# 20-55%; not yet understood (widths rounded up to a multiple of 8 helped only a little).
 LENGTH_GROUP_OVERHEAD = (128, 0)
 # A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
 # of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
