@@ -430,14 +430,23 @@ def _unsort(embeddings: Tensor, order: Tensor | None) -> Tensor:
     return embeddings if order is None else embeddings.index_select(0, torch.argsort(order))
 
 
+def _length_order(features: Features) -> tuple[Tensor, list[int]] | None:
+    """The rows longest first (ties in input order) and their lengths in that order; None when
+    ``features`` is not right-padded tokenizer output."""
+    lengths = _right_padded_lengths(features)
+    if lengths is None:
+        return None
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return order, lengths[order].tolist()
+
+
 def length_chunks(features: Features, size: int) -> tuple[list[Features], Tensor | None]:
     """``features`` in chunks of ``size`` rows, longest texts first, each cut to its own longest
     text, and the row order used (None: not right-padded tokenizer output, chunked as it is)."""
-    lengths = _right_padded_lengths(features)
-    if lengths is None:
+    sorted_rows = _length_order(features)
+    if sorted_rows is None:
         return _split(features, size), None
-    order = torch.argsort(lengths, descending=True, stable=True)
-    longest = lengths[order].tolist()
+    order, longest = sorted_rows
     return [_take(features, order[a : a + size], longest[a]) for a in range(0, len(order), size)], order
 
 
@@ -449,11 +458,10 @@ def encode_by_length(
     equal the one-forward result up to float rounding. One forward as it is when ``overhead`` <= 0
     or ``features`` is not right-padded tokenizer output. Dropout draws other masks than one
     forward would (other shapes), as any other batch layout does."""
-    lengths = _right_padded_lengths(features) if overhead > 0 else None
-    if lengths is None:
+    sorted_rows = _length_order(features) if overhead > 0 else None
+    if sorted_rows is None:
         return encode(model, features)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    longest = lengths[order].tolist()
+    order, longest = sorted_rows
     spans = length_groups(longest, overhead)
     if len(spans) == 1:
         return encode(model, features)

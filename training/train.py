@@ -10,8 +10,9 @@ the encoder section, a max length per side), and minimises ``InfoNCELoss`` over 
 (all-gather across workers, false negatives masked by ``text_key``), through ``GradCache`` when
 ``train.mini_batch_size`` is set. On CPU each side's texts are encoded sorted by length, in groups
 padded to their own longest (``encode_by_length``, ``train.length_group_overhead``): the same
-embeddings for less padding (off on GPU, where it measured slower). AdamW, warmup + linear/cosine decay, gradient clipping, bf16
-autocast on GPU and fp32 on CPU; LoRA (peft) optional and merged on export.
+embeddings for less padding (off on GPU, where it measured slower). AdamW, warmup + linear/cosine
+decay, gradient clipping, bf16 autocast on GPU and fp32 on CPU; LoRA (peft) optional and merged on
+export.
 
 Checkpoints. Every ``checkpoint_every`` steps and at the end, rank 0 hands ``ray.train.report`` a
 folder holding ``model.pt`` (the *trainable* parameters by name: everything else is the base model,
@@ -73,12 +74,13 @@ FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank rai
 # test hook: every step also sleeps this long, as a step on an accelerator leaves the CPUs to a refresh round
 STEP_SLEEP_ENV = "PAIRMILL_TRAIN_STEP_SLEEP_S"
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
-# train.length_group_overhead when empty, (CPU, GPU): tokens one extra forward is worth. CPU: 64-128
-# were fastest on the sample (benchmarks/length_groups.py: 1.13-1.14x one padded forward per side,
-# 256: 1.12x, 384: 1.09x). GPU: off. On an H100 (MiniLM shapes, bf16, batches 32-1024) every grouping
-# was 2-30x slower than one padded forward (36 ms -> 160-360 ms at batch 32), though it cut tokens by
-# 20-55%; not yet understood (widths rounded up to a multiple of 8 helped only a little).
-LENGTH_GROUP_OVERHEAD = (128, 0)
+# train.length_group_overhead when empty, on CPU: tokens one extra forward is worth. 64-128 were
+# fastest on the sample (benchmarks/length_groups.py: 1.13-1.14x one padded forward per side, 256:
+# 1.12x, 384: 1.09x). Elsewhere length grouping (and GradCache's length-sorted chunks) is off: on an
+# H100 (MiniLM shapes, bf16, batches 32-1024) every split was 2-30x slower than one padded forward
+# (36 ms -> 160-360 ms at batch 32), though it cut tokens by 20-55%; not yet understood (widths
+# rounded up to a multiple of 8 helped only a little).
+LENGTH_GROUP_OVERHEAD_CPU = 128
 # A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
 # of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
 REFRESH_ACTOR_CPUS = 0.5
@@ -481,11 +483,11 @@ def train_loop_per_worker(cfg: dict) -> dict:
     model = ray.train.torch.prepare_model(st, parallel_strategy_kwargs={"broadcast_buffers": False})
     loss_fn = InfoNCELoss(cfg["temperature"], cfg["symmetric"])
     encode = lambda m, features: _encode(m, features, autocast)  # noqa: E731
-    grad_cache = (GradCache(model, cfg["mini_batch_size"], encode, by_length=device.type == "cpu")
-                  if cfg["mini_batch_size"] else None)
+    by_length = device.type == "cpu"  # measured faster on CPU, slower on GPU (LENGTH_GROUP_OVERHEAD_CPU)
+    grad_cache = GradCache(model, cfg["mini_batch_size"], encode, by_length=by_length) if cfg["mini_batch_size"] else None
     overhead = cfg["length_group_overhead"]
-    if overhead is None:  # per extra forward, in tokens: measured on CPU; off on GPU (measured slower there)
-        overhead = LENGTH_GROUP_OVERHEAD[device.type == "cuda"]
+    if overhead is None:
+        overhead = LENGTH_GROUP_OVERHEAD_CPU if by_length else 0
     task = ray.get(cfg["eval_task"]) if cfg["eval_task"] is not None and rank == 0 else None
     trainable = [p for p in st.parameters() if p.requires_grad]
     shard = ray.train.get_dataset_shard("train")
