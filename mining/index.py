@@ -42,6 +42,7 @@ import numpy as np
 import ray
 
 from pairmill.cluster import actor_threads
+from pairmill.config import FAISS_GPU_MAX_K
 
 METRIC = "inner_product"  # vectors are L2-normalised embeddings: inner product == cosine
 MANIFEST = "manifest.json"
@@ -53,7 +54,7 @@ FLAT_MAX_MACS = 50_000 * 768
 # IVF with 4 x sqrt(n) lists needs 39 training vectors per list (FAISS warns below that): at 50k
 # vectors that is 35k, most of the shard. Below this, IVF cannot be trained properly anyway.
 IVF_MIN_VECTORS = 50_000
-GPU_MAX_K = 2048  # FAISS GPU's limit on k (and nprobe) in one search
+GPU_MAX_K = FAISS_GPU_MAX_K  # FAISS GPU's limit on k (and nprobe) in one search
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,10 +145,23 @@ def ivf_nlist(dim: int, spec: str) -> int | None:
     return None if ivf is None else int(ivf.nlist)
 
 
-def actor_has_gpu() -> bool:
-    if faiss.get_num_gpus() == 0 or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return False
-    return ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0
+def assigned_gpus() -> float:
+    """GPUs Ray gave the calling actor (0 outside an actor)."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return 0.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))
+
+
+def shard_device() -> tuple[str, str | None]:
+    """("gpu" | "cpu", a warning or None) for a shard in the calling actor: a shard given a GPU by
+    Ray runs there when FAISS has GPU support; without it (faiss-cpu installed, not faiss-gpu) it
+    runs on the CPU, and says so instead of leaving the GPU idle in silence."""
+    if assigned_gpus() <= 0:
+        return "cpu", None
+    if faiss.get_num_gpus() == 0:
+        return "cpu", ("this index shard was given a GPU but FAISS sees none (faiss-cpu is installed, not faiss-gpu: "
+                       "pip install 'pairmill[gpu]'); it searches on the CPU")
+    return "gpu", None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +184,10 @@ class IndexShard:
             raise ValueError(f"shard file {path} holds dim={index.d} vectors, expected dim={dim}")
         self.spec = spec
         self.gpu_resources = None
-        if actor_has_gpu():
+        self.device, self.warning = shard_device()
+        if self.warning:
+            warnings.warn(self.warning, stacklevel=2)
+        if self.device == "gpu":
             # Device 0 is the actor's own GPU: Ray sets CUDA_VISIBLE_DEVICES per actor.
             self.gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
@@ -182,6 +199,10 @@ class IndexShard:
 
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    def kind(self) -> dict:
+        """Where this shard searches: {"device": "gpu" | "cpu", "warning": None or why a GPU went unused}."""
+        return {"device": self.device, "warning": self.warning}
 
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
@@ -215,20 +236,31 @@ class IndexShard:
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(held ids (m,), their vectors (m, d)) for those ``ids`` this shard holds."""
+        held, _, vectors = self.fetch(ids, texts=False)
+        return held, vectors
+
+    def fetch(self, ids: np.ndarray, texts: bool = True) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(held ids (m,), their texts (m,), their vectors (m, d)) for those ``ids`` this shard holds:
+        one call for what mining needs of its chosen negatives."""
         if self.index.ntotal and not self.texts:
-            raise ValueError("vectors() reads the ids a shard holds from its texts: add the rows with texts")
+            raise ValueError("fetch() reads the ids a shard holds from its texts: add the rows with texts")
         held = np.array([i for i in ids if int(i) in self.texts], dtype=np.int64)
         cpu_index = faiss.index_gpu_to_cpu(self.index) if self.gpu_resources is not None else self.index
         out = np.stack([cpu_index.reconstruct(int(i)) for i in held]) if len(held) else np.empty((0, self.index.d), np.float32)
-        return held, out.astype(np.float32)
+        return held, ([self.texts[int(i)] for i in held] if texts else []), out.astype(np.float32)
 
     def search(
-        self, queries: np.ndarray, k: int, *, nprobe: int | None = None, expect_ntotal: int | None = None
+        self, queries: np.ndarray, k: int, *, nprobe: int | None = None, expect_ntotal: int | None = None,
+        exclude: list[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of this shard: (scores (q, k) float32, ids (q, k) int64), padded with -inf / -1.
 
         ``expect_ntotal``: the rows the client sent here. A mismatch means the actor restarted
         from an older file (or none) and would answer without some rows: raise instead.
+        ``exclude``: per query, ids never to return (a query's own positives when they are too many
+        to search past). On CPU FAISS skips them inside the search (an ``IDSelectorNot``), one query
+        per call; on GPU, where FAISS takes no selector, the query searches ``k + len(exclude)`` deep
+        (at most ``GPU_MAX_K``) and drops them, so it may come back with fewer than k.
         """
         if expect_ntotal is not None and expect_ntotal != self.index.ntotal:
             raise ValueError(
@@ -241,8 +273,33 @@ class IndexShard:
         if nprobe is not None:
             space = faiss.GpuParameterSpace() if self.gpu_resources is not None else faiss.ParameterSpace()
             space.set_index_parameter(self.index, "nprobe", nprobe)
-        scores, ids = self.index.search(as_matrix(queries), k)  # (q, k), (q, k)
+        queries = as_matrix(queries)
+        if exclude is None:
+            scores, ids = self.index.search(queries, k)  # (q, k), (q, k)
+        else:
+            scores, ids = self._search_excluding(queries, k, exclude)
         scores[ids < 0] = -np.inf  # FAISS pads with -FLT_MAX; -inf sorts last everywhere
+        return scores, ids
+
+    def _search_excluding(self, queries: np.ndarray, k: int, exclude: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        ivf = faiss.try_extract_index_ivf(self.index) if self.gpu_resources is None else None
+        for i, (query, excluded) in enumerate(zip(queries, exclude)):
+            excluded = np.ascontiguousarray(excluded, dtype=np.int64)
+            if self.gpu_resources is not None:
+                depth = min(GPU_MAX_K, k + len(excluded))
+                s, found = self.index.search(query[None], depth)
+                keep = (found[0] >= 0) & ~np.isin(found[0], excluded)
+                s, found = s[0][keep][:k], found[0][keep][:k]
+            else:
+                inner = faiss.IDSelectorBatch(excluded)  # kept in a name: the SWIG wrapper does not own it
+                selector = faiss.IDSelectorNot(inner)
+                params = (faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None
+                          else faiss.SearchParameters(sel=selector))
+                s, found = self.index.search(query[None], k, params=params)
+                s, found = s[0], found[0]
+            scores[i, : len(s)], ids[i, : len(found)] = s, found
         return scores, ids
 
     def save(self, path: str | None = None) -> int:
@@ -320,6 +377,8 @@ class ShardedIndex:
         self.nlist = ivf_nlist(dim, spec)
         self.nprobe = nprobe
         self.manifest_extra = manifest_extra
+        self.devices: list[str] = []  # per shard, "gpu" or "cpu" (check_devices)
+        self.device_warnings: list[str] = []
 
     # -- construction -------------------------------------------------------------------------
 
@@ -356,7 +415,9 @@ class ShardedIndex:
         paths = [str(Path(folder) / shard_file(i)) if folder else None for i in range(num_shards)]
         shards = [start_shard(dim, spec, path, num_cpus, num_gpus) for path in paths]
         counts = [0] * num_shards
-        return cls(shards, dim=dim, spec=spec, counts=counts, folder=folder, nprobe=nprobe, manifest_extra=extra)
+        index = cls(shards, dim=dim, spec=spec, counts=counts, folder=folder, nprobe=nprobe, manifest_extra=extra)
+        index.check_devices()
+        return index
 
     @classmethod
     def load(cls, folder: str, expect: dict | None = None, *, num_cpus: float = 1, num_gpus: float = 0) -> ShardedIndex:
@@ -378,6 +439,7 @@ class ShardedIndex:
         nprobe = manifest["nprobe"]
         index = cls(shards, dim=dim, spec=spec, counts=counts, folder=str(folder), nprobe=nprobe, manifest_extra=extra)
         index.check_counts()  # every shard read the file the manifest describes
+        index.check_devices()
         return index
 
     # -- writing ------------------------------------------------------------------------------
@@ -478,9 +540,11 @@ class ShardedIndex:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
+               exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over all shards: (scores (q, k) float32, ids (q, k) int64), descending score,
         ties to the smaller id, padded with -inf / -1 when the corpus has fewer than k rows.
+        ``exclude``: per query, ids never to return (see ``IndexShard.search``).
 
         Waits for a restarting shard (up to ``timeout_s``) rather than answering without it.
         """
@@ -489,33 +553,51 @@ class ShardedIndex:
             raise ValueError(f"queries have shape {queries.shape}; expected (q, {self.dim})")
         if k < 1:
             raise ValueError(f"k={k}; expected k >= 1")
+        if exclude is not None and len(exclude) != len(queries):
+            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries: one id array per query")
         nprobe = check_nprobe(self.spec, self.nlist, nprobe) if nprobe is not None else self.nprobe
         # nprobe travels with every search, so a restarted shard cannot drift from the others.
         queries_ref = ray.put(queries)
+        exclude_ref = ray.put(exclude) if exclude is not None else None
         results = self._gather(
-            lambda i, shard: shard.search.remote(queries_ref, k, nprobe=nprobe, expect_ntotal=self.counts[i]), "search"
+            lambda i, shard: shard.search.remote(queries_ref, k, nprobe=nprobe, expect_ntotal=self.counts[i],
+                                                 exclude=exclude_ref), "search"
         )
         return merge_topk([scores for scores, _ in results], [ids for _, ids in results], k)
 
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """The texts of corpus ids (any shape; -1 gives None), from the shards that hold them.
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(texts, vectors) of corpus ids of any shape: texts (...) object (None for -1), vectors
+        (..., d) float32 (NaN for -1), from the shards that hold them, in one call to each.
 
         Raises when an id is in no shard (or was added without its text): a caller would
         otherwise pair a query with a negative it cannot show.
         """
         ids = np.asarray(ids, dtype=np.int64)
         wanted = np.unique(ids[ids >= 0])
-        found: dict[int, str] = {}
+        texts: dict[int, str] = {}
+        vectors: dict[int, np.ndarray] = {}
         wanted_ref = ray.put(wanted)
-        for part in self._gather(lambda i, shard: shard.lookup.remote(wanted_ref), "lookup"):
-            found.update(part)
-        missing = [int(i) for i in wanted if int(i) not in found]
+        for held, held_texts, held_vectors in self._gather(lambda i, shard: shard.fetch.remote(wanted_ref), "fetch"):
+            texts.update(zip(held.tolist(), held_texts))
+            vectors.update(zip(held.tolist(), held_vectors))
+        missing = [int(i) for i in wanted if int(i) not in texts]
         if missing:
             raise KeyError(f"{len(missing)} ids have no text in any shard (first: {missing[:5]}); add them with texts")
-        out = np.empty(ids.shape, dtype=object)
+        out_texts = np.empty(ids.shape, dtype=object)
+        out_vectors = np.full(ids.shape + (self.dim,), np.nan, dtype=np.float32)
         for pos, i in np.ndenumerate(ids):
-            out[pos] = found.get(int(i))
-        return out
+            if i >= 0:
+                out_texts[pos] = texts[int(i)]
+                out_vectors[pos] = vectors[int(i)]
+        return out_texts, out_vectors
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """The texts of corpus ids (any shape; -1 gives None); see ``fetch``."""
+        return self.fetch(ids)[0]
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of corpus ids (..., ) -> (..., d) float32; -1 gives NaN; see ``fetch``."""
+        return self.fetch(ids)[1]
 
     def sample_ids(self, n: int, seed: int) -> np.ndarray:
         """About ``n`` random corpus ids (rows added with texts), drawn from every shard in
@@ -525,30 +607,25 @@ class ShardedIndex:
         parts = self._gather(lambda i, shard: shard.sample_ids.remote(wants[i], seed * 1009 + i), "sample_ids")
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of corpus ids (..., ) -> (..., d) float32; -1 gives NaN."""
-        ids = np.asarray(ids, dtype=np.int64)
-        wanted = np.unique(ids[ids >= 0])
-        wanted_ref = ray.put(wanted)
-        found: dict[int, np.ndarray] = {}
-        for held, vecs in self._gather(lambda i, shard: shard.vectors.remote(wanted_ref), "vectors"):
-            found.update(zip(held.tolist(), vecs))
-        missing = [int(i) for i in wanted if int(i) not in found]
-        if missing:
-            raise KeyError(f"{len(missing)} ids are in no shard (first: {missing[:5]})")
-        out = np.full(ids.shape + (self.dim,), np.nan, dtype=np.float32)
-        for pos, i in np.ndenumerate(ids):
-            if i >= 0:
-                out[pos] = found[int(i)]
-        return out
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """Default number of inverted lists each search visits (IVF specs only)."""
-        self.nprobe = check_nprobe(self.spec, self.nlist, nprobe)
+    def kinds(self) -> list[dict]:
+        """Per shard, where it searches: {"device": "gpu" | "cpu", "warning": None or why not on its GPU}."""
+        return self._gather(lambda i, shard: shard.kind.remote(), "kind")
 
     def ntotal(self) -> int:
         """Rows added so far (the shards are checked against this on every search)."""
         return int(sum(self.counts))
+
+    def check_devices(self) -> list[str]:
+        """Each shard's device ("gpu" | "cpu"), kept in ``self.devices``; a warning here, on the
+        driver, for every shard that was given a GPU it cannot use."""
+        kinds = self.kinds()
+        for i, kind in enumerate(kinds):
+            if kind["warning"]:
+                warnings.warn(f"index shard {i}: {kind['warning']}", stacklevel=3)
+        self.devices = [kind["device"] for kind in kinds]
+        self.device_warnings = sorted({kind["warning"] for kind in kinds if kind["warning"]})
+        return self.devices
 
     def check_counts(self) -> None:
         """Raise unless every shard holds exactly the rows sent to it."""

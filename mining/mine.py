@@ -6,7 +6,13 @@ Design note.
   normalised text. That makes "text-identical to the positive" the same test as "is the
   positive": both are the positive's key, and ``select_negatives`` removes it.
 - Positives of a query: the keys of every pair whose normalised query is the same (a groupby on the
-  query key), so a passage of another pair with the same query is never a negative.
+  query key), so a passage of another pair with the same query is never a negative. A query with
+  up to ``INLINE_POSITIVES`` distinct passages (nearly all of them) carries its positive keys in
+  each of its rows, and is searched in batches deep enough to skip them. A query repeated with
+  more (a generic "A small example package" over 100k rows) keeps one copy of its keys in the
+  ``PositiveStore`` actors, and is searched once per batch with its positives excluded inside
+  FAISS: memory stays linear in the rows and the search depth stays ``range_max + INLINE_POSITIVES``
+  whatever the largest group (FAISS GPU refuses k above 2048).
 - Embeddings are computed once: by the encoder actor pool (queries and passages of every pair), or
   taken from a filter job folder whose stats.json names the same encoder fingerprint. The encoded
   pairs go to ``OUT/work/`` (deleted at the end) and are read back by the passes that need them,
@@ -16,8 +22,10 @@ Design note.
   from the shard that holds it); groupby query key attaches positives, then ``map_batches``
   searches, selects and looks up texts. Shards restart from their saved files, so a shard that
   dies mid-mining costs a wait, not a different result.
-- Cost: encode 2N texts (+ extra corpus); two hash shuffles of the pairs; search N queries x
-  (range_max + positives) over the corpus.
+- Identical query vectors in a batch are searched once.
+- Cost: encode 2N texts (+ extra corpus); two hash shuffles of the pairs; search the distinct
+  queries x (range_max + up to INLINE_POSITIVES) over the corpus; one fetch of the chosen
+  negatives' texts and vectors per batch.
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ import numpy as np
 import pyarrow as pa
 
 from mining.negatives import select_negatives
+from pairmill.config import INLINE_POSITIVES
 from pairmill.pairs import text_key
 
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 PASSAGES_PER_SHARD = 2_000_000
+# INLINE_POSITIVES (from the config, whose checks need it): distinct passages of one query carried
+# in each of its rows and searched past in a batch; a query with more uses the PositiveStore.
 MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives"]
 
 
@@ -52,10 +63,69 @@ def first_passage(group: pa.Table) -> pa.Table:
     return group.slice(0, 1).select(["passage_key", "passage", "passage_embedding"])
 
 
-def attach_positives(group: pa.Table) -> pa.Table:
-    """``map_groups`` step over one query key: every row gets the set of its query's passage keys."""
+class PositiveShard:
+    """query key -> its distinct positive passage keys, for queries with too many to inline."""
+
+    def __init__(self):
+        self.keys: dict[int, np.ndarray] = {}
+
+    def put(self, query_key: int, keys: np.ndarray) -> None:
+        self.keys[int(query_key)] = np.asarray(keys, dtype=np.int64)
+
+    def get(self, query_keys: list[int]) -> list[np.ndarray]:
+        return [self.keys[int(k)] for k in query_keys]
+
+
+class PositiveStore:
+    """The positive keys of the queries with more than ``INLINE_POSITIVES`` distinct passages, over
+    ``num_shards`` actors (0 CPUs: bookkeeping only), routed by query key. Picklable: it travels
+    into the ``map_groups`` step that fills it and the ``map_batches`` step that reads it. Memory:
+    one int64 per (big query, distinct passage)."""
+
+    def __init__(self, shards: list):
+        self.shards = shards
+
+    @classmethod
+    def create(cls, num_shards: int = 1) -> "PositiveStore":
+        import ray
+
+        actor = ray.remote(num_cpus=0)(PositiveShard)
+        return cls([actor.remote() for _ in range(num_shards)])
+
+    def put(self, query_key: int, keys: list[int]) -> None:
+        import ray
+
+        ray.get(self.shards[int(query_key) % len(self.shards)].put.remote(int(query_key), np.asarray(keys, np.int64)))
+
+    def get(self, query_keys: list[int]) -> dict[int, np.ndarray]:
+        import ray
+
+        slots: dict[int, list[int]] = {}
+        for key in set(int(k) for k in query_keys):
+            slots.setdefault(key % len(self.shards), []).append(key)
+        answers = ray.get([self.shards[s].get.remote(keys) for s, keys in slots.items()])
+        return {k: v for keys, values in zip(slots.values(), answers) for k, v in zip(keys, values)}
+
+    def close(self) -> None:
+        import ray
+
+        for shard in self.shards:
+            ray.kill(shard)
+        self.shards = []
+
+
+def attach_positives(group: pa.Table, store: PositiveStore | None = None) -> pa.Table:
+    """``map_groups`` step over one query key: every row gets ``positive_count`` (its query's
+    distinct passages) and ``positive_keys``: the keys themselves when there are at most
+    ``INLINE_POSITIVES`` (or no store), else null, the keys going once into ``store``."""
     keys = sorted(set(group.column("passage_key").to_pylist()))
-    return group.append_column("positive_keys", pa.array([keys] * group.num_rows, pa.list_(pa.int64())))
+    n = group.num_rows
+    if store is not None and len(keys) > INLINE_POSITIVES:
+        store.put(group.column("query_key")[0].as_py(), keys)
+        inline = pa.nulls(n, pa.list_(pa.int64()))
+    else:
+        inline = pa.array([keys] * n, pa.list_(pa.int64()))
+    return group.append_column("positive_keys", inline).append_column("positive_count", pa.array([len(keys)] * n, pa.int64()))
 
 
 def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,27 +143,52 @@ def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> 
     return ids, padded
 
 
-def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = "none") -> pa.Table:
+def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = "none",
+               store: PositiveStore | None = None) -> pa.Table:
     """``map_batches`` step: search the index for a batch of pairs and choose their negatives."""
     from pairmill.embed import to_matrix
 
     queries = to_matrix(batch.column("query_embedding"))  # (B, D)
     passages = to_matrix(batch.column("passage_embedding"))  # (B, D)
-    positive_scores = np.einsum("bd,bd->b", queries, passages)  # (B,) cosine: embeddings are normalised
-    positives = [set(keys) for keys in batch.column("positive_keys").to_pylist()]
-    # Positives are removed before the rank window, so search past them.
-    k = selection["range_max"] + max(len(p) for p in positives)
-    scores, ids = index.search(queries, k)  # (B, k), (B, k)
+    positive_scores = np.einsum("bd,bd->b", queries, passages)  # (B,) cosine: embeddings are unit length
+    inline = batch.column("positive_keys").to_pylist()
+    big = np.array([keys is None for keys in inline], dtype=bool)  # positives in the store, not in the row
+    query_keys = batch.column("query_key").to_numpy()
+    stored = store.get(query_keys[big].tolist()) if big.any() else {}
+    range_max = selection["range_max"]
+    # Rows with inline positives: one batched search, deep enough to skip the deepest row's positives.
+    depth = range_max + max((len(keys) for keys in inline if keys is not None), default=0)
+    scores = np.full((len(batch), depth), -np.inf, dtype=np.float32)  # (B, depth)
+    ids = np.full((len(batch), depth), -1, dtype=np.int64)  # (B, depth)
+    small = np.flatnonzero(~big)
+    if len(small):  # identical query vectors (a repeated query) are searched once
+        unique, inverse = np.unique(queries[small], axis=0, return_inverse=True)
+        found_scores, found_ids = index.search(unique, depth)
+        scores[small], ids[small] = found_scores[inverse.reshape(-1)], found_ids[inverse.reshape(-1)]
+    if big.any():
+        # Rows whose query has too many positives to search past: each distinct (query key, vector)
+        # once, with that query's positives excluded inside the index (two keys can share a vector:
+        # texts an uncased model cannot tell apart, each with its own positives).
+        groups: dict[tuple, list[int]] = {}
+        for r in np.flatnonzero(big):
+            groups.setdefault((int(query_keys[r]), queries[r].tobytes()), []).append(int(r))
+        members = list(groups.values())
+        found_scores, found_ids = index.search(np.stack([queries[m[0]] for m in members]), range_max,
+                                               exclude=[stored[int(query_keys[m[0]])] for m in members])
+        for j, m in enumerate(members):
+            scores[m, :range_max], ids[m, :range_max] = found_scores[j], found_ids[j]
+    # Excluded searches never return a positive: those rows need no second check against 100k keys.
+    positives = [set() if keys is None else set(keys) for keys in inline]
     chosen = select_negatives(ids, scores, positive_scores, positives, **selection)
     neg_ids, neg_scores, padded = chosen.ids, chosen.scores, np.zeros(batch.num_rows, dtype=np.int64)
     if pad == "random" and chosen.short:
         # Asked for: short queries get random corpus passages, appended after the mined ones and
         # counted per row in `padded_negatives`. Seeded by the batch's first id: reruns agree.
+        full = [set(stored[int(k)].tolist()) if b else p for b, k, p in zip(big, query_keys, positives)]
         seed = text_key(batch.column("id")[0].as_py())
-        pool = index.sample_ids(int((neg_ids < 0).sum()) + 4 * max(len(p) for p in positives) + 16, seed)
-        neg_ids, padded = pad_random(neg_ids, positives, pool)
-    texts = index.lookup(neg_ids)  # (B, n) object, None where no negative
-    negative_vectors = index.vectors(neg_ids)  # (B, n, D), NaN where no negative
+        pool_size = int((neg_ids < 0).sum()) + 4 * min(max(len(p) for p in full), 1024) + 16
+        neg_ids, padded = pad_random(neg_ids, full, index.sample_ids(pool_size, seed))
+    texts, negative_vectors = index.fetch(neg_ids)  # (B, n) object, None where no negative; (B, n, D), NaN there
     if padded.any():
         neg_scores = np.einsum("bnd,bd->bn", negative_vectors, queries).astype(np.float32)  # same as the index's scores
     to_positive = np.einsum("bnd,bd->bn", negative_vectors, passages)  # (B, n) cosine negative-positive
@@ -118,14 +213,16 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
 
 
 def mine_pairs(pairs, index, selection: dict, *, batch_size: int = 1024, keep: list[str] | None = None,
-               pad: str = "none"):
-    """Ray Dataset of pairs (with embeddings and ``positive_keys``) -> the same pairs with
-    ``MINED_COLUMNS`` (and two per-row counts, ``_margin_filtered`` and ``_near_duplicates``)."""
+               pad: str = "none", store: PositiveStore | None = None):
+    """Ray Dataset of pairs (with embeddings, ``query_key`` and ``positive_keys``) -> the same pairs
+    with ``MINED_COLUMNS`` (and two per-row counts, ``_margin_filtered`` and ``_near_duplicates``).
+    ``store`` holds the positives of rows whose ``positive_keys`` is null (see ``attach_positives``)."""
     from pairmill.pairs import output_columns
 
     return pairs.map_batches(
         mine_batch,
-        fn_kwargs={"index": index, "selection": selection, "keep": keep or output_columns("pairs"), "pad": pad},
+        fn_kwargs={"index": index, "selection": selection, "keep": keep or output_columns("pairs"), "pad": pad,
+                   "store": store},
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=0.5,  # the search itself runs in the shard actors
@@ -189,7 +286,7 @@ def mine(
     from pairmill.cluster import encoder_pool, init_ray
     from pairmill.embed import EncodeBatch, encoder_kwargs, read_kwargs
     from pairmill.output import JobFolder, count_by, parquet_rows
-    from pairmill.pairs import REJECT_COLUMNS, output_columns, read_parsed
+    from pairmill.pairs import REJECT_COLUMNS, count_input_rows, output_columns, read_parsed, write_validated
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
@@ -205,7 +302,7 @@ def mine(
             print(f"[pairmill] mine: reusing the embeddings in {reuse} (encoder {fingerprint})")
             pairs = ray_lib.data.read_parquet(str(reuse))
         else:
-            parsed = read_parsed(pairs_path, "pairs", **read_kwargs(read))
+            parsed = ray_lib.data.read_parquet(str(write_validated(pairs_path, work / "validated", "pairs", **read_kwargs(read))))
             parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
                 job.path("rejected")
             )
@@ -218,7 +315,7 @@ def mine(
         pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(str(work / "pairs"))
         valid_rows = parquet_rows(work / "pairs")
         rejected = count_by(job.path("rejected"), "reason")
-        input_rows = valid_rows + sum(rejected.values())
+        input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the outputs against it
         job.stage("read+encode", input_rows, valid_rows, time.perf_counter() - t0)
 
         # -- 2. the corpus: distinct passages (+ the extra corpus) into the sharded index -------
@@ -255,15 +352,14 @@ def mine(
         corpus_rows = parquet_rows(work / "distinct")
         index = build_index(work / "distinct", corpus_rows, mine_cfg, Path(job.staging) / "index",
                             {"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)})
-        num_shards = len(index.shards)
+        num_shards, shard_devices = len(index.shards), {"devices": index.devices, "warnings": index.device_warnings}
         try:
             print(f"[pairmill] mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)")
             job.stage("index", valid_rows, corpus_rows, time.perf_counter() - t0)
 
             # -- 3. positives per query, search, select, look up texts ------------------------
             t0 = time.perf_counter()
-            mined = mine_encoded_pairs(work / "pairs", valid_rows, index, mine_cfg)
-            mined.write_parquet(str(work / "mined"))
+            write_mined(work / "pairs", valid_rows, index, mine_cfg, str(work / "mined"))
         finally:
             index.close()
         totals = (
@@ -301,7 +397,9 @@ def mine(
                 },
                 "selection": selection_kwargs(mine_cfg),
                 "corpus": {"passages": corpus_rows, "extra": extra_stats},
-                "index": {"spec": index.spec, "shards": num_shards, "nprobe": index.nprobe, "folder": "index"},
+                "index": {"spec": index.spec, "shards": num_shards, "nprobe": index.nprobe, "folder": "index",
+                          **shard_devices},
+                "unique_ids": True,
                 "reused_embeddings": reuse is not None,
                 "encoder": encoder_kwargs(encoder),
                 "encoder_fingerprint": fingerprint,
@@ -354,16 +452,24 @@ def build_index(distinct: Path, rows: int, mine_cfg, folder: Path, manifest_extr
     return index
 
 
-def mine_encoded_pairs(pairs: Path, rows: int, index, mine_cfg):
-    """Ray Dataset: encoded pairs with keys (parquet folder) -> mined rows (see ``mine_pairs``)."""
+def write_mined(pairs: Path, rows: int, index, mine_cfg, out: str, columns: list[str] | None = None) -> None:
+    """Encoded pairs with keys (a parquet folder) -> their mined rows (see ``mine_pairs``; only
+    ``columns`` when given) written to the parquet folder ``out``. The positives of repeated
+    queries live in a ``PositiveStore`` for the length of the write."""
     import ray
 
-    with_positives = (
-        ray.data.read_parquet(str(pairs))
-        .groupby("query_key", num_partitions=partitions(rows))
-        .map_groups(attach_positives, batch_format="pyarrow")
-    )
-    return mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch, pad=mine_cfg.pad)
+    store = PositiveStore.create(max(1, math.ceil(rows / 10_000_000)))
+    try:
+        with_positives = (
+            ray.data.read_parquet(str(pairs))
+            .groupby("query_key", num_partitions=partitions(rows))
+            .map_groups(attach_positives, fn_kwargs={"store": store}, batch_format="pyarrow")
+        )
+        mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch,
+                           pad=mine_cfg.pad, store=store)
+        (mined.select_columns(columns) if columns else mined).write_parquet(out)
+    finally:
+        store.close()
 
 
 def _as_corpus_rows(batch: pa.Table) -> pa.Table:

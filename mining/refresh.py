@@ -15,7 +15,9 @@ Design note.
   an index, the distinct passages of the training pairs. Corpus keys are text hashes, so a negative
   id means the same passage in every index generation.
 - The store: ``NegativeShard`` actors (0 CPUs) hold pair id -> (negatives, negative ids, step),
-  routed by a hash of the pair id. Memory: the refreshed pairs' negative texts.
+  routed by a hash of the pair id. Memory: the refreshed pairs' negative texts. Keying by id is
+  safe because every pairs folder a round reads has distinct ids (the train job validates its
+  input with ``pairmill.pairs.read_unique``; a later row reusing an id is ``duplicate_id``).
 - Staleness: each row's negatives carry the step of the model that mined them (0: the mine job).
 - Cost per round: encode the corpus + 2 x the slice's pairs, build the index, search the slice.
 """
@@ -174,7 +176,7 @@ def refresh_negatives(
     import ray
     import pyarrow.parquet as pq
 
-    from mining.mine import add_keys, build_index, encode_pool_args, mine_encoded_pairs
+    from mining.mine import add_keys, build_index, encode_pool_args, write_mined
     from pairmill.cluster import encoder_pool
     from pairmill.embed import EncodeBatch
     from pairmill.output import parquet_rows
@@ -207,9 +209,8 @@ def refresh_negatives(
     encoded = time.perf_counter()
     index = build_index(work / "distinct", corpus_rows, mine_cfg, out_dir / "index", {"model": model, "step": step})
     try:
-        mined = mine_encoded_pairs(work / "pairs", rows, index, mine_cfg) if rows else None
-        if mined is not None:
-            mined.select_columns(REFRESHED_COLUMNS).write_parquet(str(out_dir / "negatives"))
+        if rows:
+            write_mined(work / "pairs", rows, index, mine_cfg, str(out_dir / "negatives"), REFRESHED_COLUMNS)
     finally:
         index.close()
     refreshed = 0

@@ -130,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pairmill {args.verb}: {e}", file=sys.stderr)
         return 2
+    if "encoder" in args.config_sections:  # a model that cannot load fails here, before any Ray work
+        from pairmill.encoder import check_model
+
+        try:
+            check_model(args.config_sections["encoder"].model)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"pairmill {args.verb}: {e}", file=sys.stderr)
+            return 2
     return importlib.import_module(module).main(args)
 
 

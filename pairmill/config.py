@@ -22,6 +22,20 @@ def _field(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
+def _check(section: str, checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first failed check: sections validate when built."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# Limits mining and its config must agree on (mining.index / mining.mine import them from here).
+FAISS_GPU_MAX_K = 2048  # FAISS GPU's limit on k (and nprobe) in one search
+# Distinct passages of one query carried in each of its rows and searched past in a batch; a query
+# with more keeps them once in mining's PositiveStore and is searched with them excluded.
+INLINE_POSITIVES = 32
+
+
 @dataclasses.dataclass
 class EncoderConfig:
     """What turns text into vectors. Every stage that encodes reads this one section, and its
@@ -39,6 +53,13 @@ class EncoderConfig:
         "auto", "auto = fp16 on GPU, fp32 on CPU; bf16/fp16 on CPU are slower than fp32 on most CPUs"
     )
 
+    def __post_init__(self):
+        _check("encoder", [
+            (self.max_length >= 2, f"encoder.max_length={self.max_length}; use >= 2 (room for the special tokens)"),
+            (self.batch_size is None or self.batch_size >= 1, f"encoder.batch_size={self.batch_size}; use >= 1, or empty for the default"),
+            (bool(str(self.device).strip()), "encoder.device is empty; use auto, cpu, cuda or cuda:N"),
+        ])
+
     def fingerprint(self) -> str:
         """Names outputs that depend on the embedding function (not on speed settings)."""
         from pairmill.encoder import resolve_model
@@ -48,6 +69,9 @@ class EncoderConfig:
             "query_prefix": self.query_prefix,
             "passage_prefix": self.passage_prefix,
             "max_length": self.max_length,
+            # every vector is L2-normalised by the encoder (cosine everywhere); embeddings cached
+            # before that rule (un-normalised for a model without Normalize) have other fingerprints
+            "unit_length": True,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -65,6 +89,16 @@ class ReadConfig:
         "truncate", "truncate long texts (counted in stats as 'truncated') or reject the row"
     )
 
+    def __post_init__(self):
+        fields = {"read.query_field": self.query_field, "read.passage_field": self.passage_field,
+                  "read.id_field": self.id_field, "read.text_field": self.text_field}
+        _check("read", [
+            (self.max_chars >= 1, f"read.max_chars={self.max_chars}; use >= 1 characters"),
+            *[(bool(v), f"{k} is empty; name the input column") for k, v in fields.items()],
+            (self.query_field != self.passage_field,
+             f"read.query_field and read.passage_field are both {self.query_field!r}: name two columns"),
+        ])
+
 
 @dataclasses.dataclass
 class EvalConfig:
@@ -75,6 +109,12 @@ class EvalConfig:
     query_batch: int = _field(1024, "queries scored against the corpus at a time (memory: batch x corpus floats)")
     uniformity_sample: int = _field(4096, "embeddings sampled for the uniformity metric")
 
+    def __post_init__(self):
+        _check("eval", [
+            (self.query_batch >= 1, f"eval.query_batch={self.query_batch}; use >= 1"),
+            (self.uniformity_sample >= 2, f"eval.uniformity_sample={self.uniformity_sample}; use >= 2 (it scores pairs)"),
+        ])
+
 
 @dataclasses.dataclass
 class RayConfig:
@@ -83,6 +123,12 @@ class RayConfig:
     address: str | None = _field(None, "Ray address; empty = RAY_ADDRESS if set, else a local Ray")
     num_cpus: int | None = _field(None, "logical CPUs of a local Ray (default: max(4, 2 x cores), see README)")
     actors: int | None = _field(None, "encoder actors; default: one per GPU, else sized from free CPUs")
+
+    def __post_init__(self):
+        _check("ray", [
+            (self.num_cpus is None or self.num_cpus >= 1, f"ray.num_cpus={self.num_cpus}; use >= 1 or empty"),
+            (self.actors is None or self.actors >= 1, f"ray.actors={self.actors}; use >= 1 or empty"),
+        ])
 
 
 @dataclasses.dataclass
@@ -107,6 +153,30 @@ class MineConfig:
     index_spec: str = _field("auto", "FAISS factory string, or auto: Flat below 50k vectors per shard, else IVF")
     nprobe: int | None = _field(None, "IVF lists visited per search; default nlist/4 (recall@10 >= 0.95 measured)")
     query_batch: int = _field(1024, "queries per search call")
+
+    def __post_init__(self):
+        window = self.range_max - self.range_min
+        _check("mine", [
+            (self.num_negatives >= 1, f"mine.num_negatives={self.num_negatives}; use >= 1"),
+            (0 <= self.range_min < self.range_max,
+             f"mine.range_min={self.range_min}, mine.range_max={self.range_max}; use 0 <= range_min < range_max"),
+            (window >= self.num_negatives or self.pad == "random",
+             f"mine.range_max - mine.range_min = {window} candidates cannot give mine.num_negatives={self.num_negatives}; "
+             "widen the window, ask for fewer, or set mine.pad=random"),
+            (self.shard_gpus == 0 or self.range_max + INLINE_POSITIVES <= FAISS_GPU_MAX_K,
+             f"mine.range_max={self.range_max} with GPU shards: searches go range_max + {INLINE_POSITIVES} deep and FAISS "
+             f"GPU stops at k={FAISS_GPU_MAX_K}; use range_max <= {FAISS_GPU_MAX_K - INLINE_POSITIVES}"),
+            (self.margin_ratio is None or self.margin_ratio > 0,
+             f"mine.margin_ratio={self.margin_ratio}; use > 0 (0.95 in NV-Retriever), or empty to switch it off"),
+            (self.max_score is None or -1 <= self.max_score <= 1,
+             f"mine.max_score={self.max_score}; scores are cosines: use -1 <= max_score <= 1, or empty"),
+            (self.shards is None or self.shards >= 1, f"mine.shards={self.shards}; use >= 1 or empty"),
+            (self.shard_cpus > 0, f"mine.shard_cpus={self.shard_cpus}; use > 0 (a fraction is fine, e.g. 0.5)"),
+            (self.shard_gpus >= 0, f"mine.shard_gpus={self.shard_gpus}; use >= 0"),
+            (self.nprobe is None or self.nprobe >= 1, f"mine.nprobe={self.nprobe}; use >= 1 or empty"),
+            (self.query_batch >= 1, f"mine.query_batch={self.query_batch}; use >= 1"),
+            (bool(self.index_spec.strip()), "mine.index_spec is empty; use auto or a FAISS factory string such as IVF1024,Flat"),
+        ])
 
 
 @dataclasses.dataclass

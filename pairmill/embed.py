@@ -1,8 +1,10 @@
 """``pairmill embed INPUT -o OUT``: texts or pairs -> embeddings (parquet), on a Ray actor pool.
 
-Passes over the input: one writes ``rejected/``, one counts rows and truncations, and the last
-encodes and writes ``kept/``. Reading and validating are cheap next to encoding, so the input is read
-again rather than held in the object store (which would not stay bounded at scale).
+Passes: one counts the input's rows; one validates it into ``work/validated`` (parquet, in the
+staging folder: not the object store, which would not stay bounded at scale), from which one pass
+writes ``rejected/``, one counts truncations, and the last encodes and writes ``kept/``. Output ids
+are distinct (``pairmill.pairs.read_unique``: a later row with an earlier row's id is rejected as
+``duplicate_id``), so the embeddings can be joined back to the input by id.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pairmill.config import EncoderConfig, RayConfig, ReadConfig
-from pairmill.pairs import REJECT_COLUMNS, Mode, output_columns, read_parsed
+from pairmill.pairs import REJECT_COLUMNS, Mode, count_input_rows, output_columns, write_validated
 
 
 def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
@@ -81,6 +83,8 @@ def encoder_kwargs(encoder: EncoderConfig) -> dict:
 
 def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read: ReadConfig, ray: RayConfig) -> dict:
     """Run the embed job; returns the stats written to ``OUT/stats.json``."""
+    import shutil
+
     import ray as ray_lib
     from ray.data.aggregate import Count, Sum
     from ray.data.expressions import col
@@ -91,7 +95,10 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
     with JobFolder(out) as job:
-        parsed = read_parsed(input_path, mode, **read_kwargs(read))
+        t0 = time.perf_counter()
+        work = job.staging / "work"
+        parsed = ray_lib.data.read_parquet(str(write_validated(input_path, work / "validated", mode, **read_kwargs(read))))
+        parse_seconds = time.perf_counter() - t0
         kept = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns(mode))
         rejected = parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS)
 
@@ -112,14 +119,16 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
         t0 = time.perf_counter()
         rejected.write_parquet(job.path("rejected"))
         totals = parsed.select_columns(["truncated"]).aggregate(Count(), Sum("truncated"))
-        validate_seconds = time.perf_counter() - t0
+        validate_seconds = time.perf_counter() - t0 + parse_seconds
         t0 = time.perf_counter()
         embedded.write_parquet(job.path("kept"))
         encode_seconds = time.perf_counter() - t0
-        input_rows = int(totals["count()"])
+        shutil.rmtree(work)
+        input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
+        parsed_rows = int(totals["count()"])
         kept_rows = parquet_rows(job.path("kept"))
         rejected_counts = count_by(job.path("rejected"), "reason")
-        valid_rows = input_rows - sum(rejected_counts.values())
+        valid_rows = parsed_rows - sum(rejected_counts.values())
         job.stage("read+validate", input_rows, valid_rows, validate_seconds)
         job.stage("encode", valid_rows, kept_rows, encode_seconds)
         stats = job.commit(
@@ -129,6 +138,7 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
                 "dropped": {},
                 "rejected": rejected_counts,
                 "truncated": int(totals["sum(truncated)"] or 0),
+                "unique_ids": True,
                 "mode": mode,
                 "encoder": encoder_kwargs(encoder),
                 "encoder_fingerprint": encoder.fingerprint(),

@@ -8,6 +8,10 @@ all-MiniLM-L6-v2), and a folder pairmill exports loads the same way. What this c
   sorted by *token* count, not character count, so padding is near zero;
 - ids are packed into a preallocated array per batch instead of going through ``tokenizer.pad``;
 - prefixes (E5's ``query: `` / ``passage: ``) are applied here and nowhere else;
+- every vector comes out L2-normalised, whether or not the model ends in a ``Normalize`` module:
+  the index, the consistency filter, SemDeDup's eps, decontamination and the mining margins all
+  read inner products as cosines, and a mean-pooled BERT's vectors of norm ~8 would make them
+  meaningless (a dot-product model is used by cosine; ``EncoderConfig.fingerprint`` says so);
 - fp16/bf16 autocast on GPU, fp32 on CPU, and a thread count matching the CPUs Ray gave us.
 Cost: one forward pass per ``batch_size`` texts; memory ~ batch_size x max_length x hidden.
 """
@@ -82,8 +86,69 @@ def load_sentence_transformer(model: str | None, device: torch.device | str = "c
         ) from e
 
 
+class ModelNotFound(ValueError):
+    """``--model`` names neither a model folder here nor a model the hub (or its local cache) has."""
+
+
+MODEL_FILES = ("modules.json", "config.json", "config_sentence_transformers.json")
+
+
+def hub_problem(name: str) -> str | None:
+    """Why ``name`` cannot be loaded from the Hugging Face hub, or None when it can: it is in the
+    local cache (which works offline), or the hub answers that the model exists. Names without an
+    organisation are tried as sentence-transformers does, with ``sentence-transformers/`` first."""
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        return f"{name!r} is not a valid hub name: {e}"
+    candidates = [name] if "/" in name else [f"sentence-transformers/{name}", name]
+    for repo in candidates:
+        for filename in MODEL_FILES:
+            if isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
+                return None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    problems = []
+    for repo in candidates:
+        try:
+            huggingface_hub.model_info(repo, timeout=20)
+            return None
+        except huggingface_hub.errors.RepositoryNotFoundError:
+            problems.append(f"the hub has no model {repo!r}")
+        except huggingface_hub.errors.GatedRepoError:
+            return None  # it exists; loading it needs the user's token, and says so
+        except Exception as e:  # noqa: BLE001 - network errors come in many types; the message says which
+            problems.append(f"the hub could not be asked about {repo!r} ({type(e).__name__}: {e})")
+    return "; ".join(problems)
+
+
+def check_model(model: str | os.PathLike | None) -> str:
+    """``resolve_model``, and fail before any work starts unless the result can be loaded: a
+    folder must hold a model (``modules.json`` or ``config.json``), anything else must be a hub
+    model (cached, or known to the hub). A relative folder name with a typo ("trained/model") looks
+    like a hub name "org/name": the error names both readings instead of downloading something."""
+    target = resolve_model(model)
+    path = Path(target)
+    if path.is_dir():
+        if not any((path / f).exists() for f in MODEL_FILES):
+            raise ModelNotFound(f"--model {model!r}: the folder {path} holds no model (none of {', '.join(MODEL_FILES)})")
+        return target
+    problem = hub_problem(target)
+    if problem is not None:
+        local = Path(str(model)).expanduser().absolute()
+        raise ModelNotFound(
+            f"--model {model!r} is neither a model folder here (no folder {local}) nor a model on the Hugging Face hub "
+            f"({problem}). Give an existing folder, a hub name such as sentence-transformers/all-MiniLM-L6-v2 (online, "
+            "or cached), or nothing for the bundled all-MiniLM-L6-v2"
+        )
+    return target
+
+
 class Encoder:
-    """Texts -> L2-normalised (when the model says so) float32 embeddings, shape (N, dim)."""
+    """Texts -> L2-normalised float32 embeddings, shape (N, dim), whatever the model's last module."""
 
     def __init__(
         self,
@@ -173,11 +238,6 @@ class Encoder:
             features = self._batch_features(encoded, rows)
             with self._autocast():
                 emb = self.model(features)["sentence_embedding"]  # (B, D)
-            out[rows] = emb.float().cpu().numpy()
+            # Unit length in fp32, here and nowhere else (a no-op up to rounding after Normalize).
+            out[rows] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
         return out
-
-    def encode_queries(self, texts: Sequence[str], **kw) -> np.ndarray:
-        return self.encode(texts, "query", **kw)
-
-    def encode_passages(self, texts: Sequence[str], **kw) -> np.ndarray:
-        return self.encode(texts, "passage", **kw)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -98,6 +98,8 @@ class RetrievalTask:
     qrels: list[dict[int, float]]  # per query: corpus index -> relevance
     positives: list[tuple[int, int]]  # (query index, corpus index) pairs for alignment
     exclude: list[int | None]  # per query: a corpus index never to return (BEIR identical ids)
+    # per input file: {"input_rows": n, "used": n, "rejected": {reason: n}}; used + rejected == input_rows
+    inputs: dict[str, dict] = field(default_factory=dict)
 
 
 def pairs_task(queries: Sequence[str], passages: Sequence[str], extra_corpus: Sequence[str] = ()) -> RetrievalTask:
@@ -114,9 +116,80 @@ def pairs_task(queries: Sequence[str], passages: Sequence[str], extra_corpus: Se
     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _file_counts(reasons: Sequence[str | None]) -> dict:
+    rejected: dict[str, int] = {}
+    for reason in reasons:
+        if reason is not None:
+            rejected[reason] = rejected.get(reason, 0) + 1
+    return {"input_rows": len(reasons), "used": len(reasons) - sum(rejected.values()), "rejected": dict(sorted(rejected.items()))}
+
+
+def read_beir_jsonl(path: Path, kind: str) -> tuple[list[tuple[str, str]], dict]:
+    """A BEIR ``corpus.jsonl`` (kind "corpus": ``_id``, ``title``, ``text``) or ``queries.jsonl``
+    (kind "queries": ``_id``, ``text``) -> ([(id, text)], counts), with pair IO's rules: a line that
+    is not valid UTF-8 or JSON, has no ``_id`` or no text, or repeats an earlier ``_id`` is a counted
+    rejection, never an exception. A document is "title text" (BEIR's dense retrieval), a null or
+    absent title being none; a document with an empty text and a title is its title."""
+    from pairmill.pairs import DUPLICATE_ID, _row_id, decode_line, read_lines, validate_records
+
+    records, ids, reasons = [], [], []
+    for raw in read_lines(path):
+        record = decode_line(raw, True, "text")
+        doc_id, reason = None, None
+        if isinstance(record, dict):
+            doc_id, reason = _row_id(record.get("_id"))
+            if reason is None and doc_id is None:
+                reason = "missing_id"
+            if kind == "corpus":
+                title = record.get("title")
+                parts = [t for t in (title, record.get("text")) if isinstance(t, str) and t.strip()]
+                record = {**record, "text": " ".join(parts) if parts else record.get("text")}
+        records.append(record)
+        ids.append(doc_id)
+        reasons.append(reason)
+    # one validation call for the file: the text field's rules (missing, type, empty, surrogates)
+    checked = validate_records(records, [str(path)] * len(records), mode="text").column("reason").to_pylist()
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, record in enumerate(records):
+        reasons[i] = reasons[i] or checked[i]
+        if reasons[i] is None and ids[i] in seen:
+            reasons[i] = DUPLICATE_ID
+        if reasons[i] is None:
+            seen.add(ids[i])
+            rows.append((ids[i], record["text"]))
+    return rows, _file_counts(reasons)
+
+
+def read_qrels(path: Path, doc_index: dict[str, int], query_ids: set[str]) -> tuple[dict[str, dict[int, float]], dict]:
+    """``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score``; an optional header) -> graded
+    relevance per query id, and counts: a line without three tab-separated fields or with a
+    non-numeric score is ``bad_qrels_line``; one naming a document or query the files do not hold
+    (or rejected) is ``unknown_id``; a score <= 0 is not relevant and counts as used."""
+    graded: dict[str, dict[int, float]] = {}
+    reasons: list[str | None] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f):
+            parts = line.rstrip("\r\n").split("\t")
+            if n == 0 and parts[0] == "query-id":
+                continue
+            if not line.strip():
+                reasons.append("blank_line")
+                continue
+            try:
+                qid, did, score = parts[0], parts[1], float(parts[2])
+                if len(parts) != 3 or score != score:
+                    raise ValueError
+            except (IndexError, ValueError):
+                reasons.append("bad_qrels_line")
+                continue
+            if did not in doc_index or qid not in query_ids:
+                reasons.append("unknown_id")
+                continue
+            if score > 0:
+                graded.setdefault(qid, {})[doc_index[did]] = score
+            reasons.append(None)
+    return graded, _file_counts(reasons)
 
 
 def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
@@ -125,27 +198,23 @@ def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
     for needed in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_file):
         if not needed.exists():
             raise FileNotFoundError(f"BEIR folder {folder}: missing {needed.name}")
-    docs = _read_jsonl(folder / "corpus.jsonl")
-    doc_index = {str(d["_id"]): i for i, d in enumerate(docs)}
-    # BEIR's dense retrieval encodes "title text" when a title is present.
-    corpus = [(d.get("title", "") + " " + d.get("text", "")).strip() for d in docs]
-    query_text = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl")}
-    graded: dict[str, dict[int, float]] = {}
-    with open(qrels_file, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            parts = line.rstrip("\n").split("\t")
-            if n == 0 and parts[0] == "query-id":
-                continue
-            qid, did, score = parts[0], parts[1], float(parts[2])
-            if did in doc_index and score > 0:
-                graded.setdefault(qid, {})[doc_index[did]] = score
+    docs, corpus_counts = read_beir_jsonl(folder / "corpus.jsonl", "corpus")
+    doc_index = {doc_id: i for i, (doc_id, _) in enumerate(docs)}
+    queries, query_counts = read_beir_jsonl(folder / "queries.jsonl", "queries")
+    query_text = dict(queries)
+    graded, qrels_counts = read_qrels(qrels_file, doc_index, set(query_text))
     qids = [q for q in query_text if q in graded]
+    if not qids or not docs:
+        raise ValueError(f"BEIR folder {folder}: no query with a relevant document to evaluate "
+                         f"(corpus {corpus_counts}, queries {query_counts}, qrels {qrels_counts})")
     return RetrievalTask(
         queries=[query_text[q] for q in qids],
-        corpus=corpus,
+        corpus=[text for _, text in docs],
         qrels=[graded[q] for q in qids],
         positives=[(i, d) for i, q in enumerate(qids) for d in graded[q]],
         exclude=[doc_index.get(q) for q in qids],
+        inputs={str(folder / "corpus.jsonl"): corpus_counts, str(folder / "queries.jsonl"): query_counts,
+                str(qrels_file): qrels_counts},
     )
 
 
@@ -198,7 +267,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = None) -> RetrievalTask:
-    """A BEIR folder, or a pairs file (any format pair IO reads) plus an optional extra corpus."""
+    """A BEIR folder, or a pairs file (any format pair IO reads) plus an optional extra corpus.
+    Rows that are not valid are left out and counted per file in ``task.inputs`` (and printed)."""
     import pyarrow.compute as pc
 
     from pairmill.pairs import load_parsed_local
@@ -207,25 +277,25 @@ def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = N
     if Path(data).is_dir() and (Path(data) / "corpus.jsonl").exists():
         if corpus:
             raise ValueError("--corpus adds passages to a pairs file; a BEIR folder brings its own corpus.jsonl")
-        return beir_task(data)
-    table = load_parsed_local(data, "pairs", **read_kwargs)
-    _warn_rejected(table, data)
-    table = table.filter(pc.is_null(table.column("reason")))
-    if table.num_rows == 0:
-        raise ValueError(f"{data}: no valid pairs to evaluate on")
-    extra: list[str] = []
-    if corpus:
-        texts = load_parsed_local(corpus, "text", **read_kwargs)
-        _warn_rejected(texts, corpus)
-        extra = texts.filter(pc.is_null(texts.column("reason"))).column("text").to_pylist()
-    return pairs_task(table.column("query").to_pylist(), table.column("passage").to_pylist(), extra)
-
-
-def _warn_rejected(table, path) -> None:
-    reasons = [r for r in table.column("reason").to_pylist() if r is not None]
-    if reasons:
-        counts = {r: reasons.count(r) for r in sorted(set(reasons))}
-        print(f"[pairmill] eval: {path}: {len(reasons)} rows left out as invalid: {counts}")
+        task = beir_task(data)
+    else:
+        table = load_parsed_local(data, "pairs", **read_kwargs)
+        inputs = {str(data): _file_counts(table.column("reason").to_pylist())}
+        table = table.filter(pc.is_null(table.column("reason")))
+        if table.num_rows == 0:
+            raise ValueError(f"{data}: no valid pairs to evaluate on ({inputs[str(data)]})")
+        extra: list[str] = []
+        if corpus:
+            texts = load_parsed_local(corpus, "text", **read_kwargs)
+            inputs[str(corpus)] = _file_counts(texts.column("reason").to_pylist())
+            extra = texts.filter(pc.is_null(texts.column("reason"))).column("text").to_pylist()
+        task = pairs_task(table.column("query").to_pylist(), table.column("passage").to_pylist(), extra)
+        task.inputs = inputs
+    for path, counts in task.inputs.items():
+        if counts["rejected"]:
+            print(f"[pairmill] eval: {path}: {sum(counts['rejected'].values())} of {counts['input_rows']} rows "
+                  f"left out as invalid: {counts['rejected']}")
+    return task
 
 
 def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask, keep: dict | None = None) -> dict[str, float]:
@@ -262,6 +332,7 @@ def main(args) -> int:
     print(format_table({encoder_cfg.model or "all-MiniLM-L6-v2 (bundled)": metrics}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        # the metric keys (DESIGN.md), and what was read: per file, rows used and left out by reason
+        Path(args.json).write_text(json.dumps({**metrics, "inputs": task.inputs}, indent=2))
         print(f"[pairmill] metrics written to {args.json}")
     return 0

@@ -5,6 +5,11 @@ A job writes into a hidden staging folder beside ``OUT`` and renames it into pla
 ``stats.json`` and ``_SUCCESS`` are written, so a reader never sees a half-written folder and a
 rerun into an existing ``OUT`` never mixes old and new files. Staging needs ``OUT``'s parent to
 be a local or shared (NFS) filesystem that every Ray node writes to.
+
+Jobs that resume (``train``, ``tune``: their checkpoints are the work) stage in a folder with a
+fixed name, ``.OUT.partial``, which an interrupted run leaves behind and a rerun continues in.
+Every commit checks ``input_rows == kept + sum(dropped) + sum(rejected)``, where ``input_rows`` is
+counted from the input itself (``pairmill.pairs.count_input_rows``), not from the outputs.
 """
 
 from __future__ import annotations
@@ -26,14 +31,44 @@ class StatsMismatch(RuntimeError):
     pass
 
 
+def resumable_staging(out: str | Path) -> Path:
+    """The fixed staging folder of a resumable job writing ``out``."""
+    final = Path(out).expanduser().resolve()
+    return final.parent / f".{final.name}.partial"
+
+
+def remove_job(out: str | Path) -> list[Path]:
+    """Delete a job's folder and its resumable staging folder; returns what existed."""
+    gone = [p for p in (Path(out).expanduser().resolve(), resumable_staging(out)) if p.exists()]
+    for path in gone:
+        shutil.rmtree(path)
+    return gone
+
+
 class JobFolder:
-    def __init__(self, out: str | Path):
+    """``path(part)`` to write into, ``stage`` to record, ``commit(stats)`` to finish.
+
+    resume: stage in ``resumable_staging(out)`` (created if missing, kept when the job fails) so a
+    rerun continues there; else in a fresh uniquely named folder, removed when the job fails.
+    in_place: write ``out`` itself and commit by writing stats.json and then _SUCCESS (for a folder
+    inside another job's staging folder, such as a tune trial's train run).
+    """
+
+    def __init__(self, out: str | Path, parts: tuple[str, ...] = PARTS, *, resume: bool = False, in_place: bool = False):
         self.final = Path(out).expanduser().resolve()
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.final.parent / f".{self.final.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.staging.mkdir()
-        for part in PARTS:
-            (self.staging / part).mkdir()
+        self.resume = resume or in_place
+        self.in_place = in_place
+        if in_place:
+            self.staging = self.final
+        elif resume:
+            self.staging = resumable_staging(self.final)
+        else:
+            self.staging = self.final.parent / f".{self.final.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.staging.mkdir(exist_ok=self.resume)
+        (self.staging / "_SUCCESS").unlink(missing_ok=True)  # in place: the folder is being (re)written
+        for part in parts:
+            (self.staging / part).mkdir(exist_ok=self.resume)
         self.stages: list[dict[str, Any]] = []
 
     def path(self, part: str) -> str:
@@ -54,6 +89,8 @@ class JobFolder:
             )
         (self.staging / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
         (self.staging / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if self.in_place:
+            return stats
         old = None
         if self.final.exists():
             old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
@@ -70,7 +107,8 @@ class JobFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and exc_type is not StatsMismatch:
+        # A resumable job keeps its staging folder: the rerun continues from its checkpoints.
+        if exc_type is not None and exc_type is not StatsMismatch and not self.resume:
             self.abort()
 
 

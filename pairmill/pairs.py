@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import unicodedata
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
@@ -24,20 +26,29 @@ import pyarrow as pa
 
 Mode = Literal["pairs", "text"]
 
-# reason -> what it means; the README's table of rejections is this dict.
+# reason -> what it means; the README's table of rejections is this dict (a test keeps them equal).
 REJECT_REASONS = {
     "invalid_utf8": "the line is not valid UTF-8",
-    "invalid_json": "the line is not parseable JSON",
+    "invalid_json": "the line is not parseable JSON (also: an integer of more than 4,300 digits)",
+    "too_deep": "the JSON nests deeper than Python's parser allows (about 1,000 levels)",
     "not_an_object": "the JSON value is not an object",
     "blank_line": "an empty or whitespace-only line inside a file",
     "missing_query": "no query field (or it is null)",
     "missing_passage": "no passage field (or it is null)",
     "missing_text": "no text field (or it is null)",
     "wrong_type": "a text field is not a string",
-    "empty_text": "a text field is empty or whitespace only",
+    "empty_text": "a text field is empty, or only whitespace and control characters (NUL, zero-width)",
+    "invalid_unicode": "a string holds a lone UTF-16 surrogate (e.g. an escaped \\ud800 in JSON): not encodable as UTF-8",
     "too_long": "a text exceeds read.max_chars and read.too_long=reject",
     "bad_negatives": "`negatives` is present but not a list of non-empty strings",
+    "bad_id": "the id is not a string or an integer (a float such as 1e999, a boolean, a list, an object)",
+    "duplicate_id": "another valid row earlier in the input (by file, then line) has the same id",
+    # BEIR folders (pairmill eval):
+    "missing_id": "a BEIR corpus or queries row without `_id`",
+    "bad_qrels_line": "a qrels line without three tab-separated fields or with a score that is not a number",
+    "unknown_id": "a qrels line naming a query or document the folder does not hold (or that was rejected)",
 }
+DUPLICATE_ID = "duplicate_id"
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -90,17 +101,53 @@ def text_id(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
 
 
+def encodable(text: str) -> str:
+    """``text`` as it can be stored (Arrow and Parquet hold UTF-8 only): a lone surrogate, which
+    ``json.loads`` accepts from an escaped ``\\ud800`` and a file name may carry, becomes its
+    ``\\ud800`` escape. For raw text and origins, which are kept for the user to read, never for a
+    model to train on (a text field with a lone surrogate is rejected as ``invalid_unicode``)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _raw_repr(record: Any) -> str:
     if isinstance(record, str):
-        return record
-    return json.dumps(record, ensure_ascii=False, default=str)
+        return encodable(record)
+    return encodable(json.dumps(record, ensure_ascii=False, default=str))
 
 
-def _row_id(given: Any) -> str | None:
-    """The input's own id when it is a non-empty string or an integer, else None (hash instead)."""
-    if isinstance(given, bool) or not isinstance(given, (str, int)) or given == "":
-        return None
-    return str(given)
+# Nothing but whitespace, C0/C1 control characters (NUL among them) and the zero-width marks: no
+# text for a tokenizer to see (BERT's normaliser deletes control characters). fullmatch stops at
+# the first other character, so normal text costs one step.
+_NO_TEXT = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]*")
+
+
+def _row_id(given: Any) -> tuple[str | None, str | None]:
+    """(id, reason): the input's own id as a string when it is a non-empty string or an integer;
+    (None, None) when it is absent, null, NaN or "" (the caller hashes the texts instead);
+    (None, "bad_id") for any other value (a float such as 1e999, a boolean, a list, an object),
+    and for an integer too long to print (Python refuses more than 4,300 digits)."""
+    if _is_missing(given) or given == "":
+        return None, None
+    if isinstance(given, str):
+        return (None, "invalid_unicode") if _has_surrogate(given) else (given, None)
+    if isinstance(given, (int, np.integer)) and not isinstance(given, (bool, np.bool_)):
+        try:
+            return str(int(given)), None
+        except ValueError:
+            return None, "bad_id"
+    return None, "bad_id"
 
 
 def _is_missing(value: Any) -> bool:
@@ -108,13 +155,16 @@ def _is_missing(value: Any) -> bool:
 
 
 def _check_text(value: Any, missing_reason: str, max_chars: int, too_long: str) -> tuple[str | None, str | None, bool]:
-    """(text, reason, truncated) for one text field."""
+    """(text, reason, truncated) for one text field. NUL and other control characters inside a
+    text are kept (they are the input's); a text made only of them is ``empty_text``."""
     if _is_missing(value):
         return None, missing_reason, False
     if not isinstance(value, str):
         return None, "wrong_type", False
-    if not value.strip():
+    if _NO_TEXT.fullmatch(value):
         return None, "empty_text", False
+    if _has_surrogate(value):
+        return None, "invalid_unicode", False
     if len(value) > max_chars:
         if too_long == "reject":
             return None, "too_long", False
@@ -127,9 +177,20 @@ def _check_negatives(value: Any, max_chars: int) -> tuple[list[str] | None, str 
         return None, None
     if isinstance(value, np.ndarray):
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and not _NO_TEXT.fullmatch(v) for v in value):
         return None, "bad_negatives"
+    if any(_has_surrogate(v) for v in value):
+        return None, "invalid_unicode"
     return [v[:max_chars] for v in value], None
+
+
+def _source(value: Any) -> str | None:
+    """The optional ``source`` as a string: kept when it is one, written as JSON when it is another
+    value (a number, a list), so the information is not lost."""
+    if _is_missing(value):
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return encodable(text)
 
 
 def validate_records(
@@ -169,27 +230,28 @@ def validate_records(
             if reason is None:
                 negatives, reason = _check_negatives(record.get("negatives"), max_chars)
             if reason is None:
+                rid, reason = _row_id(record.get(id_field))
+            if reason is None:
                 truncated = t1 or t2
-                rid = record.get(id_field)
-                source = record.get("source")
                 values = {
-                    "id": _row_id(rid) or pair_id(query, passage),
+                    "id": rid or pair_id(query, passage),
                     "query": query,
                     "passage": passage,
-                    "source": source if isinstance(source, str) else None,
+                    "source": _source(record.get("source")),
                     "negatives": negatives,
                 }
         else:
             text, reason, truncated = _check_text(record.get(text_field), "missing_text", max_chars, too_long)
             if reason is None:
-                rid = record.get(id_field)
-                values = {"id": _row_id(rid) or text_id(text), "text": text}
+                rid, reason = _row_id(record.get(id_field))
+            if reason is None:
+                values = {"id": rid or text_id(text), "text": text}
         for name in cols:
             cols[name].append(values.get(name))
         cols["reason"][-1] = reason
-        cols["origin"][-1] = origin
+        cols["origin"][-1] = encodable(origin)
         cols["truncated"][-1] = truncated
-        cols["raw"][-1] = None if reason is None else (raw if raw is not None else _raw_repr(record))
+        cols["raw"][-1] = None if reason is None else (encodable(raw) if raw is not None else _raw_repr(record))
     return pa.Table.from_pydict(cols, schema=parsed_schema(mode))
 
 
@@ -205,7 +267,9 @@ def decode_line(raw: bytes, as_json: bool, text_field: str) -> Any:
         return {text_field: line}
     try:
         return json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
+    except RecursionError:
+        return ("too_deep", line)
+    except ValueError:  # JSONDecodeError, and an integer literal of more than 4,300 digits
         return ("invalid_json", line)
 
 
@@ -218,10 +282,32 @@ def _is_json_lines(path: str) -> bool:
     return not path.endswith((".txt", ".txt.gz"))
 
 
-def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Bytes chunks -> lines without their b'\\n' or b'\\r\\n'; a trailing newline makes no extra line."""
-    tail = b""
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The chunks of a stream without a UTF-8 byte-order mark at its start (Windows editors write
+    one; ``json.loads`` refuses it), however the first bytes are split over chunks."""
+    head: bytes | None = b""
     for chunk in chunks:
+        if head is None:
+            yield chunk
+            continue
+        head += chunk
+        if len(head) < len(UTF8_BOM) and UTF8_BOM.startswith(head):
+            continue  # too short to tell yet
+        yield head[len(UTF8_BOM):] if head.startswith(UTF8_BOM) else head
+        head = None
+    if head:  # the whole stream was shorter than a BOM
+        yield head
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Bytes chunks -> lines without their b'\\n' or b'\\r\\n'; a trailing newline makes no extra line.
+    A UTF-8 byte-order mark at the start of the stream is not part of the first line. Only b'\\n'
+    ends a line: U+2028 and other Unicode separators stay inside their JSON line, as JSONL wants."""
+    tail = b""
+    for chunk in _without_bom(chunks):
         parts = (tail + chunk).split(b"\n")
         tail = parts.pop()
         yield from (part.rstrip(b"\r") for part in parts)
@@ -393,3 +479,110 @@ def load_parsed_local(path: str | Path, mode: Mode = "pairs", **validate_kwargs)
     else:
         tables = [ParseRows(mode, files[0], **validate_kwargs)(_load_hf(files[0]).data.table)]
     return pa.concat_tables(tables) if tables else parsed_schema(mode).empty_table()
+
+
+# --- one row per id -----------------------------------------------------------------------------
+#
+# Jobs key rows by id (a semantic duplicate's ``dup_of``, the refresh's store of negatives), so the
+# rows a job keeps must have distinct ids. An input may repeat an id (two sources merged, a row
+# edited and appended): the first valid row with an id keeps it, by file and then line number; a
+# later one is rejected as ``duplicate_id``. Every row with one id meets in one group of a hash
+# shuffle (``groupby("id_key").map_groups``), so no set of ids is ever held in one process.
+# Cost: one shuffle of the rows, skipped when the input is a pairmill job folder (whose rows were
+# checked when it was written: its stats.json says ``"unique_ids": true``).
+
+PARTITION_BYTES = 128 << 20  # input bytes per shuffle partition (a reduce task holds one partition)
+
+
+def default_partitions(input_path: str | Path) -> int:
+    """Hash-shuffle partitions for an input: one per PARTITION_BYTES (gzip counted as 4x), at least 2."""
+    _, files = detect_format(input_path)
+    paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
+    size = sum(f.stat().st_size * (4 if f.suffix == ".gz" else 1) for f in paths)
+    return max(2, math.ceil(size / PARTITION_BYTES))
+
+
+def ids_known_unique(path: str | Path) -> bool:
+    """True for a finished pairmill job folder that checked its rows' ids when it wrote them."""
+    folder = Path(path)
+    if not (folder / "_SUCCESS").exists() or not (folder / "stats.json").exists():
+        return False
+    return bool(json.loads((folder / "stats.json").read_text()).get("unique_ids"))
+
+
+def add_id_key(batch: pa.Table) -> pa.Table:
+    """+ ``id_key``: the id of a valid row; a key of its own for a rejected row (whose id is null),
+    so rejects stay singleton groups instead of meeting in one null group."""
+    ids = batch.column("id").to_pylist()
+    reasons = batch.column("reason").to_pylist()
+    keys = [rid if reason is None else "\x00" + uuid.uuid4().hex for rid, reason in zip(ids, reasons)]
+    return batch.append_column("id_key", pa.array(keys, pa.string()))
+
+
+def _input_position(origin: str) -> tuple[str, int]:
+    """("file", line) of an origin "file:line"; ("origin", -1) for rows without a line number."""
+    path, _, line = origin.rpartition(":")
+    return (path, int(line)) if path and line.isdigit() else (origin, -1)
+
+
+def mark_duplicate_ids(group: pa.Table) -> pa.Table:
+    """``map_groups`` step over one ``id_key``: among the rows still valid (``reason`` null) the
+    first by input position keeps the id (ties, as in a Parquet file, broken by the texts); the
+    others become ``duplicate_id`` rejections whose ``raw`` is the row as it was parsed. Rows
+    already rejected or dropped pass through. Drops ``id_key``."""
+    reasons = group.column("reason").to_pylist()
+    alive = [i for i, r in enumerate(reasons) if r is None]
+    if len(alive) > 1:
+        rows = group.to_pylist()
+        text = "text" if "text" in group.column_names else "passage"
+        order = sorted(alive, key=lambda i: (_input_position(rows[i]["origin"]), rows[i].get("query") or "", rows[i][text]))
+        payload = [c for c in ("id", "query", "passage", "text", "source", "negatives") if c in group.column_names]
+        for i in order[1:]:
+            rows[i]["raw"] = _raw_repr({c: rows[i][c] for c in payload})
+            rows[i]["reason"] = DUPLICATE_ID
+            for c in payload:
+                rows[i][c] = None
+        group = pa.Table.from_pylist(rows, schema=group.schema)
+    return group.drop_columns(["id_key"])
+
+
+def unique_ids(ds, partitions: int):
+    """A Ray Dataset of parsed rows -> the same rows, later copies of an id rejected as ``duplicate_id``."""
+    keyed = ds.map_batches(add_id_key, batch_format="pyarrow", batch_size=None)
+    return keyed.groupby("id_key", num_partitions=partitions).map_groups(mark_duplicate_ids, batch_format="pyarrow")
+
+
+def read_unique(path: str | Path, mode: Mode = "pairs", **validate_kwargs):
+    """``read_parsed`` whose valid rows have distinct ids: what every job reads its input with."""
+    parsed = read_parsed(path, mode, **validate_kwargs)
+    if ids_known_unique(path):
+        return parsed
+    return unique_ids(parsed, default_partitions(path))
+
+
+def count_input_rows(path: str | Path) -> int:
+    """Rows in the input itself, before any validation: lines of line files, rows of Parquet files
+    (from their footers) or of an HF dataset. What a job's ``input_rows`` is, so the check
+    ``input_rows == kept + dropped + rejected`` compares the outputs with something they did not make."""
+    fmt, files = detect_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if fmt == "hf":
+        return len(_load_hf(files[0]))
+    return int(read_raw(path)[0].count())
+
+
+def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", **validate_kwargs) -> Path:
+    """``read_unique`` once into a parquet folder (``parsed_schema(mode)``, every input row): the
+    passes of a job (rejects, counts, the work) read it back instead of parsing and shuffling the
+    input again. An input without rows leaves one empty file, so the folder always reads."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    read_unique(path, mode, **validate_kwargs).write_parquet(str(folder))
+    if not any(folder.glob("*.parquet")):
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(parsed_schema(mode).empty_table(), folder / "empty.parquet")
+    return folder

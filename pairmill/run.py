@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from pairmill import sample
-from pairmill.config import config_to_dict
+from pairmill.config import changed_settings, config_to_dict
+from pairmill.output import remove_job, resumable_staging
 
 # `pairmill run` with no --config on the bundled sample: these settings, under the user's key=value
 # overrides. configs/sample.yaml is the same profile with the reason for each value.
@@ -91,22 +92,41 @@ class Stages:
         self.state_file = out / "stages.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
 
-    def run(self, name: str, key: str, job: Callable[[str], dict]) -> dict:
+    def run(self, name: str, key: str, job: Callable[[str], dict], settings: dict | None = None) -> dict:
+        """``job(folder)`` unless ``OUT/name`` finished with fingerprint ``key``. ``settings``
+        (``{section: {key: value}}``, what the stage reads) name what changed when it is redone."""
         folder = self.out / name
         if not self.force and self.state.get(name) == key and (folder / "_SUCCESS").exists():
             print(f"[pairmill] run: {name}: reusing {folder} (same input and settings; --force to redo)")
             return json.loads((folder / "stats.json").read_text())
         # A stage that started with these settings and did not finish keeps its folder, so the job
         # resumes (training from its last checkpoint); other settings, or --force, start it over.
-        if folder.exists() and (self.force or self.state.get(f"{name}:started") != key):
-            shutil.rmtree(folder)
+        if self.force or self.state.get(f"{name}:started") != key:
+            gone = remove_job(folder)  # the folder and a resumable job's staging folder (checkpoints)
+            if gone:
+                print(f"[pairmill] run: {name}: {self._why(name, key, settings)}: redoing it; deleted "
+                      f"{', '.join(str(p) for p in gone)}")
+        elif folder.exists() or resumable_staging(folder).exists():
+            print(f"[pairmill] run: {name}: resuming the unfinished run in {folder} (same input and settings)")
         self.state.pop(name, None)
         self.state[f"{name}:started"] = key
+        self.state[f"{name}:settings"] = json.loads(json.dumps(settings or {}, default=str))
         self._save()
         stats = job(str(folder))
         self.state[name] = key
         self._save()
         return stats
+
+    def _why(self, name: str, key: str, settings: dict | None) -> str:
+        if self.force:
+            return "--force"
+        before = self.state.get(f"{name}:settings")
+        changed = changed_settings(before, json.loads(json.dumps(settings or {}, default=str))) if before is not None else []
+        if changed:
+            return f"{', '.join(changed)} changed since the last run"
+        if self.state.get(f"{name}:started") is None:
+            return "it has no record in stages.json"
+        return "its input (a file, or an earlier stage's output) changed since the last run"
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -141,7 +161,8 @@ def main(args) -> int:
     filter_key = fingerprint("filter", input_identity(train), dataclasses.asdict(filter_cfg), encoder_key,
                              sections["read"], [input_identity(p) for p in filter_cfg.decontaminate])
     filter_stats = stages.run("filter", filter_key, lambda folder: filter_pairs(
-        train, folder, options=filter_cfg, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"]))
+        train, folder, options=filter_cfg, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"]),
+        {"filter": dataclasses.asdict(filter_cfg), "encoder": sections["encoder"], "read": sections["read"]})
     print(format_summary(filter_stats, str(out / "filter")))
     if not filter_stats["kept"]:
         print(f"pairmill run: the filter kept no pairs (see {out / 'filter' / 'stats.json'} and dropped/); "
@@ -151,21 +172,22 @@ def main(args) -> int:
     mine_key = fingerprint("mine", filter_key, sections["mine"], encoder_key, sections["read"])
     mine_stats = stages.run("mine", mine_key, lambda folder: mine(
         str(out / "filter"), folder, corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
-        mine_cfg=cfg["mine"], ray=cfg["ray"]))
+        mine_cfg=cfg["mine"], ray=cfg["ray"]), {s: sections[s] for s in ("mine", "encoder", "read")})
     print(mine_summary(mine_stats, str(out / "mine")))
 
     train_key = fingerprint("train", mine_key, sections["train"], encoder_key, sections["read"])
     no_eval = dataclasses.replace(cfg["eval"], data=None)  # held-out data is for the report only
     train_stats = stages.run("train", train_key, lambda folder: train_model(
         str(out / "mine"), folder, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
-        eval_cfg=no_eval, ray=cfg["ray"], mine_cfg=cfg["mine"]))
+        eval_cfg=no_eval, ray=cfg["ray"], mine_cfg=cfg["mine"]), {s: sections[s] for s in ("train", "encoder", "read")})
     print(train_summary(train_stats, str(out / "train")))
 
     eval_key = fingerprint("eval", train_key, input_identity(heldout), sections["eval"], sections["encoder"],
                            sections["read"], EVAL_SAMPLE_PAIRS)
     trained_encoder = dataclasses.replace(cfg["encoder"], model=str(out / "train" / "model"))
     scores = stages.run("eval", eval_key, lambda folder: evaluate_stage(
-        heldout, folder, {"base": cfg["encoder"], "trained": trained_encoder}, cfg["eval"], read_kwargs(cfg["read"])))
+        heldout, folder, {"base": cfg["encoder"], "trained": trained_encoder}, cfg["eval"], read_kwargs(cfg["read"])),
+        {s: sections[s] for s in ("eval", "encoder", "read")})
     base, trained = scores["base"], scores["trained"]
     counts = ("input_rows", "kept", "dropped", "rejected", "stages")
     report = {

@@ -10,8 +10,10 @@ machines: re-reading a parquet folder cost ~3 s of fixed overhead per read on 2 
 reading materialised blocks ~0.2 s. Each execution has a fixed cost, so stages are fused into as
 few as the barriers allow:
 1. read + validate -> ``groupby(dedup_key, num_partitions).map_groups`` (exact dedup: every copy of
-   a pair meets in one group) -> encode the survivors once (encoder actor pool) -> ``marked``.
-   Every input row is in it: rejects, exact duplicates, and survivors with their embeddings.
+   a pair meets in one group) -> ``pairmill.pairs.unique_ids`` (a survivor whose id an earlier
+   row took is rejected as ``duplicate_id``; after exact dedup, so a copy of a pair is an
+   ``exact_duplicate``, not a duplicate id) -> encode the survivors once (encoder actor pool) ->
+   ``marked``. Every input row is in it: rejects, duplicates, and survivors with their embeddings.
 2. stream a random sample of survivors' passage embeddings into a ``ShardedIndex`` (the
    consistency pool, ``min(N, pool_size)`` rows; a barrier, since every pair is scored against the
    whole pool), collecting the k-means sample on the way; fit k-means on the driver.
@@ -39,7 +41,18 @@ import pyarrow.compute as pc
 
 from pairmill.config import EncoderConfig, FilterConfig, RayConfig, ReadConfig
 from pairmill.embed import EncodeBatch, encoder_kwargs, format_summary, read_kwargs, to_matrix
-from pairmill.pairs import REJECT_COLUMNS, REJECT_REASONS, output_columns, read_parsed
+from pairmill.pairs import (
+    PARTITION_BYTES,
+    REJECT_COLUMNS,
+    REJECT_REASONS,
+    add_id_key,
+    count_input_rows,
+    default_partitions,
+    ids_known_unique,
+    mark_duplicate_ids,
+    output_columns,
+    read_parsed,
+)
 from pipelines.audit import audit_summary, corrupt_rows
 from pipelines.consistency import INCONSISTENT, consistency_ranks, rank_depth
 from pipelines.decontaminate import CONTAMINATED, contamination
@@ -49,7 +62,6 @@ from pipelines.semdedup import SEMANTIC_DUPLICATE, assign_clusters, dedup_vector
 PAIR_COLUMNS = output_columns("pairs")  # id, query, passage, source, negatives
 EMBEDDING_COLUMNS = ["query_embedding", "passage_embedding"]
 DROPPED_COLUMNS = PAIR_COLUMNS + ["reason", "dup_of", "rank", "origin"]
-PARTITION_BYTES = 128 << 20  # input bytes per shuffle partition (a reduce task holds one partition)
 POOL_ROWS_PER_SHARD = 500_000  # 500k x 384 x 4 B = 0.77 GB of vectors per shard
 
 
@@ -72,6 +84,12 @@ def dedup_group(group: pa.Table) -> pa.Table:
     """``map_groups`` step: ``mark_exact_duplicates``, timed."""
     t0 = time.perf_counter()
     return with_seconds(mark_exact_duplicates(group), "t_dedup", time.perf_counter() - t0)
+
+
+def id_group(group: pa.Table) -> pa.Table:
+    """``map_groups`` step: ``pairmill.pairs.mark_duplicate_ids``, timed."""
+    t0 = time.perf_counter()
+    return with_seconds(mark_duplicate_ids(group), "t_ids", time.perf_counter() - t0)
 
 
 class EmbedPairs:
@@ -224,16 +242,6 @@ def semdedup_group(group: pa.Table, *, eps: float, on: str, keep: str, seed: int
 # Driver-side helpers: small, streaming over parquet files one at a time.
 
 
-def default_partitions(input_path: str) -> int:
-    """One shuffle partition per PARTITION_BYTES of input (gzip counted as 4x), at least 2."""
-    from pairmill.pairs import detect_format
-
-    _, files = detect_format(input_path)
-    paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
-    size = sum(f.stat().st_size * (4 if f.suffix == ".gz" else 1) for f in paths)
-    return max(2, math.ceil(size / PARTITION_BYTES))
-
-
 def check_eval_files(paths) -> None:
     for path in paths:
         if not Path(path).exists():
@@ -342,6 +350,10 @@ def filter_pairs(
         ds = read_parsed(input_path, "pairs", **read_kwargs(read)).map_batches(with_status_columns, batch_format="pyarrow", batch_size=None)
         if options.exact_dedup:
             ds = ds.groupby("dedup_key", num_partitions=partitions).map_groups(dedup_group, batch_format="pyarrow")
+        check_ids = not ids_known_unique(input_path)
+        if check_ids:
+            ds = ds.map_batches(add_id_key, batch_format="pyarrow", batch_size=None)
+            ds = ds.groupby("id_key", num_partitions=partitions).map_groups(id_group, batch_format="pyarrow")
         if embedded:
             pool = encoder_pool(ray.actors)
             print(f"[pairmill] filter: encoder pool of {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
@@ -356,15 +368,19 @@ def filter_pairs(
             )
         marked = ds.materialize()
         passes["read+dedup+encode"] = time.perf_counter() - t0
-        counts, seconds = tally(marked, ("t_dedup", "t_encode", "truncated"))
-        input_rows = sum(counts.values())
+        counts, seconds = tally(marked, ("t_dedup", "t_ids", "t_encode", "truncated"))
+        input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
         unique = counts.get(None, 0)
-        valid = unique + counts.get(EXACT_DUPLICATE, 0)
+        valid = unique + counts.get(EXACT_DUPLICATE, 0) + counts.get("duplicate_id", 0)
+        after_dedup = valid - counts.get(EXACT_DUPLICATE, 0)
         if options.exact_dedup:
-            job.stage("exact_dedup", valid, unique, seconds["t_dedup"])
+            job.stage("exact_dedup", valid, after_dedup, seconds["t_dedup"])
+        if check_ids:
+            job.stage("unique_ids", after_dedup, unique, seconds["t_ids"])
         if embedded:
             job.stage("encode", unique, unique, seconds["t_encode"])
-        print(f"[pairmill] filter: {input_rows} rows read, {valid} valid, {unique} after exact dedup")
+        print(f"[pairmill] filter: {input_rows} rows read, {valid} valid, {unique} after exact dedup"
+              + (f" and {counts['duplicate_id']} duplicate id(s) rejected" if counts.get("duplicate_id") else ""))
         alive = marked.filter(expr=col("reason").is_null())
 
         # Pass 2: the consistency pool (sharded index) and the k-means sample.
@@ -457,6 +473,7 @@ def filter_pairs(
             "dropped": count_by(job.path("dropped"), "reason"),
             "rejected": count_by(job.path("rejected"), "reason"),
             "truncated": int(seconds["truncated"]),
+            "unique_ids": True,  # kept/ rows have distinct ids: a job reading this folder need not check again
         }
         if embedded:
             stats["encoder"] = encoder_kwargs(encoder)

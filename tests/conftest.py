@@ -23,8 +23,9 @@ WORDS = (
 ).split()
 
 
-def write_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random BERT with a word-level vocab, saved as a ST folder."""
+def write_tiny_model(folder: Path, seed: int = 0, normalize: bool = True) -> Path:
+    """A 2-layer, 32-wide random BERT with a word-level vocab, saved as a ST folder; with
+    ``normalize=False`` it ends in mean pooling (vectors of any norm), as many hub models do."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -55,7 +56,8 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(hf_dir)
     transformer = models.Transformer(str(hf_dir), max_seq_length=64)
     pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
-    model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
+    modules = [transformer, pooling] + ([models.Normalize()] if normalize else [])
+    model = SentenceTransformer(modules=modules, device="cpu")
     out = folder / "st"
     model.save(str(out))
     return out

@@ -19,7 +19,10 @@ folder holding ``model.pt`` (the *trainable* parameters by name: everything else
 which is reloaded from ``encoder.model``), ``optimizer.pt``, ``scheduler.pt`` and ``state.json``
 (step, epoch, step_in_epoch, pairs seen). Ray keeps the latest and the best by ``ndcg@10``.
 A killed worker group restarts from the latest checkpoint (``FailureConfig``); rerunning the same
-command into the same OUT resumes too (``RunConfig(name="train", storage_path=OUT/checkpoints)``).
+command into the same OUT resumes too: the job is staged in ``.OUT.partial`` (``RunConfig(name=
+"train", storage_path=.OUT.partial/checkpoints)``), renamed to OUT when it is done; the validated
+input is written there once (``work/validated``), so a resumed run reads the same rows in the same
+order. Checkpoint files are read with ``weights_only=True`` (``load_tensors``).
 
 Data position. The order of an epoch is a function of (input, world size, seed, epoch): Ray Data
 runs with ``preserve_order`` so the equal split hands every worker the same rows each time, and
@@ -86,6 +89,12 @@ LENGTH_GROUP_OVERHEAD_CPU = 128
 REFRESH_ACTOR_CPUS = 0.5
 REFRESH_SHARD_CPUS = 0.25
 PAIRS_PER_STORE_SHARD = 1_000_000  # NegativeStore actors: each holds its pairs' refreshed negative texts
+# The score of a checkpoint reported without an evaluation (Ray ranks every checkpoint by ndcg@10).
+# NaN served until a worker failed: Ray 2.60's checkpoint manager keeps its state as JSON, which
+# turns NaN into null, and then multiplies null by the score order (_get_checkpoint_score), so the
+# controller crashed instead of restarting the workers. nDCG lies in [0, 1]: -1 ranks below every
+# evaluated checkpoint and survives JSON.
+UNEVALUATED = -1.0
 
 
 # ----------------------------------------------------------------------------- batches (in memory)
@@ -244,15 +253,22 @@ def save_checkpoint(folder: Path, st: nn.Module, optimizer, scheduler, state: di
     (folder / "state.json").write_text(json.dumps(state))
 
 
+def load_tensors(path: Path) -> Any:
+    """A checkpoint file read as tensors and plain containers only (``weights_only=True``): a
+    checkpoint folder may come from anywhere (a shared bucket, a colleague), and a full unpickle
+    runs whatever code it names. torch < 2.6 (which ``torch>=2.4`` allows) unpickled fully by default."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _restore(checkpoint, st: nn.Module, optimizer, scheduler) -> dict:
     """Load a Ray checkpoint into the (unwrapped) model, optimizer and scheduler; its state.json."""
     if checkpoint is None:
         return {"step": 0, "epoch": 0, "step_in_epoch": 0, "pairs": 0}
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
-        load_trainable_state(st, torch.load(folder / "model.pt", map_location="cpu"))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu"))
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu"))
+        load_trainable_state(st, load_tensors(folder / "model.pt"))
+        optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))
+        scheduler.load_state_dict(load_tensors(folder / "scheduler.pt"))
         return json.loads((folder / "state.json").read_text())
 
 
@@ -594,7 +610,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
                          f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
                 reported = dict(metrics)
                 if cfg["eval_task"] is not None and "ndcg@10" not in reported:
-                    reported["ndcg@10"] = float("nan")  # ranks below every evaluated checkpoint
+                    reported["ndcg@10"] = UNEVALUATED  # ranks below every evaluated checkpoint
                 if rank == 0:
                     _append_metrics(Path(cfg["metrics_path"]), metrics)
                 with tempfile.TemporaryDirectory() as tmp:
@@ -663,7 +679,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def export_model(checkpoint_dir: str | Path, out: str | Path, *, model: str | None, lora: dict | None, merge: bool) -> Path:
     """Write the checkpoint's model as a sentence-transformers folder at ``out`` (atomically)."""
     st = _setup_model(model, lora, "cpu")
-    load_trainable_state(st, torch.load(Path(checkpoint_dir) / "model.pt", map_location="cpu"))
+    load_trainable_state(st, load_tensors(Path(checkpoint_dir) / "model.pt"))
     if lora and merge:
         st[0].model = st[0].model.merge_and_unload()
     return _save_atomically(st, Path(out))
@@ -710,29 +726,60 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_same_run(out: Path, run: dict, run_name: str = RUN_NAME) -> None:
-    """A rerun into OUT resumes its checkpoints: refuse when what they were made from differs."""
-    from pairmill.config import changed_settings
-
-    saved_path = out / "checkpoints" / "run.json"
-    if saved_path.exists() and any((out / "checkpoints" / run_name).glob("step_*")):
-        saved = json.loads(saved_path.read_text())
-        changed = changed_settings(saved, run) + (["input"] if saved.get("input") != run["input"] else [])
-        if changed:
-            raise ValueError(
-                f"{out} holds checkpoints of a run with different settings ({', '.join(changed)}); a rerun into "
-                "the same folder resumes that run. Use a new -o folder, or delete this one to start over."
-            )
+def _check_same_run(folder: Path, run: dict, run_name: str = RUN_NAME) -> None:
+    """A rerun resumes the checkpoints in ``folder``: refuse when what they were made from differs."""
+    changed = _changed_run(folder, run, run_name)
+    if changed:
+        raise ValueError(
+            f"{folder} holds checkpoints of a run with different settings ({', '.join(changed)}); a rerun into "
+            "the same folder resumes that run. Use a new -o folder, or delete this one to start over."
+        )
+    saved_path = folder / "checkpoints" / "run.json"
     saved_path.parent.mkdir(parents=True, exist_ok=True)
     saved_path.write_text(json.dumps(run, indent=2))
 
 
+def _changed_run(folder: Path, run: dict, run_name: str) -> list[str]:
+    """The settings (and "input") that differ from the run whose checkpoints ``folder`` holds; [] if none."""
+    from pairmill.config import changed_settings
+
+    saved_path = folder / "checkpoints" / "run.json"
+    if not saved_path.exists() or not any((folder / "checkpoints" / run_name).glob("step_*")):
+        return []
+    saved = json.loads(saved_path.read_text())
+    return changed_settings(saved, run) + (["input"] if saved.get("input") != run["input"] else [])
+
+
+def _reopen_finished(out: Path, run: dict, run_name: str) -> None:
+    """A finished OUT rerun with the same settings continues from its last checkpoint (so nothing
+    is trained again: the model is exported again): it moves back into its staging folder, where
+    its checkpoints were written, until the rerun commits. Other settings are refused, OUT kept."""
+    from pairmill.output import resumable_staging
+
+    staging = resumable_staging(out)
+    if staging.exists() or not (out / "_SUCCESS").exists() or not (out / "checkpoints").is_dir():
+        return
+    changed = _changed_run(out, run, run_name)
+    if changed:
+        raise ValueError(
+            f"{out} holds a finished run with different settings ({', '.join(changed)}); rerunning the same "
+            "command resumes it. Use a new -o folder, or delete this one to start over."
+        )
+    os.rename(out, staging)
+
+
 def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray, mine_cfg=None,
-          run_name: str = RUN_NAME, callbacks: list | None = None, resources_per_worker: dict | None = None) -> dict:
+          run_name: str = RUN_NAME, callbacks: list | None = None, resources_per_worker: dict | None = None,
+          in_place: bool = False) -> dict:
     """Run the train job; returns the stats written to ``OUT/stats.json``. ``mine_cfg`` (the mine
     section) holds the selection rules of refresh rounds (``train.refresh_every``). ``run_name``,
     ``callbacks`` and ``resources_per_worker`` go to Ray Train as they are (the tune job names each
-    trial's run, passes ``TuneReportCallback`` and sizes the workers)."""
+    trial's run, passes ``TuneReportCallback`` and sizes the workers).
+
+    The job folder is built in ``.OUT.partial`` beside OUT (checkpoints, metrics, refresh rounds,
+    the model) and renamed into place after its counts are checked: an interrupted run leaves the
+    staging folder, and rerunning the same command resumes there. ``in_place`` writes OUT itself
+    (a tune trial, whose folder is inside the tune job's own staging folder)."""
     import dataclasses
 
     import ray as ray_lib
@@ -747,13 +794,12 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     from pairmill.embed import read_kwargs
     from pairmill.encoder import resolve_model
     from pairmill.evaluate import load_task
-    from pairmill.output import count_by
-    from pairmill.pairs import REJECT_COLUMNS, read_parsed
+    from pairmill.output import JobFolder, count_by
+    from pairmill.pairs import REJECT_COLUMNS, count_input_rows, write_validated
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
-    out_dir = Path(out).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(out).expanduser().resolve()
     mine_cfg = mine_cfg or MineConfig()
     refreshing = train_cfg.refresh_every > 0
     sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray,
@@ -762,13 +808,21 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
            **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train") + (("mine",) if refreshing else ())}}
     for key in ("max_failures", "log_every", "eval_every", "checkpoint_every", "placement_strategy"):  # free to change on a resume
         run["train"].pop(key)
+    if not in_place:
+        _reopen_finished(final_dir, _plain(run), run_name)
+    job = JobFolder(final_dir, parts=(), resume=not in_place, in_place=in_place)
+    out_dir = job.staging  # everything is written here; commit renames it to OUT
     _check_same_run(out_dir, _plain(run), run_name)
-    (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
     (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
 
     # -- read and validate: rejects to OUT/rejected, counts for the step plan -------------------
     t0 = time.perf_counter()
-    parsed = read_parsed(pairs_path, "pairs", **read_kwargs(read))
+    validated = out_dir / "work" / "validated"
+    if not (validated / "_DONE").exists():  # a resumed run reads the rows, in the order, the first one did
+        shutil.rmtree(validated, ignore_errors=True)
+        write_validated(pairs_path, validated, "pairs", **read_kwargs(read))
+        (validated / "_DONE").write_text("")
+    parsed = ray_lib.data.read_parquet(str(validated), file_extensions=["parquet"])
     shutil.rmtree(out_dir / "rejected", ignore_errors=True)
     (out_dir / "rejected").mkdir()
     parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(str(out_dir / "rejected"))
@@ -776,7 +830,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     totals = valid.map_batches(_negative_counts, batch_format="pyarrow").aggregate(Count(), Sum("has_negatives"))
     valid_rows, with_negatives = int(totals["count()"]), int(totals["sum(has_negatives)"] or 0)
     rejected = count_by(out_dir / "rejected", "reason")
-    input_rows = valid_rows + sum(rejected.values())
+    input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the counts against it
     read_seconds = time.perf_counter() - t0
 
     per_worker = train_cfg.batch_size // train_cfg.num_workers
@@ -863,17 +917,19 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     best = None
     if task is not None and result.best_checkpoints:
         checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
-        best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": checkpoint.path}
+        # where the checkpoint will be once the staging folder is OUT
+        path = str(final_dir / Path(checkpoint.path).relative_to(out_dir))
+        best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": path}
+    shutil.rmtree(out_dir / "work")
+    job.stage("read+validate", input_rows, valid_rows, read_seconds)
+    job.stage("train", valid_rows, final_state["pairs"], train_seconds)
+    job.stage("export", 1, 1, export_seconds)
     stats = {
         "input_rows": input_rows,
         "kept": valid_rows,
         "dropped": {},
         "rejected": rejected,
-        "stages": [
-            {"name": "read+validate", "rows_in": input_rows, "rows_out": valid_rows, "seconds": round(read_seconds, 3)},
-            {"name": "train", "rows_in": valid_rows, "rows_out": final_state["pairs"], "seconds": round(train_seconds, 3)},
-            {"name": "export", "rows_in": 1, "rows_out": 1, "seconds": round(export_seconds, 3)},
-        ],
+        "unique_ids": True,
         "train": {
             "steps": final_state["step"],
             "epochs_started": final_state["epoch"] + (final_state["step_in_epoch"] > 0),
@@ -886,16 +942,15 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
             "pairs_per_s": round(final_state["pairs"] / max(train_seconds, 1e-9), 2),
         },
         "refresh": (result.return_value or {}).get("refresh"),
-        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if not _is_nan(v)},
+        "final_metrics": {k: v for k, v in (result.metrics or {}).items()
+                          if not _is_nan(v) and not (k == "ndcg@10" and v == UNEVALUATED)},
         "best_checkpoint": best,
         "base_model": resolve_model(encoder.model),
         "lora": lora_settings(train_cfg),
         "exported_merged": bool(lora_settings(train_cfg) is None or train_cfg.lora_merge),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    (out_dir / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return stats
+    return job.commit(stats)
 
 
 def _refresh_config(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> dict:
@@ -949,13 +1004,12 @@ def _negative_counts(batch):
 
 
 def _is_nan(value) -> bool:
-    """NaN, or None: Ray's saved checkpoint state turns the NaN placeholder into null."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _score(metrics: dict) -> float:
     value = metrics.get("ndcg@10")
-    return float("-inf") if _is_nan(value) else value
+    return float("-inf") if _is_nan(value) or value == UNEVALUATED else value
 
 
 def format_summary(stats: dict, out: str) -> str:

@@ -176,6 +176,7 @@ def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_p
         encoder=sections["encoder"], read=sections["read"], train_cfg=trial_train_config(sections["train"], config),
         eval_cfg=sections["eval"], ray=sections["ray"], mine_cfg=sections["mine"],
         run_name=f"train-{trial_id}", callbacks=[TuneReportCallback()], resources_per_worker=resources_per_worker,
+        in_place=True,  # the trial folder is inside the tune job's staging folder, committed with it
     ))
 
 
@@ -279,9 +280,9 @@ def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
 def count_input(pairs: str, read) -> tuple[int, dict[str, int]]:
     """(valid rows, {reject reason: rows}) of PAIRS, when no trial finished to tell."""
     from pairmill.embed import read_kwargs
-    from pairmill.pairs import read_parsed
+    from pairmill.pairs import read_unique
 
-    rows = read_parsed(pairs, "pairs", **read_kwargs(read)).select_columns(["reason"]).map_batches(
+    rows = read_unique(pairs, "pairs", **read_kwargs(read)).select_columns(["reason"]).map_batches(
         _reason_counts, batch_format="pyarrow").take_all()
     valid, rejected = 0, {}
     for row in rows:
@@ -305,22 +306,42 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
-def _check_same_settings(out: Path, settings: dict, restorable: bool) -> None:
-    """A rerun into OUT resumes its experiment: refuse when it was started with other settings."""
+def _changed_settings(folder: Path, settings: dict) -> list[str]:
+    """What differs from the settings ``folder`` (a tune job or its staging folder) was started with."""
     from pairmill.config import changed_settings
 
-    path = out / SETTINGS
+    path = folder / SETTINGS
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    return changed_settings(saved["sections"], settings["sections"]) + (["input"] if saved["input"] != settings["input"] else [])
+
+
+def _refuse_other_settings(folder: Path, changed: list[str]) -> None:
+    if changed:
+        raise BadInput(
+            f"{folder} holds a tuning run started with other settings ({', '.join(changed)}); rerunning the same "
+            "command resumes it. Use a new -o folder, or delete this one to start over."
+        )
+
+
+def _open_job(out: Path, settings: dict):
+    """The tune job's folder (``pairmill.output.JobFolder``, staged in ``.OUT.partial``). An
+    interrupted run's staging folder is resumed; a finished OUT rerun with the same settings moves
+    back into staging and is restored (its finished trials kept, so nothing trains again); a
+    folder of a run with other settings is refused, untouched."""
+    from pairmill.output import JobFolder, resumable_staging
+
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
-    if restorable and path.exists():
-        saved = json.loads(path.read_text())
-        changed = changed_settings(saved["sections"], settings["sections"]) + (
-            ["input"] if saved["input"] != settings["input"] else [])
-        if changed:
-            raise BadInput(
-                f"{out} holds a tuning run started with other settings ({', '.join(changed)}); rerunning the same "
-                "command resumes it. Use a new -o folder, or delete this one to start over."
-            )
-    path.write_text(json.dumps(settings, indent=2, default=str))
+    staging = resumable_staging(out)
+    if (staging / EXPERIMENT).exists():  # an interrupted run with trials to keep
+        _refuse_other_settings(staging, _changed_settings(staging, settings))
+    elif (out / "_SUCCESS").exists() and (out / SETTINGS).exists():
+        _refuse_other_settings(out, _changed_settings(out, settings))
+        os.rename(out, staging)
+    job = JobFolder(out, parts=(), resume=True)
+    (job.staging / SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
+    return job
 
 
 def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = None) -> dict:
@@ -362,13 +383,11 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
         raise BadInput(f"{pairs}: no such file or folder (PAIRS: JSONL(.gz), Parquet, an HF dataset or a job folder)")
 
     init_ray(sections["ray"].address, sections["ray"].num_cpus)
-    out_dir = Path(out).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(out).expanduser().resolve()
+    job = _open_job(final_dir, {"input": pairs, "sections": config_to_dict({k: v for k, v in sections.items() if k != "ray"})})
+    out_dir = job.staging  # everything is written here; commit renames it to OUT
     experiment = out_dir / EXPERIMENT
     restorable = tune.Tuner.can_restore(str(experiment))
-    _check_same_settings(out_dir, {"input": pairs, "sections": config_to_dict(
-        {k: v for k, v in sections.items() if k != "ray"})}, restorable)
-    (out_dir / "_SUCCESS").unlink(missing_ok=True)  # this folder is being (re)written
 
     use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray.cluster_resources().get("GPU"))
     per_trial = trial_resources(train_cfg.num_workers, tune_cfg.cpus_per_worker, use_gpu)
@@ -448,25 +467,28 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
         json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
     export_seconds = time.perf_counter() - t0
 
-    # Input counts: every trial read and validated the same PAIRS; a finished trial's stats hold them
+    # Input counts: the rows of PAIRS from the file itself; valid and rejected rows from a finished
+    # trial's stats (every trial validated the same PAIRS), else counted here
     t0 = time.perf_counter()
+    from pairmill.pairs import count_input_rows
+
+    input_rows = count_input_rows(pairs)
     done = [out_dir / TRIALS / r.trial_id / "stats.json" for r in records]
     done = [json.loads(path.read_text()) for path in done if path.exists()]
     valid_rows, rejected = (done[0]["kept"], done[0]["rejected"]) if done else count_input(pairs, sections["read"])
     read_seconds = time.perf_counter() - t0
     default_best = records[0].best(metric)
     counts = {s: sum(r.status == s for r in records) for s in ("finished", "stopped early", "error")}
+    if not done:  # else every trial validated PAIRS itself (its own stats.json)
+        job.stage("read+validate", input_rows, valid_rows, read_seconds)
+    job.stage("tune", valid_rows, valid_rows, tune_seconds)
+    job.stage("export", 1, 1, export_seconds)
+    best_checkpoint = str(final_dir / Path(checkpoint).relative_to(out_dir)) if Path(checkpoint).is_relative_to(out_dir) else checkpoint
     stats = {
-        "input_rows": valid_rows + sum(rejected.values()),
+        "input_rows": input_rows,
         "kept": valid_rows,
         "dropped": {},
         "rejected": rejected,
-        "stages": ([] if done else [  # else every trial validated PAIRS itself (its own stats.json)
-            {"name": "read+validate", "rows_in": valid_rows + sum(rejected.values()), "rows_out": valid_rows,
-             "seconds": round(read_seconds, 3)}]) + [
-            {"name": "tune", "rows_in": valid_rows, "rows_out": valid_rows, "seconds": round(tune_seconds, 3)},
-            {"name": "export", "rows_in": 1, "rows_out": 1, "seconds": round(export_seconds, 3)},
-        ],
         "tune": {
             "metric": metric,
             "trials": len(records),
@@ -477,16 +499,14 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
             "space": {k: {"kind": kind, "values": v} for k, (kind, v) in space.items()},
             "eval_every": eval_every,
             "best": {"trial_id": best_record.trial_id, "config": {k: best_record.config[k] for k in keys},
-                     metric: best[metric], "step": best["step"], "checkpoint": checkpoint},
+                     metric: best[metric], "step": best["step"], "checkpoint": best_checkpoint},
             "default": {"trial_id": records[0].trial_id, "config": default, "status": records[0].status,
                         metric: default_best[metric] if default_best else None,
                         "step": default_best["step"] if default_best else None},
         },
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    (out_dir / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return stats
+    return job.commit(stats)
 
 
 def format_summary(stats: dict, out: str) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mining.index import ShardedIndex, as_matrix, default_index_spec, exact_search, merge_topk
+from mining.index import IndexShard, ShardedIndex, as_matrix, default_index_spec, exact_search, merge_topk
 
 DIM = 32
 NUM_CPUS = 0.5  # per shard: 3 shards leave Ray Data a CPU of the session's 4
@@ -210,3 +210,48 @@ def test_add_dataset_with_fixed_size_list_column(make_index, corpus, queries, ra
     ref_scores, ref_ids = exact_search(corpus[:300], queries, 10)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_a_shard_given_a_gpu_without_faiss_gpu_warns_and_says_so(monkeypatch):
+    """faiss-cpu in place of faiss-gpu on a GPU node: the shard searches on the CPU, warns, and its
+    kind says so (mine's stats.json records each shard's device); the driver warns too."""
+    import warnings
+
+    import mining.index as index_module
+
+    monkeypatch.setattr(index_module, "assigned_gpus", lambda: 1.0)
+    monkeypatch.setattr(index_module.faiss, "get_num_gpus", lambda: 0)
+    with pytest.warns(UserWarning, match="faiss-gpu"):
+        shard = IndexShard(8, "Flat")
+    assert shard.kind()["device"] == "cpu" and "pairmill[gpu]" in shard.kind()["warning"]
+    monkeypatch.setattr(index_module, "assigned_gpus", lambda: 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert IndexShard(8, "Flat").kind() == {"device": "cpu", "warning": None}
+
+    client = ShardedIndex.__new__(ShardedIndex)
+    client.kinds = lambda: [{"device": "cpu", "warning": None}, shard.kind()]
+    with pytest.warns(UserWarning, match="index shard 1: .*faiss-gpu"):
+        assert client.check_devices() == ["cpu", "cpu"]
+    assert client.device_warnings == [shard.kind()["warning"]]
+
+
+def test_search_can_exclude_ids_per_query(ray_session):
+    """The exclusion search (a query with too many positives to search past) equals an exact search
+    with those ids removed, for Flat and IVF shards."""
+    rng = np.random.default_rng(11)
+    vecs = rng.standard_normal((3000, 8)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64) * 5 + 1
+    queries = rng.standard_normal((4, 8)).astype(np.float32)
+    full_scores, full_rows = exact_search(vecs, queries, 3000)
+    exclude = [ids[full_rows[i, : 50 * (i + 1)]] for i in range(4)]  # each query's top 50, 100, 150, 200
+    for spec, nprobe in (("Flat", None), ("IVF16,Flat", 16)):  # nprobe = nlist: exact
+        with ShardedIndex.create(3, 8, spec, num_cpus=0.25, nprobe=nprobe) as index:
+            if spec != "Flat":
+                index.train(vecs)
+            index.add_batches([(ids[i:i + 500], vecs[i:i + 500]) for i in range(0, 3000, 500)])
+            scores, found = index.search(queries, 10, exclude=exclude)
+        for i in range(4):
+            rows = [r for r in full_rows[i] if ids[r] not in set(exclude[i].tolist())][:10]
+            assert found[i].tolist() == ids[rows].tolist(), spec
+            np.testing.assert_allclose(scores[i], full_scores[i][np.isin(full_rows[i], rows)], atol=1e-5)

@@ -218,3 +218,69 @@ def test_random_padding_is_asked_for_and_marked(ray_session, tmp_path):
         assert len(set(row.negative_ids)) == 3 and not {own, own ^ 1} & set(row.negative_ids)
         expect = [float(passages[i - 1000] @ query_of[row.id]) for i in row.negative_ids]
         np.testing.assert_allclose(row.negative_scores, expect, atol=1e-5)
+
+
+def test_a_query_repeated_20000_times_mines_in_bounded_memory_and_time(ray_session, tmp_path):
+    """A generic query ("A small example package") over 20,000 pairs: its positives are kept once
+    (the PositiveStore), not in each of its 20,000 rows (400M keys), and it is searched with them
+    excluded inside FAISS instead of 20,000 deep. Its negatives are the best passages that are not
+    its positives, exactly; the other queries mine as before."""
+    import time
+
+    import pyarrow.compute as pc
+
+    from mining.mine import PositiveStore, add_keys, write_mined
+    from pairmill.config import INLINE_POSITIVES
+
+    n_big, n_other, dim = 20_000, 300, 16
+    rng = np.random.default_rng(7)
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    q0 = unit(rng.standard_normal(dim))
+    big_passages = unit(q0 + 0.4 * rng.standard_normal((n_big, dim)))  # all close to q0: they crowd its top
+    other_queries, other_passages = unit(rng.standard_normal((n_other, dim))), unit(rng.standard_normal((n_other, dim)))
+    table = add_keys(pa.table({
+        "id": [f"b{i}" for i in range(n_big)] + [f"o{i}" for i in range(n_other)],
+        "query": ["A small example package"] * n_big + [f"other query {i}" for i in range(n_other)],
+        "passage": [f"generic {i}" for i in range(n_big)] + [f"other passage {i}" for i in range(n_other)],
+        "source": pa.nulls(n_big + n_other, pa.string()),
+        "negatives": pa.nulls(n_big + n_other, pa.list_(pa.string())),
+        "query_embedding": fixed_size_list(np.concatenate([np.tile(q0, (n_big, 1)), other_queries])),
+        "passage_embedding": fixed_size_list(np.concatenate([big_passages, other_passages])),
+    }))
+    (tmp_path / "pairs").mkdir()
+    for i in range(0, table.num_rows, 4096):
+        pq.write_table(table.slice(i, 4096), tmp_path / "pairs" / f"part-{i:06d}.parquet")
+    passages = np.concatenate([big_passages, other_passages])
+    keys = table.column("passage_key").to_numpy()
+
+    # the grouping step keeps a big query's keys once, in the store, and nothing per row
+    store = PositiveStore.create(1)
+    try:
+        group = attach_positives(table.slice(0, n_big), store)
+        assert group.column("positive_keys").null_count == n_big and group.column("positive_count")[0].as_py() == n_big
+        assert len(store.get([table.column("query_key")[0].as_py()])[table.column("query_key")[0].as_py()]) == n_big
+        small = attach_positives(table.slice(n_big, 1), store)
+        assert small.column("positive_keys").to_pylist() == [[keys[n_big]]] and INLINE_POSITIVES < n_big
+    finally:
+        store.close()
+
+    cfg = MineConfig(**SELECTION, shards=2, shard_cpus=0.5)
+    with ShardedIndex.create(2, dim, "Flat", num_cpus=0.5) as index:
+        index.add_batches([(keys[i:i + 4096], passages[i:i + 4096], table.column("passage").to_pylist()[i:i + 4096])
+                           for i in range(0, len(keys), 4096)])
+        t0 = time.perf_counter()
+        write_mined(tmp_path / "pairs", table.num_rows, index, cfg, str(tmp_path / "mined"))
+        seconds = time.perf_counter() - t0
+    assert seconds < 120, seconds  # on main: 20,000 x 20,000 positive keys and a 20,030-deep search
+    mined = pq.read_table(tmp_path / "mined")
+    assert mined.num_rows == n_big + n_other
+    generic = mined.filter(pc.equal(mined["query"], "A small example package")).to_pylist()
+    # exactly the best non-positives of q0: the other pairs' passages, by brute force
+    scores = other_passages @ q0
+    best = np.argsort(-scores, kind="stable")[: SELECTION["num_negatives"]]
+    for row in generic[:50] + generic[-50:]:
+        assert row["negatives"] == [f"other passage {i}" for i in best]
+        np.testing.assert_allclose(row["negative_scores"], scores[best], atol=1e-5)
+    assert all(len(r["negatives"]) == SELECTION["num_negatives"] for r in generic)
+    for row in mined.filter(pc.not_equal(mined["query"], "A small example package")).to_pylist():
+        assert row["passage"] not in row["negatives"] and len(row["negatives"]) == SELECTION["num_negatives"]

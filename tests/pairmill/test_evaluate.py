@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +88,34 @@ def test_beir_folder(tmp_path):
     emb = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     m = evaluate_embeddings(task, np.array([[0.0, 1.0], [0.0, 1.0]], np.float32), emb)
     assert m["recall@1"] == 0.5  # q1 ranks d1 second; q2 has doc 1 excluded, so d1 comes first
+
+
+def test_a_messy_beir_folder_is_read_with_counted_rejections(tmp_path):
+    """Bad lines, a null title, an integer _id, a repeated _id, a lone surrogate and bad qrels lines
+    are counted per file (used + rejected == lines), never raised."""
+    (tmp_path / "qrels").mkdir()
+    corpus = [
+        b'{"_id": "d1", "title": null, "text": "one"}',  # a null title used to raise TypeError
+        b'{"_id": 2, "title": "Two", "text": ""}',  # an integer id; a title and no text: the title
+        b"{not json",
+        b'{"_id": "d1", "text": "again"}',  # duplicate_id
+        b'{"title": "no id", "text": "x"}',  # missing_id
+        b'{"_id": "d4", "text": "bad \\udc00 text"}',  # invalid_unicode
+        b'{"_id": "d5", "title": null, "text": null}',  # missing_text
+        b"\xff\xfe",  # invalid_utf8
+    ]
+    (tmp_path / "corpus.jsonl").write_bytes(b"\n".join(corpus) + b"\n")
+    (tmp_path / "queries.jsonl").write_bytes(b'{"_id": "q1", "text": "first"}\n{"_id": "q2"}\n[1]\n')
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\t2\tx\nq1\td4\t1\nbroken\nq1\t2\t0\n")
+    from pairmill.evaluate import load_task
+
+    task = load_task(str(tmp_path))
+    assert task.corpus == ["one", "Two"] and task.queries == ["first"] and task.qrels == [{0: 1.0}]
+    counts = {Path(p).name: c for p, c in task.inputs.items()}
+    assert counts["corpus.jsonl"] == {"input_rows": 8, "used": 2, "rejected": {
+        "duplicate_id": 1, "invalid_json": 1, "invalid_unicode": 1, "invalid_utf8": 1, "missing_id": 1, "missing_text": 1}}
+    assert counts["queries.jsonl"] == {"input_rows": 3, "used": 1, "rejected": {"missing_text": 1, "not_an_object": 1}}
+    # the header is not a row; a score of 0 is a line used (not relevant); d4 was rejected: unknown_id
+    assert counts["test.tsv"] == {"input_rows": 5, "used": 2, "rejected": {"bad_qrels_line": 2, "unknown_id": 1}}
+    for c in counts.values():
+        assert c["used"] + sum(c["rejected"].values()) == c["input_rows"]

@@ -33,6 +33,17 @@ BAD_LINES = [
     (b'{"query": "q", "passage": "p", "negatives": "n"}', "bad_negatives"),
     (b'{"query": "q", "passage": "p", "negatives": ["ok", 3]}', "bad_negatives"),
     (b'{"query": "caf\xe9", "passage": "latin-1 bytes"}', "invalid_utf8"),
+    # valid JSON, but not text Arrow can hold: an escaped lone surrogate (web and social-media dumps)
+    (b'{"query": "a\\ud800b", "passage": "p"}', "invalid_unicode"),
+    (b'{"query": "q", "passage": "\\udfff"}', "invalid_unicode"),
+    (b'{"query": "q", "passage": "p", "negatives": ["ok", "x\\ud83d"]}', "invalid_unicode"),
+    (b'{"id": "r\\ud800", "query": "q", "passage": "p"}', "invalid_unicode"),
+    (b'{"query": "q", "passage": "p", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too_deep"),
+    (b'{"query": "q", "passage": "p", "n": ' + b"1" * 5000 + b"}", "invalid_json"),  # int over 4,300 digits
+    (b'{"query": "\\u0000\\u0000 \\u200b", "passage": "p"}', "empty_text"),  # NULs and a zero-width space only
+    (b'{"id": 1e999, "query": "q", "passage": "p"}', "bad_id"),
+    (b'{"id": true, "query": "q", "passage": "p"}', "bad_id"),
+    (b'{"id": [1], "query": "q", "passage": "p"}', "bad_id"),
 ]
 
 
@@ -58,11 +69,38 @@ def test_ids_fields_and_negatives():
         {"id": 7, "q": "a", "p": "b"},
         {"id": "", "q": "a", "p": "b"},
         {"q": "a", "p": "b", "negatives": ["n1", "n2"], "source": 3},
+        {"id": float("nan"), "q": "a", "p": "b", "source": ["web", 2]},
+        {"id": 10**40, "q": "a", "p": "b"},
         {"id": True, "q": "a", "p": "b"},
+        {"id": 2.5, "q": "a", "p": "b"},
     ]
-    table = validate_records(rows, ["x"] * 4, query_field="q", passage_field="p").to_pylist()
-    assert [r["id"] for r in table] == ["7", pair_id("a", "b"), pair_id("a", "b"), pair_id("a", "b")]
-    assert table[2]["negatives"] == ["n1", "n2"] and table[2]["source"] is None
+    table = validate_records(rows, ["x"] * len(rows), query_field="q", passage_field="p").to_pylist()
+    # integers are their decimal string; absent, empty and NaN ids are a hash of the texts
+    assert [r["id"] for r in table[:5]] == ["7", pair_id("a", "b"), pair_id("a", "b"), pair_id("a", "b"), str(10**40)]
+    assert [r["reason"] for r in table] == [None] * 5 + ["bad_id", "bad_id"]  # never silently re-keyed
+    assert table[2]["negatives"] == ["n1", "n2"]
+    assert table[2]["source"] == "3" and table[3]["source"] == '["web", 2]'  # kept, as JSON
+
+
+def test_control_characters_inside_a_text_are_kept():
+    table = validate_records([{"query": "a\x00b", "passage": "line\u2028two\r\n"}], ["x"]).to_pylist()
+    assert table[0]["reason"] is None and table[0]["query"] == "a\x00b" and table[0]["passage"] == "line\u2028two\r\n"
+
+
+def test_a_lone_surrogate_in_a_parquet_row_is_rejected_with_a_readable_raw():
+    table = validate_records([{"query": "x\ud800", "passage": "p", "extra": "y\udc00"}], ["f.parquet"])
+    row = table.to_pylist()[0]  # building the Arrow table at all is the point: it used to raise
+    assert row["reason"] == "invalid_unicode" and "\\ud800" in row["raw"] and "\\udc00" in row["raw"]
+
+
+def test_reject_reasons_are_the_readme_table():
+    from pathlib import Path
+
+    from pairmill.pairs import REJECT_REASONS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
+    assert set(REJECT_REASONS) <= table, set(REJECT_REASONS) - table
 
 
 def test_too_long_truncates_by_default_or_rejects():
@@ -88,8 +126,20 @@ def test_split_lines_across_chunk_boundaries():
     assert list(_split_lines([b"a\r", b"\nb\r\n"])) == [b"a", b"b"]  # CRLF files, split mid-ending
 
 
+def test_a_utf8_bom_is_not_part_of_the_first_line():
+    data = b"\xef\xbb\xbf" + b'{"query": "q", "passage": "p"}\n{"query": "r", "passage": "s"}\n'
+    for size in (1, 2, 3, 4, 100):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        lines = list(_split_lines(chunks))
+        assert lines[0] == b'{"query": "q", "passage": "p"}' and len(lines) == 2, size
+    assert list(_split_lines([b"\xef\xbb"])) == [b"\xef\xbb"]  # shorter than a BOM: left as it is
+    assert list(_split_lines([b"a\xef\xbb\xbfb\n"])) == [b"a\xef\xbb\xbfb"]  # only at the start of the stream
+
 def _bad_file(path, gz=False):
-    body = b"\n".join([json.dumps(GOOD).encode()] * 3 + [line for line, _ in BAD_LINES]) + b"\n"
+    # a BOM, CRLF endings, and a U+2028 inside a JSON string (a line separator to str.splitlines)
+    good = [json.dumps(GOOD).encode(), json.dumps({**GOOD, "query": "x\u2028y"}, ensure_ascii=False).encode(),
+            json.dumps({**GOOD, "query": "z"}).encode()]
+    body = b"\xef\xbb\xbf" + b"\r\n".join(good + [line for line, _ in BAD_LINES]) + b"\r\n"
     (gzip.open if gz else open)(path, "wb").write(body)
     return path
 
@@ -101,9 +151,34 @@ def test_ray_read_matches_local_read(ray_session, tmp_path, gz):
     on_ray = pa.concat_tables(ray_session.get(on_ray)).to_pylist()
     local = load_parsed_local(path).to_pylist()
     assert len(on_ray) == 3 + len(BAD_LINES)
+    assert [r["query"] for r in local[:3]] == ["what is unix", "x\u2028y", "z"]
     key = lambda r: r["origin"]  # noqa: E731
     assert sorted(on_ray, key=key) == sorted(local, key=key)
     assert sorted(r["reason"] for r in local if r["reason"]) == sorted(reason for _, reason in BAD_LINES)
+
+
+def test_later_copies_of_an_id_are_rejected_on_ray(ray_session, tmp_path):
+    """The first valid row with an id keeps it (by file, then line: 'f:10' comes after 'f:9');
+    rejected rows and rows with distinct ids pass through; every row stays counted."""
+    import pyarrow.compute as pc
+
+    from pairmill.pairs import count_input_rows, read_unique
+
+    rows = [{"id": f"r{i}", "query": f"q{i}", "passage": f"p{i}"} for i in range(12)]
+    rows[10] = {"id": "r9", "query": "other", "passage": "text"}  # line 11 repeats line 10's id
+    rows[3] = {"id": "r9", "query": "first", "passage": "copy"}  # line 4 has it first
+    rows.append({"query": "q0", "passage": "p0"})  # no id: a hash of the texts, not "r0"
+    rows.append({"id": "r5"})  # rejected (no query): not a duplicate, whatever its id
+    path = write_jsonl(tmp_path / "dups.jsonl", rows)
+    table = pa.concat_tables(ray_session.get(read_unique(str(path)).to_arrow_refs()))
+    assert table.num_rows == count_input_rows(str(path)) == 14
+    dups = table.filter(pc.equal(table["reason"], "duplicate_id")).to_pylist()
+    assert sorted(r["origin"].rsplit(":", 1)[1] for r in dups) == ["10", "11"]
+    assert all(r["query"] is None and '"id": "r9"' in r["raw"] for r in dups)
+    kept = table.filter(pc.is_null(table["reason"]))
+    assert kept.num_rows == 11 and len(set(kept["id"].to_pylist())) == 11
+    assert {"first"} == {r["query"] for r in kept.to_pylist() if r["id"] == "r9"}
+    assert table.filter(pc.equal(table["reason"], "missing_query")).num_rows == 1
 
 
 def test_parquet_and_hf_inputs(ray_session, tmp_path):

@@ -72,7 +72,12 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     rows = literal_pairs(40)
     for i, row in enumerate(rows):  # the "mine job" negatives (step 0): two other passages
         row["negatives"] = [rows[(i + k + 1) % len(rows)]["passage"] for k in range(2)]
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+        row["id"] = f"r{i}"
+    # two later rows reuse ids with other pairs: the store of refreshed negatives is keyed by id, so
+    # they must be rejected (duplicate_id), or a round's negatives for one land on the other
+    reused = [{"id": "r3", "query": "a reused id", "passage": "another pair's text"},
+              {"id": "r5", "query": "also reused", "passage": "yet another text"}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows + reused)
     out = tmp_path / "train"
     encoder = EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: ", batch_size=16)
     settings = dict(num_workers=1, batch_size=8, max_steps=150, lr=1e-3, hard_negatives=2, query_max_length=16,
@@ -86,6 +91,7 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
 
     refresh = stats["refresh"]
     assert stats["train"]["steps"] == 150 and (out / "_SUCCESS").exists()
+    assert stats["rejected"] == {"duplicate_id": 2} and stats["kept"] == 40 and stats["input_rows"] == 42
     assert refresh["rounds_finished"] >= 1 and refresh["rounds_started"] >= refresh["rounds_finished"]
     assert refresh["rounds_started"] + refresh["rounds_skipped"] == 4  # due at steps 30, 60, 90, 120
     first, last = refresh["rounds"][0], refresh["rounds"][-1]
@@ -98,6 +104,13 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     assert used <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
     assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness
     assert (out / "refresh" / f"step-{last['step']}" / "index" / "manifest.json").exists()
+    import pyarrow.parquet as pq
+
+    refreshed = pq.read_table(out / "refresh" / f"step-{last['step']}" / "negatives").to_pylist()
+    assert len(refreshed) == len({r["id"] for r in refreshed}) == 40
+    by_id = {r["id"]: r for r in refreshed}
+    for i in (3, 5):  # mined for the pair that kept the id: its own passage is never its negative
+        assert rows[i]["passage"] not in by_id[f"r{i}"]["negatives"]
     assert (out / "refresh" / f"step-{last['step']}" / "model").is_dir()
     # a round still running at the end is cancelled, not awaited, and said so
     if refresh["rounds_started"] > refresh["rounds_finished"]:

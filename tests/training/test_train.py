@@ -224,16 +224,30 @@ def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_
     np.testing.assert_allclose(enc.encode(texts), exported, atol=1e-5)
 
 
-def test_lora_exports_a_merged_plain_model_and_a_rerun_resumes(ray_session, tiny_model, data, tmp_path):
+def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_session, tiny_model, data, tmp_path,
+                                                                             monkeypatch):
+    """The job folder is staged: an interrupted run leaves nothing at OUT, only ``.OUT.partial`` with
+    its checkpoints, and the same command resumes there and commits; a finished OUT rerun resumes
+    too (nothing left to train); other settings are refused."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
+
+    from pairmill.output import resumable_staging
 
     out = tmp_path / "lora"
     # length_group_overhead=4: each side encoded in several length groups, under DDP with ranks
     # running different numbers of forwards
-    settings = dict(lora_rank=4, max_steps=3, hard_negatives=0, length_group_overhead=4)
+    settings = dict(lora_rank=4, max_steps=3, hard_negatives=0, length_group_overhead=4, checkpoint_every=1)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "2")
+    with pytest.raises(Exception, match="test hook"):
+        run_train(data, out, tiny_model, **settings)  # max_failures=0: the run dies after step 2's checkpoint
+    assert not out.exists() and (resumable_staging(out) / "checkpoints" / "train" / "step_0000002").is_dir()
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
     stats = run_train(data, out, tiny_model, **settings)
-    assert stats["train"]["steps"] == 3 and stats["train"]["resumed_from_step"] == 0 and stats["exported_merged"]
+    assert stats["train"]["steps"] == 3 and stats["train"]["resumed_from_step"] == 2 and stats["exported_merged"]
+    assert not resumable_staging(out).exists() and (out / "_SUCCESS").exists()
+    assert stats == json.loads((out / "stats.json").read_text()) and stats["input_rows"] == 66
     assert not (out / "model" / "adapter_config.json").exists()
     hf = AutoModel.from_pretrained(out / "model")
     assert not any("lora" in name for name, _ in hf.named_parameters())
@@ -249,7 +263,35 @@ def test_lora_exports_a_merged_plain_model_and_a_rerun_resumes(ray_session, tiny
     # a changed setting is refused instead of resuming a run made with another one
     again = run_train(data, out, tiny_model, **settings)
     assert again["train"]["resumed_from_step"] == 3 and again["train"]["steps"] == 3
-    assert (out / "_SUCCESS").exists()
+    assert (out / "_SUCCESS").exists() and not resumable_staging(out).exists()
     with pytest.raises(ValueError, match="train.lr"):
         run_train(data, out, tiny_model, **settings, lr=5e-4)
     assert (out / "_SUCCESS").exists()  # a refused rerun leaves the finished folder as it was
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded (what a hostile checkpoint file holds)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_are_read_as_tensors_only(tiny_model, tmp_path, monkeypatch):
+    """Checkpoint files load with weights_only=True: a file that unpickles to code is refused, on any
+    torch the project allows (torch < 2.6 unpickled fully by default)."""
+    import pickle
+
+    import training.train as train_module
+
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(train_module.torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    marker = tmp_path / "code-ran"
+    (tmp_path / "bad").mkdir()
+    torch.save({"0.auto_model.embeddings.word_embeddings.weight": _RunsCode(str(marker))}, tmp_path / "bad" / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        export_model(tmp_path / "bad", tmp_path / "out", model=tiny_model, lora=None, merge=True)
+    assert not marker.exists() and calls and all(k.get("weights_only") is True for k in calls)

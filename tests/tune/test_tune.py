@@ -140,16 +140,20 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, ti
     flag.touch()
     from tune.tune import Interrupted
 
+    from pairmill.output import resumable_staging
+
     with pytest.raises(Interrupted, match="rerun the same command"):
         tune_runs(data["pairs"], str(out), sections=cfg, callbacks=[InterruptOnce(flag)])
-    assert not flag.exists() and not (out / "_SUCCESS").exists()
-    finished = [p.parent for p in (out / "trials").glob("*/_SUCCESS")]
+    # nothing at OUT until the job commits: the interrupted run is in its staging folder
+    assert not flag.exists() and not out.exists()
+    finished = [p.parent for p in (resumable_staging(out) / "trials").glob("*/_SUCCESS")]
     assert len(finished) == 1
     first_done = (finished[0] / "_SUCCESS").stat().st_mtime_ns
 
     stats = tune_runs(data["pairs"], str(out), sections=cfg)
     assert stats["tune"]["resumed"] and stats["tune"]["finished"] == 2
-    assert (finished[0] / "_SUCCESS").stat().st_mtime_ns == first_done  # not trained again
+    assert not resumable_staging(out).exists()
+    assert (out / "trials" / finished[0].name / "_SUCCESS").stat().st_mtime_ns == first_done  # not trained again
     assert [r["status"] for r in read_results(out)] == ["finished", "finished"]
     assert (out / "_SUCCESS").exists() and (out / "best_model").is_dir()
 
