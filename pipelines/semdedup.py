@@ -10,8 +10,14 @@ against a brute-force reference). Within a cluster the rows are ordered by the s
 ``1 - eps``, and ``dup_of`` names the most similar kept row. ``on`` picks the vector: the passage
 embedding (default), the query embedding, or ``both`` (a row is a duplicate only when query and
 passage are both near-duplicates: similarity = the smaller of the two cosines).
-Cost per cluster of m rows: an m x m similarity matrix (m^2 x d multiply-adds, m^2 x 4 bytes), then
-a Python step only for rows that have a near-duplicate earlier in the order (rare).
+Copies (rows whose vectors are identical: the same text, e.g. one template summary under 10k
+package names) are decided once, by their first row in survivor order: the greedy keeps the same
+rows as over every row, and a later copy's ``dup_of`` is that first row (or, when the first row
+is itself a duplicate, the row it duplicates). Web data clusters thousands of copies together;
+without this, a cluster of m copies cost an m x m matrix (100k copies: 40 GB).
+Cost per cluster of m rows with u distinct vectors: u^2 x d / 2 multiply-adds, computed in column
+blocks of ``BLOCK`` (memory u x BLOCK x 4 bytes, not u^2), then a Python step only for rows that
+have a near-duplicate earlier in the order (rare).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ SEMANTIC_DUPLICATE = "semantic_duplicate"
 On = Literal["passage", "query", "both"]
 Keep = Literal["hard", "easy", "random"]
 ROWS_PER_CLUSTER = 1000  # default cluster size: a 1000 x 1000 similarity matrix is 4 MB and ~1 ms
+BLOCK = 512  # columns of the similarity matrix computed at once (u x 512 floats: 200 MB at u = 100k)
 MIN_POINTS_PER_CENTROID = 40  # FAISS warns below 39 training points per centroid
 
 
@@ -66,15 +73,6 @@ def assign_clusters(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndar
     return cluster.astype(np.int32), sims[np.arange(len(vectors)), cluster].astype(np.float32)
 
 
-def similarity(queries: np.ndarray, passages: np.ndarray, on: On) -> np.ndarray:
-    """(m, m) pairwise similarity the dedup thresholds."""
-    if on == "passage":
-        return passages @ passages.T
-    if on == "query":
-        return queries @ queries.T
-    return np.minimum(queries @ queries.T, passages @ passages.T)
-
-
 def survivor_order(ids: list[str], centroid_sims: np.ndarray, keep: Keep, seed: int = 0) -> np.ndarray:
     """Row order in which survivors are chosen (ties broken by id, so the order is deterministic)."""
     if keep == "hard":  # farthest from the centroid first
@@ -106,14 +104,51 @@ def semdedup_cluster(
     if m < 2:
         return dup_of
     order = survivor_order(ids, centroid_sims, keep, seed)
-    sims = similarity(queries[order], passages[order], on)  # (m, m), rows and columns in survivor order
-    near = np.triu(sims > 1.0 - eps, k=1)  # near[i, j]: j comes after i and is a near-duplicate of it
-    candidates = np.flatnonzero(near.any(axis=0))  # rows with some near-duplicate before them
-    kept = np.ones(m, dtype=bool)
-    for j in candidates:  # in order: a row's fate depends only on the rows before it
-        earlier_kept = np.flatnonzero(kept[:j] & near[:j, j])
-        if len(earlier_kept):
-            kept[j] = False
-            best = earlier_kept[np.argmax(sims[earlier_kept, j])]
-            dup_of[order[j]] = ids[order[best]]
+    vectors = dedup_vectors(queries, passages, on)[order]  # (m, D'): what a copy has in common
+    _, first, group = np.unique(vectors, axis=0, return_index=True, return_inverse=True)
+    group = group.reshape(-1)
+    firsts = np.sort(first)  # (u,) positions in survivor order of each vector's first row
+    rep_of_group = np.empty(len(first), dtype=np.int64)
+    rep_of_group[group[firsts]] = np.arange(len(firsts))  # group -> index into firsts
+    reps = order[firsts]
+    kept, best = greedy_dedup(queries[reps], passages[reps], on, eps)
+    for r in np.flatnonzero(~kept):
+        dup_of[reps[r]] = ids[reps[best[r]]]
+    for position in np.setdiff1d(np.arange(m), firsts, assume_unique=True):  # later copies
+        r = rep_of_group[group[position]]
+        dup_of[order[position]] = ids[reps[r if kept[r] else best[r]]]
     return dup_of
+
+
+def greedy_dedup(queries: np.ndarray, passages: np.ndarray, on: On, eps: float, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy over rows in order (u of them): a row is dropped when it is within cosine 1 - eps
+    of an earlier kept row. Returns (kept (u,) bool, best (u,): the most similar earlier kept row
+    of a dropped row, -1 for a kept one). Columns are computed ``block`` at a time."""
+    u = len(queries)
+    kept = np.zeros(u, dtype=bool)
+    best = np.full(u, -1, dtype=np.int64)
+    for a in range(0, u, block):
+        b = min(u, a + block)
+        sims = block_similarity(queries, passages, on, b, a)  # (b, b - a): rows 0..b-1 against columns a..b-1
+        near = sims > 1.0 - eps
+        near &= np.arange(b)[:, None] < np.arange(a, b)[None, :]  # near[i, c]: row i comes before column a + c
+        candidates = np.flatnonzero(near.any(axis=0))
+        kept[a:b] = True  # rows with no near-duplicate before them; the candidates are decided below
+        kept[a + candidates] = False
+        for c in candidates:  # in order: a row's fate depends only on the rows before it
+            j = a + c
+            earlier_kept = np.flatnonzero(kept[:j] & near[:j, c])
+            if len(earlier_kept):
+                best[j] = earlier_kept[np.argmax(sims[earlier_kept, c])]
+            else:
+                kept[j] = True
+    return kept, best
+
+
+def block_similarity(queries: np.ndarray, passages: np.ndarray, on: On, rows: int, start: int) -> np.ndarray:
+    """(rows, end - start) similarity of rows 0..rows-1 against rows start..rows-1 (end = rows)."""
+    if on == "passage":
+        return passages[:rows] @ passages[start:rows].T
+    if on == "query":
+        return queries[:rows] @ queries[start:rows].T
+    return np.minimum(queries[:rows] @ queries[start:rows].T, passages[:rows] @ passages[start:rows].T)

@@ -107,6 +107,34 @@ def test_semdedup_cluster_matches_the_naive_greedy_loop(on, keep):
     assert {d for d in got if d is not None} <= kept
 
 
+@pytest.mark.parametrize("on,keep", [("passage", "hard"), ("both", "random")])
+def test_copies_are_decided_once_and_keep_what_the_naive_loop_keeps(on, keep):
+    """A template text copied over hundreds of rows (and near-copies of it): the same rows are kept as
+    by the naive loop over every row, every copy points at a kept row within eps, and the work is
+    done on distinct vectors only, in blocks (BLOCK=8 here, so many blocks)."""
+    import pipelines.semdedup as semdedup
+
+    rng = np.random.default_rng(5)
+    q, p = unit(rng, 150), unit(rng, 150)
+    p[50:90], q[50:90] = jitter(rng, p[:40], 0.02), jitter(rng, q[:40], 0.02)
+    p = np.concatenate([p, np.repeat(p[:3], 200, axis=0)])  # 600 copies of three texts
+    q = np.concatenate([q, np.repeat(q[:3], 200, axis=0)])
+    ids = [f"r{i:04d}" for i in range(len(p))]
+    sims = unit(rng, len(p))[:, 0]
+    sims[150:] = np.repeat(sims[:3], 200)  # a copy sits where its text sits
+    got = semdedup.semdedup_cluster(q, p, ids, sims, eps=0.01, on=on, keep=keep)
+    naive = naive_greedy(q, p, ids, sims, 0.01, on, keep)
+    assert [d is None for d in got] == [d is None for d in naive]
+    index = {rid: i for i, rid in enumerate(ids)}
+    sim = {"passage": lambda i, j: p[i] @ p[j], "both": lambda i, j: min(p[i] @ p[j], q[i] @ q[j])}[on]
+    for i, d in enumerate(got):
+        if d is not None:
+            assert got[index[d]] is None and sim(i, index[d]) > 0.99
+    kept, best = semdedup.greedy_dedup(q[:150], p[:150], on, 0.01, block=8)
+    kept_all, best_all = semdedup.greedy_dedup(q[:150], p[:150], on, 0.01, block=1000)
+    assert kept.tolist() == kept_all.tolist() and best.tolist() == best_all.tolist()
+
+
 def test_semdedup_by_clusters_vs_brute_force():
     rng = np.random.default_rng(2)
     centres = unit(rng, 8, 32)
