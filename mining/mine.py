@@ -5,8 +5,8 @@ Design note.
   normalisation (NFKC, collapsed whitespace) are one corpus row, keyed by a 63-bit hash of the
   normalised text. That makes "text-identical to the positive" the same test as "is the
   positive": both are the positive's key, and ``select_negatives`` removes it.
-- Positives of a query: the keys of every pair whose normalised query is the same (a groupby on the
-  query key), so a passage of another pair with the same query is never a negative. A query with
+- Positives of a query: the keys of every pair whose normalised query is the same (a groupby on a
+  bucket of the query key: ``pairmill.pairs.GROUP_ROWS``), so a passage of another pair with the same query is never a negative. A query with
   up to ``INLINE_POSITIVES`` distinct passages (nearly all of them) carries its positive keys in
   each of its rows, and is searched in batches deep enough to skip them. A query repeated with
   more (a generic "A small example package" over 100k rows) keeps one copy of its keys in the
@@ -40,13 +40,14 @@ import pyarrow as pa
 
 from mining.negatives import select_negatives
 from pairmill.config import INLINE_POSITIVES
-from pairmill.pairs import text_key
+from pairmill.pairs import bucket_count, key_buckets, text_key
 
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 PASSAGES_PER_SHARD = 2_000_000
 # INLINE_POSITIVES (from the config, whose checks need it): distinct passages of one query carried
 # in each of its rows and searched past in a batch; a query with more uses the PositiveStore.
-MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives"]
+MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives",
+                 "margin_filtered", "near_duplicate_negatives"]
 
 
 def add_keys(batch: pa.Table) -> pa.Table:
@@ -58,9 +59,21 @@ def add_keys(batch: pa.Table) -> pa.Table:
     )
 
 
+def with_bucket(batch: pa.Table, column: str, buckets: int) -> pa.Table:
+    """``map_batches`` step: + ``bucket``, the int64 key ``column`` modulo ``buckets``: what the
+    key's groupby groups on (a group per bucket of keys, not per key: ``pairmill.pairs.GROUP_ROWS``)."""
+    return batch.append_column("bucket", key_buckets(batch.column(column).to_numpy(), buckets))
+
+
+def first_rows(group: pa.Table, key: str) -> pa.Table:
+    """The first row of each distinct ``key`` in a group (any mix of keys)."""
+    _, first = np.unique(group.column(key).to_numpy(), return_index=True)
+    return group.take(pa.array(np.sort(first)))
+
+
 def first_passage(group: pa.Table) -> pa.Table:
-    """``map_groups`` step over one passage key: its first row (one corpus entry per text)."""
-    return group.slice(0, 1).select(["passage_key", "passage", "passage_embedding"])
+    """``map_groups`` step over a bucket of passage keys: one row per key (one corpus entry per text)."""
+    return first_rows(group, "passage_key").select(["passage_key", "passage", "passage_embedding"])
 
 
 class PositiveShard:
@@ -115,17 +128,25 @@ class PositiveStore:
 
 
 def attach_positives(group: pa.Table, store: PositiveStore | None = None) -> pa.Table:
-    """``map_groups`` step over one query key: every row gets ``positive_count`` (its query's
-    distinct passages) and ``positive_keys``: the keys themselves when there are at most
-    ``INLINE_POSITIVES`` (or no store), else null, the keys going once into ``store``."""
-    keys = sorted(set(group.column("passage_key").to_pylist()))
-    n = group.num_rows
-    if store is not None and len(keys) > INLINE_POSITIVES:
-        store.put(group.column("query_key")[0].as_py(), keys)
-        inline = pa.nulls(n, pa.list_(pa.int64()))
-    else:
-        inline = pa.array([keys] * n, pa.list_(pa.int64()))
-    return group.append_column("positive_keys", inline).append_column("positive_count", pa.array([len(keys)] * n, pa.int64()))
+    """``map_groups`` step over a bucket of query keys (any mix): every row gets ``positive_count``
+    (its query's distinct passages) and ``positive_keys``: the keys themselves when there are at most
+    ``INLINE_POSITIVES`` (or no store), else null, the keys going once into ``store``. Drops ``bucket``."""
+    query_keys = group.column("query_key").to_numpy()
+    distinct = np.unique(np.stack([query_keys, group.column("passage_key").to_numpy()], axis=1), axis=0)  # (q, p) pairs
+    queries, starts, counts = np.unique(distinct[:, 0], return_index=True, return_counts=True)
+    positives: dict[int, list[int] | None] = {}
+    for query, start, count in zip(queries.tolist(), starts, counts):
+        keys = distinct[start : start + count, 1]  # sorted: np.unique sorts the pairs
+        if store is not None and count > INLINE_POSITIVES:
+            store.put(query, keys)
+            positives[query] = None
+        else:
+            positives[query] = keys.tolist()
+    count_of = dict(zip(queries.tolist(), counts.tolist()))
+    group = group.drop_columns([c for c in ("bucket",) if c in group.column_names])
+    inline = pa.array([positives[q] for q in query_keys.tolist()], pa.list_(pa.int64()))
+    return group.append_column("positive_keys", inline).append_column(
+        "positive_count", pa.array([count_of[q] for q in query_keys.tolist()], pa.int64()))
 
 
 def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +222,10 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
         "negative_scores": pa.array([neg_scores[i][valid[i]].tolist() for i in rows], pa.list_(pa.float32())),
         "positive_score": pa.array(positive_scores, pa.float32()),
         "padded_negatives": pa.array(padded, pa.int64()),  # trailing random negatives (pad="random" only)
-        # Per-row counts for stats.json (dropped before writing).
-        "_margin_filtered": pa.array(chosen.filtered, pa.int64()),
-        "_near_duplicates": pa.array(((to_positive >= NEAR_DUPLICATE) & valid).sum(axis=1), pa.int64()),
+        # candidates in the rank window the positive-aware filter removed, and negatives within cosine
+        # NEAR_DUPLICATE of the positive: per row, so stats.json's totals come from kept/ itself
+        "margin_filtered": pa.array(chosen.filtered, pa.int64()),
+        "near_duplicate_negatives": pa.array(((to_positive >= NEAR_DUPLICATE) & valid).sum(axis=1), pa.int64()),
     }
     if "negatives" in out.column_names:  # mined negatives replace the ones the input carried
         out = out.drop_columns(["negatives"])
@@ -215,7 +237,7 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
 def mine_pairs(pairs, index, selection: dict, *, batch_size: int = 1024, keep: list[str] | None = None,
                pad: str = "none", store: PositiveStore | None = None):
     """Ray Dataset of pairs (with embeddings, ``query_key`` and ``positive_keys``) -> the same pairs
-    with ``MINED_COLUMNS`` (and two per-row counts, ``_margin_filtered`` and ``_near_duplicates``).
+    with ``MINED_COLUMNS``.
     ``store`` holds the positives of rows whose ``positive_keys`` is null (see ``attach_positives``)."""
     from pairmill.pairs import output_columns
 
@@ -345,8 +367,12 @@ def mine(
                 "rejected": count_by(work / "corpus_rejected", "reason"),
             }
             corpus = corpus.union(ray_lib.data.read_parquet(str(work / "corpus")))
-        distinct = corpus.groupby("passage_key", num_partitions=partitions(valid_rows)).map_groups(
-            first_passage, batch_format="pyarrow"
+        distinct = (
+            corpus.map_batches(with_bucket, fn_kwargs={"column": "passage_key",
+                                                        "buckets": bucket_count(valid_rows, partitions(valid_rows))},
+                               batch_format="pyarrow")
+            .groupby("bucket", num_partitions=partitions(valid_rows))
+            .map_groups(first_passage, batch_format="pyarrow")
         )
         distinct.write_parquet(str(work / "distinct"))
         corpus_rows = parquet_rows(work / "distinct")
@@ -359,19 +385,16 @@ def mine(
 
             # -- 3. positives per query, search, select, look up texts ------------------------
             t0 = time.perf_counter()
-            write_mined(work / "pairs", valid_rows, index, mine_cfg, str(work / "mined"))
+            write_mined(work / "pairs", valid_rows, index, mine_cfg, job.path("kept"))
         finally:
             index.close()
-        totals = (
-            ray_lib.data.read_parquet(str(work / "mined"))
-            .select_columns(["negative_ids", "positive_score", "negative_scores", "padded_negatives", "_margin_filtered",
-                             "_near_duplicates"])
+        totals = (  # from kept/ itself: small columns only, one read
+            ray_lib.data.read_parquet(job.path("kept"))
+            .select_columns(["negative_ids", "positive_score", "negative_scores", "padded_negatives", "margin_filtered",
+                             "near_duplicate_negatives"])
             .map_batches(_row_counts, batch_format="pyarrow", fn_kwargs={"asked": mine_cfg.num_negatives})
             .aggregate(Count(), Sum("n"), Sum("short"), Sum("none"), Sum("margin"), Sum("near"), Sum("padded"),
                        Sum("positive_score"), Sum("negative_score_sum"))
-        )
-        ray_lib.data.read_parquet(str(work / "mined")).drop_columns(["_margin_filtered", "_near_duplicates"]).write_parquet(
-            job.path("kept")
         )
         kept_rows = parquet_rows(job.path("kept"))
         job.stage("mine", valid_rows, kept_rows, time.perf_counter() - t0)
@@ -462,7 +485,9 @@ def write_mined(pairs: Path, rows: int, index, mine_cfg, out: str, columns: list
     try:
         with_positives = (
             ray.data.read_parquet(str(pairs))
-            .groupby("query_key", num_partitions=partitions(rows))
+            .map_batches(with_bucket, fn_kwargs={"column": "query_key", "buckets": bucket_count(rows, partitions(rows))},
+                         batch_format="pyarrow")
+            .groupby("bucket", num_partitions=partitions(rows))
             .map_groups(attach_positives, fn_kwargs={"store": store}, batch_format="pyarrow")
         )
         mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch,
@@ -492,9 +517,9 @@ def _row_counts(batch: pa.Table, asked: int) -> pa.Table:
             "n": n,
             "short": (mined < asked).astype(np.int64),
             "none": (mined == 0).astype(np.int64),
-            "margin": batch.column("_margin_filtered"),
+            "margin": batch.column("margin_filtered"),
             "padded": batch.column("padded_negatives"),
-            "near": batch.column("_near_duplicates"),
+            "near": batch.column("near_duplicate_negatives"),
             "positive_score": batch.column("positive_score").cast(pa.float64()),
             "negative_score_sum": pa.array(score_sums, pa.float64()),
         }

@@ -134,7 +134,9 @@ def _corpus_from_index(batch: pa.Table) -> pa.Table:
 
 
 def _first_text(group: pa.Table) -> pa.Table:
-    return group.slice(0, 1).select(["passage_key", "passage"]).rename_columns(["passage_key", "text"])
+    from mining.mine import first_rows
+
+    return first_rows(group, "passage_key").select(["passage_key", "passage"]).rename_columns(["passage_key", "text"])
 
 
 def _as_distinct(batch: pa.Table) -> pa.Table:
@@ -146,13 +148,17 @@ def corpus_texts(pairs: str, index_folder: str | None):
     """Ray Dataset (passage_key, text): the live index's texts, else the pairs' distinct passages."""
     import ray
 
-    from mining.mine import add_keys, partitions
+    from mining.mine import add_keys, partitions, with_bucket
+    from pairmill.pairs import bucket_count
 
     if index_folder and sorted(Path(index_folder).glob("*.texts.parquet")):
         files = [str(f) for f in sorted(Path(index_folder).glob("*.texts.parquet"))]
         return ray.data.read_parquet(files).map_batches(_corpus_from_index, batch_format="pyarrow")
     ds = ray.data.read_parquet(pairs).select_columns(["query", "passage"]).map_batches(add_keys, batch_format="pyarrow")
-    return ds.groupby("passage_key", num_partitions=partitions(ds.count())).map_groups(_first_text, batch_format="pyarrow")
+    rows = ds.count()
+    buckets = bucket_count(rows, partitions(rows))
+    return (ds.map_batches(with_bucket, fn_kwargs={"column": "passage_key", "buckets": buckets}, batch_format="pyarrow")
+            .groupby("bucket", num_partitions=partitions(rows)).map_groups(_first_text, batch_format="pyarrow"))
 
 
 def refresh_negatives(

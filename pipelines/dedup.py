@@ -1,10 +1,11 @@
 """Exact dedup: one copy of each (query, passage) pair, compared after ``normalize_text``.
 
 Design note. Each parsed row gets a ``dedup_key``: a hash of the normalised query and passage for a
-valid row, and a per-row key for a rejected one (so rejects ride through the same shuffle as
-singletons and the input is read once). The job groups on the key with Ray's hash shuffle
-(``groupby(key, num_partitions=P).map_groups(mark_exact_duplicates)``): every copy of a pair meets
-in one group wherever it was in the input, and no set of keys is ever held on the driver. Within a
+valid row, and a per-row key for a rejected one (so rejects ride through the same shuffle and the
+input is read once). The job groups on a bucket of the key with Ray's hash shuffle
+(``groupby(dedup_bucket, num_partitions=P).map_groups(mark_exact_duplicates)``, a group holding
+many keys: see ``pairmill.pairs.GROUP_ROWS``): every copy of a pair meets in one group wherever it
+was in the input, and no set of keys is ever held on the driver. Within a
 group the copy with the smallest ``(id, origin)`` is kept (deterministic, independent of block
 order); the others get ``reason=exact_duplicate`` and ``dup_of`` = the kept id.
 Cost: one shuffle of the rows; memory per reduce task ~ input / P.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 
 from pairmill.pairs import normalize_text
@@ -30,8 +32,9 @@ def dedup_key(query: str, passage: str) -> str:
     return h.hexdigest()
 
 
-def add_dedup_key(batch: pa.Table) -> pa.Table:
-    """Parsed rows -> the same rows plus ``dedup_key`` and an empty ``dup_of``."""
+def add_dedup_key(batch: pa.Table, buckets: int | None = None) -> pa.Table:
+    """Parsed rows -> the same rows plus ``dedup_key`` and an empty ``dup_of`` (and, with
+    ``buckets``, ``dedup_bucket``: what the job groups on, see ``pairmill.pairs.GROUP_ROWS``)."""
     keys = []
     for query, passage, reason, origin, raw in zip(
         *(batch.column(c).to_pylist() for c in ("query", "passage", "reason", "origin", "raw"))
@@ -41,6 +44,9 @@ def add_dedup_key(batch: pa.Table) -> pa.Table:
         else:  # a reject: its own key, so it stays a singleton group (raw text and origin identify it)
             keys.append("reject:" + hashlib.blake2b(f"{origin}\x1f{raw}".encode("utf-8", "surrogatepass"), digest_size=12).hexdigest())
     batch = batch.append_column("dedup_key", pa.array(keys, pa.string()))
+    if buckets is not None:  # the key is a hash already: its last 15 hex digits are a uniform integer
+        bucket = np.fromiter((int(k[-15:], 16) % buckets for k in keys), dtype=np.int64, count=len(keys))
+        batch = batch.append_column("dedup_bucket", pa.array(bucket, pa.int64()))
     return batch.append_column("dup_of", pa.nulls(len(keys), pa.string()))
 
 
