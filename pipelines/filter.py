@@ -9,8 +9,8 @@ lives in index actors. Materialising instead of writing parquet between passes m
 machines: re-reading a parquet folder cost ~3 s of fixed overhead per read on 2 loaded cores,
 reading materialised blocks ~0.2 s. Each execution has a fixed cost, so stages are fused into as
 few as the barriers allow:
-1. read + validate -> ``groupby(dedup_key, num_partitions).map_groups`` (exact dedup: every copy of
-   a pair meets in one group) -> ``pairmill.pairs.unique_ids`` (a survivor whose id an earlier
+1. read + validate -> ``groupby(dedup_bucket, num_partitions).map_groups`` (exact dedup: every copy
+   of a pair meets in one group; a group holds a bucket of keys, ``pairmill.pairs.GROUP_ROWS``) -> ``pairmill.pairs.unique_ids`` (a survivor whose id an earlier
    row took is rejected as ``duplicate_id``; after exact dedup, so a copy of a pair is an
    ``exact_duplicate``, not a duplicate id) -> encode the survivors once (encoder actor pool) ->
    ``marked``. Every input row is in it: rejects, duplicates, and survivors with their embeddings.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +46,8 @@ from pairmill.pairs import (
     PARTITION_BYTES,
     REJECT_COLUMNS,
     REJECT_REASONS,
-    add_id_key,
+    add_id_bucket,
+    bucket_count,
     count_input_rows,
     default_partitions,
     ids_known_unique,
@@ -74,9 +76,9 @@ def with_seconds(table: pa.Table, name: str, seconds: float) -> pa.Table:
     return table.append_column(name, pa.array(np.full(len(table), seconds / max(len(table), 1))))
 
 
-def with_status_columns(batch: pa.Table) -> pa.Table:
-    """Parsed rows -> + ``dedup_key``, ``dup_of``, ``rank``: the columns every later pass carries."""
-    batch = add_dedup_key(batch)
+def with_status_columns(batch: pa.Table, buckets: int = 1) -> pa.Table:
+    """Parsed rows -> + ``dedup_key``, ``dedup_bucket``, ``dup_of``, ``rank``: the columns every later pass carries."""
+    batch = add_dedup_key(batch, buckets)
     return batch.append_column("rank", pa.nulls(len(batch), pa.int32()))
 
 
@@ -241,6 +243,44 @@ def semdedup_group(group: pa.Table, *, eps: float, on: str, keep: str, seed: int
 # ---------------------------------------------------------------------------------------------
 # Driver-side helpers: small, streaming over parquet files one at a time.
 
+# A pass's result stays in Ray's object store while it needs at most this share of it; a larger one
+# is written to the job's staging folder instead (the output filesystem: on a cluster a bucket or a
+# shared disk), because the object store spills to each node's local disk, and a billion pairs'
+# embeddings are terabytes. Re-reading parquet costs seconds of fixed overhead per pass, so small
+# jobs keep the faster in-memory path.
+OBJECT_STORE_SHARE = 0.5
+
+
+def embedded_dim(encoder: EncoderConfig) -> int:
+    """The dimension of the encoder's vectors, from the model (loaded once here, on the CPU)."""
+    from pairmill.encoder import load_sentence_transformer
+
+    return int(load_sentence_transformer(encoder.model, "cpu").get_embedding_dimension())
+
+
+def pass_bytes(input_path: str, rows: int, dim: int) -> int:
+    """What one pass's rows weigh: the input (gzip counted as 4x) plus two float32 vectors a row."""
+    from pairmill.pairs import detect_format
+
+    _, files = detect_format(input_path)
+    paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
+    text_bytes = sum(f.stat().st_size * (4 if f.suffix == ".gz" else 1) for f in paths)
+    return text_bytes + rows * 2 * dim * 4
+
+
+def hold(ds, folder: Path, estimate: int):
+    """``ds`` executed once and kept for the passes after it: materialised in the object store when
+    ``estimate`` bytes fit its share, else written to ``folder`` (parquet) and read from there."""
+    import ray
+
+    capacity = ray.cluster_resources().get("object_store_memory", 0)
+    if estimate <= OBJECT_STORE_SHARE * capacity:
+        return ds.materialize()
+    print(f"[pairmill] filter: a pass of ~{estimate / 2**30:.1f} GiB does not fit {OBJECT_STORE_SHARE:.0%} of the object "
+          f"store ({capacity / 2**30:.1f} GiB): written to {folder}")
+    ds.write_parquet(str(folder))
+    return ray.data.read_parquet(str(folder))
+
 
 def check_eval_files(paths) -> None:
     for path in paths:
@@ -344,16 +384,21 @@ def filter_pairs(
     embedded = options.consistency or options.semdedup or semantic_decontam
     with JobFolder(out) as job:
         partitions = options.partitions or default_partitions(input_path)
+        t0 = time.perf_counter()
+        input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
+        buckets = bucket_count(input_rows, partitions)
+        passes["count"] = time.perf_counter() - t0
 
         # Pass 1: read, validate, exact dedup (a hash shuffle: no key set on any one process), encode.
         t0 = time.perf_counter()
-        ds = read_parsed(input_path, "pairs", **read_kwargs(read)).map_batches(with_status_columns, batch_format="pyarrow", batch_size=None)
+        ds = read_parsed(input_path, "pairs", **read_kwargs(read)).map_batches(
+            with_status_columns, fn_kwargs={"buckets": buckets}, batch_format="pyarrow", batch_size=None)
         if options.exact_dedup:
-            ds = ds.groupby("dedup_key", num_partitions=partitions).map_groups(dedup_group, batch_format="pyarrow")
+            ds = ds.groupby("dedup_bucket", num_partitions=partitions).map_groups(dedup_group, batch_format="pyarrow")
         check_ids = not ids_known_unique(input_path)
         if check_ids:
-            ds = ds.map_batches(add_id_key, batch_format="pyarrow", batch_size=None)
-            ds = ds.groupby("id_key", num_partitions=partitions).map_groups(id_group, batch_format="pyarrow")
+            ds = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow", batch_size=None)
+            ds = ds.groupby("id_bucket", num_partitions=partitions).map_groups(id_group, batch_format="pyarrow")
         if embedded:
             pool = encoder_pool(ray.actors)
             print(f"[pairmill] filter: encoder pool of {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
@@ -366,10 +411,10 @@ def filter_pairs(
                 batch_size=max(1024, 8 * (encoder.batch_size or 32)),  # the encoder sorts a batch by length
                 batch_format="pyarrow",
             )
-        marked = ds.materialize()
+        estimate = pass_bytes(input_path, input_rows, embedded_dim(encoder) if embedded else 0)
+        marked = hold(ds, job.staging / "work" / "marked", estimate)
         passes["read+dedup+encode"] = time.perf_counter() - t0
         counts, seconds = tally(marked, ("t_dedup", "t_ids", "t_encode", "truncated"))
-        input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
         unique = counts.get(None, 0)
         valid = unique + counts.get(EXACT_DUPLICATE, 0) + counts.get("duplicate_id", 0)
         after_dedup = valid - counts.get(EXACT_DUPLICATE, 0)
@@ -441,7 +486,7 @@ def filter_pairs(
                     fn_kwargs={"eps": options.eps, "on": options.on, "keep": options.keep, "seed": options.seed},
                     batch_format="pyarrow",
                 )
-            final = ds.materialize()
+            final = hold(ds, job.staging / "work" / "final", estimate)
             passes["score+semdedup"] = time.perf_counter() - t0
             if index is not None:
                 index.close()
@@ -466,6 +511,7 @@ def filter_pairs(
         rejects = marked.filter(expr=col("reason").is_in(list(REJECT_REASONS)))
         rejects.select_columns(REJECT_COLUMNS).write_parquet(job.path("rejected"))
         passes["write"] = time.perf_counter() - t0
+        shutil.rmtree(job.staging / "work", ignore_errors=True)
 
         stats = {
             "input_rows": input_rows,

@@ -107,7 +107,8 @@ def test_filter_job_accounts_for_every_row_and_matches_a_plain_loop(ray_session,
         rejected[reason] = rejected.get(reason, 0) + 1
     assert stats["rejected"] == dict(sorted(rejected.items()))
     assert stats["encoder_fingerprint"] == encoder.fingerprint() and stats["encoder"]["model"] == bow_model
-    assert [s["name"] for s in stats["stages"]] == ["exact_dedup", "encode", "consistency", "decontaminate", "semdedup"]
+    assert [s["name"] for s in stats["stages"]] == ["exact_dedup", "unique_ids", "encode", "consistency", "decontaminate",
+                                                    "semdedup"]
     assert stats["stages"][0]["rows_in"] == 158
     for before, after in zip(stats["stages"], stats["stages"][1:]):
         assert after["rows_in"] == before["rows_out"]
@@ -165,3 +166,18 @@ def test_filter_cli_without_embeddings_and_rerun(ray_session, bow_model, tmp_pat
 
     assert cli(["filter", str(src), "-o", str(out), "--audit", "0.2", "filter.consistency=false"]) == 2
     assert "filter.audit measures the consistency filter" in capsys.readouterr().err
+
+
+def test_a_pass_too_big_for_the_object_store_goes_to_the_job_folder(ray_session, tmp_path, monkeypatch):
+    """hold(): the same rows come back either way; over its share of the object store a pass is
+    written to parquet in the staging folder instead of materialised."""
+    import ray
+
+    import pipelines.filter as filter_module
+
+    ds = ray.data.from_items([{"id": f"r{i}", "x": i} for i in range(50)])
+    in_memory = filter_module.hold(ds, tmp_path / "a", estimate=1)
+    assert not (tmp_path / "a").exists()
+    on_disk = filter_module.hold(ds, tmp_path / "b", estimate=10**15)
+    assert any((tmp_path / "b").glob("*.parquet"))
+    assert sorted(r["id"] for r in on_disk.take_all()) == sorted(r["id"] for r in in_memory.take_all())
