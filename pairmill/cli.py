@@ -19,6 +19,8 @@ VERBS = {
     "tune": ("tune.tune", ("tune", "encoder", "read", "train", "eval", "mine", "ray"),
              "many train runs (Ray Tune, ASHA) -> OUT/best_model + results.csv; the defaults are the first trial"),
     "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+    "distill": ("pairmill.distill", ("encoder", "distill"),
+                "a static-embedding model (model2vec) from --model: ~100x faster to encode on CPUs, for filtering at scale"),
 }
 
 
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-samples", type=int, metavar="N", help="trials, the default settings included (tune.num_samples)")
             p.add_argument("--eval-data", help="held-out pairs file or BEIR folder the trials are ranked on (eval.data); "
                            "default: the bundled held-out split when PAIRS is the bundled sample, else required")
+        if verb == "distill":
+            p.add_argument("-o", "--output", required=True, help="output folder: a sentence-transformers model (+ distill.json)")
         if verb == "run":
             p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
             p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")

@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests compare vectors to 1e-6: the same precision on every machine (bf16 where the CPU has it
+# would be the default; tests/pairmill/test_encoder.py tests that choice itself).
+os.environ.setdefault("PAIRMILL_CPU_PRECISION", "fp32")
 
 WORDS = (
     "the a of to and in is for on with as by an be this that from or at are it can data "

@@ -63,7 +63,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -176,10 +176,16 @@ def steps_per_epoch(valid_rows: int, num_workers: int, per_worker_batch: int) ->
 
 
 def _setup_model(model: str | None, lora: dict | None, device: torch.device | str = "cpu"):
-    """The sentence-transformers model, with a LoRA adapter on its transformer when ``lora`` is given."""
-    from pairmill.encoder import load_sentence_transformer
+    """The sentence-transformers model, with a LoRA adapter on its transformer when ``lora`` is given.
+    A static-embedding model trains its token table itself, in float32 (model2vec saves float16)."""
+    from pairmill.encoder import is_static, load_sentence_transformer
 
     st = load_sentence_transformer(model, device)
+    if is_static(st):
+        if lora:
+            raise ValueError(f"{model} is a static-embedding model: LoRA needs a transformer. Train its token vectors "
+                             "directly with train.lora_rank=0")
+        return st.float()
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -193,10 +199,21 @@ def _setup_model(model: str | None, lora: dict | None, device: torch.device | st
     return st
 
 
-def _freeze_unused(st: nn.Module, tokenizer, device) -> list[str]:
+def make_tokenize(st) -> Callable[[Sequence[str], int], dict[str, Tensor]]:
+    """``tokenize(texts, max_length)`` -> the model's input: a padded (B, T) batch from a
+    transformer's tokenizer, or flat token ids and offsets for a static-embedding model."""
+    from pairmill.encoder import is_static, static_features
+
+    if is_static(st):
+        return lambda texts, max_length: static_features(st.tokenizer, texts, max_length)
+    return lambda texts, max_length: st.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,
+                                                  return_tensors="pt")
+
+
+def _freeze_unused(st: nn.Module, tokenize, device) -> list[str]:
     """Freeze parameters that never reach the sentence embedding (BERT's pooler), found by one probe
     backward: DDP without ``find_unused_parameters`` would otherwise wait for their gradients forever."""
-    features = _to_device(tokenizer(["probe text", "x"], padding=True, return_tensors="pt"), device)
+    features = _to_device(tokenize(["probe text", "x"], 16), device)
     st(features)["sentence_embedding"].sum().backward()
     unused = [name for name, p in st.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in st.named_parameters():
@@ -276,7 +293,7 @@ def _restore(checkpoint, st: nn.Module, optimizer, scheduler) -> dict:
 
 
 @torch.no_grad()
-def encode_texts(st: nn.Module, tokenizer, texts: Sequence[str], max_length: int, device, autocast, batch_size: int = 32):
+def encode_texts(st: nn.Module, tokenize, texts: Sequence[str], max_length: int, device, autocast, batch_size: int = 32):
     """(N, D) float32 numpy embeddings, batches sorted by length as ``pairmill.encoder.Encoder`` does."""
     import numpy as np
 
@@ -284,7 +301,7 @@ def encode_texts(st: nn.Module, tokenizer, texts: Sequence[str], max_length: int
     out = np.empty((len(texts), _embedding_dim(st)), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
-        features = tokenizer([texts[i] for i in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        features = tokenize([texts[i] for i in rows], max_length)
         with autocast():
             out[rows] = st(_to_device(features, device))["sentence_embedding"].float().cpu().numpy()
     return out
@@ -294,14 +311,14 @@ def _embedding_dim(st) -> int:
     return int(st.get_embedding_dimension() if hasattr(st, "get_embedding_dimension") else st.get_sentence_embedding_dimension())
 
 
-def _evaluate(st: nn.Module, tokenizer, task, cfg: dict, device, autocast) -> dict[str, float]:
+def _evaluate(st: nn.Module, tokenize, task, cfg: dict, device, autocast) -> dict[str, float]:
     from pairmill.evaluate import evaluate_embeddings
 
     was_training = st.training
     st.eval()
     max_length = min(cfg["eval_max_length"], st.max_seq_length or cfg["eval_max_length"])
-    q = encode_texts(st, tokenizer, [cfg["query_prefix"] + t for t in task.queries], max_length, device, autocast)
-    c = encode_texts(st, tokenizer, [cfg["passage_prefix"] + t for t in task.corpus], max_length, device, autocast)
+    q = encode_texts(st, tokenize, [cfg["query_prefix"] + t for t in task.queries], max_length, device, autocast)
+    c = encode_texts(st, tokenize, [cfg["passage_prefix"] + t for t in task.corpus], max_length, device, autocast)
     st.train(was_training)
     return evaluate_embeddings(task, q, c, query_batch=cfg["eval_query_batch"], uniformity_sample=cfg["eval_uniformity_sample"])
 
@@ -470,12 +487,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
     torch.manual_seed(cfg["seed"])  # same LoRA init on every rank
     st = _setup_model(cfg["model"], cfg["lora"], device)
-    tokenizer = st.tokenizer
+    tokenize = make_tokenize(st)
     # The model's own limit wins: a 128-position model given max_length 256 indexes past its embeddings.
     query_max = min(cfg["query_max_length"], st.max_seq_length or cfg["query_max_length"])
     passage_max = min(cfg["passage_max_length"], st.max_seq_length or cfg["passage_max_length"])
     st.train()
-    frozen = _freeze_unused(st, tokenizer, device)
+    frozen = _freeze_unused(st, tokenize, device)
     optimizer = _setup_optimizer(st, cfg["lr"], cfg["weight_decay"])
     total = cfg["total_steps"]
     warmup = int(cfg["warmup_ratio"] * total)
@@ -500,6 +517,11 @@ def train_loop_per_worker(cfg: dict) -> dict:
     loss_fn = InfoNCELoss(cfg["temperature"], cfg["symmetric"])
     encode = lambda m, features: _encode(m, features, autocast)  # noqa: E731
     by_length = device.type == "cpu"  # measured faster on CPU, slower on GPU (LENGTH_GROUP_OVERHEAD_CPU)
+    from pairmill.encoder import is_static
+
+    if cfg["mini_batch_size"] and is_static(st):
+        raise ValueError("train.mini_batch_size (GradCache) splits a padded batch by rows; a static-embedding model's "
+                         "input is not one. Leave train.mini_batch_size empty: a static model's step is cheap anyway")
     grad_cache = GradCache(model, cfg["mini_batch_size"], encode, by_length=by_length) if cfg["mini_batch_size"] else None
     overhead = cfg["length_group_overhead"]
     if overhead is None:
@@ -534,12 +556,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 hard_negative_count=cfg["hard_negatives"], query_prefix=cfg["query_prefix"],
                 passage_prefix=cfg["passage_prefix"],
             )
-            q_features = _to_device(tokenizer(batch.queries, truncation=True, max_length=query_max, padding=True, return_tensors="pt"), device)
-            p_features = _to_device(tokenizer(batch.passages, truncation=True, max_length=passage_max, padding=True, return_tensors="pt"), device)
-            n_features = (
-                _to_device(tokenizer(batch.negatives, truncation=True, max_length=passage_max, padding=True, return_tensors="pt"), device)
-                if batch.negatives else None
-            )
+            q_features = _to_device(tokenize(batch.queries, query_max), device)
+            p_features = _to_device(tokenize(batch.passages, passage_max), device)
+            n_features = _to_device(tokenize(batch.negatives, passage_max), device) if batch.negatives else None
             mask, pos_ids, neg_ids = batch.negative_mask.to(device), batch.positive_ids.to(device), batch.negative_ids.to(device)
 
             def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
@@ -604,7 +623,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
             if do_report:
                 if do_eval:
                     t0 = time.perf_counter()
-                    metrics.update(_evaluate(st, tokenizer, task, cfg, device, autocast))
+                    metrics.update(_evaluate(st, tokenize, task, cfg, device, autocast))
                     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
                     _say(f"[pairmill] train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
                          f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")

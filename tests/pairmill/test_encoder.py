@@ -51,3 +51,32 @@ def test_bad_arguments(tiny_model):
         Encoder(tiny_model, batch_size=0)
     with pytest.raises(ValueError, match="precision='fp8'"):
         Encoder(tiny_model, precision="fp8")
+
+
+def test_auto_precision_on_a_cpu_follows_its_flags_and_a_cached_probe(tiny_model, tmp_path, monkeypatch):
+    """bf16 only on a CPU with AVX512-BF16/AMX and a probe that measured it faster with the same
+    neighbours; the verdict is cached (the probe runs once); PAIRMILL_CPU_PRECISION overrides it."""
+    import pairmill.encoder as encoder_module
+
+    monkeypatch.delenv("PAIRMILL_CPU_PRECISION")
+    monkeypatch.setenv("PAIRMILL_CACHE", str(tmp_path))
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx2"})
+    assert encoder_module.Encoder(tiny_model).precision == "fp32"  # no bf16 instructions: no probe
+
+    probes = []
+    verdict = {"precision": "bf16", "speedup": 2.0, "top10_overlap": 1.0}
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(encoder_module, "probe_bf16", lambda enc: probes.append(enc) or verdict)
+    assert encoder_module.Encoder(tiny_model).precision == "bf16"
+    assert encoder_module.Encoder(tiny_model).precision == "bf16" and len(probes) == 1  # cached
+    assert encoder_module.Encoder(tiny_model, precision="fp32").precision == "fp32"  # asked for: no probe
+    monkeypatch.setenv("PAIRMILL_CPU_PRECISION", "fp32")
+    assert encoder_module.Encoder(tiny_model).precision == "fp32"
+
+
+def test_the_bf16_probe_measures_speed_and_neighbours(tiny_model):
+    from pairmill.encoder import BF16_MIN_SPEEDUP, Encoder, probe_bf16
+
+    result = probe_bf16(Encoder(tiny_model, precision="fp32"), rounds=1)
+    assert set(result) == {"precision", "speedup", "top10_overlap"} and 0 <= result["top10_overlap"] <= 1
+    assert (result["precision"] == "bf16") == (result["speedup"] >= BF16_MIN_SPEEDUP and result["top10_overlap"] >= 0.95)
