@@ -1,15 +1,22 @@
-"""Encode throughput: pairmill's encoder vs SentenceTransformer.encode vs a naive HF loop.
+"""Encode throughput and quality of every encoder pairmill offers, side by side in one run.
 
-    python benchmarks/encode.py [--n 1000] [--rounds 3] [--with-ray]
+    pairmill distill -o /tmp/static-minilm
+    python scripts/make_registry_pairs.py ../shared/data/pypi_summaries.tsv.gz /tmp/registry.jsonl.gz
+    HF_HUB_OFFLINE=1 python benchmarks/encode.py --static /tmp/static-minilm --audit /tmp/registry.jsonl.gz
 
-The same N real passages from the bundled sample, the same model (the bundled all-MiniLM-L6-v2
-unless --model), the same max length. Methods run interleaved, round after round, so machine
-noise hits all of them alike; the median texts/s of the rounds is reported with the ratios.
-- pairmill: ``Encoder.encode``, the code each ``pairmill embed`` actor runs (default batch size);
-- sentence-transformers: ``SentenceTransformer.encode`` at its default batch size (32) and at
-  pairmill's batch size;
-- naive HF: AutoModel + AutoTokenizer, batches of 64 in input order, mean pooling, normalise.
---with-ray also times the whole ``pairmill embed`` job (Ray start, read, actor pool, write) once.
+Speed: the first ``--n`` passages of the bundled sample, encoded by each method in interleaved
+rounds (each round a new chunk of the texts, every method on it, the order rotating), with
+``--threads`` torch/onnxruntime threads: texts/s and texts per CPU-second (this process's CPU time:
+on a busy machine one thread can beat two), each round's ratio to pairmill's torch fp32, medians.
+Methods: pairmill's ``Encoder`` with torch fp32, torch bf16, the int8 ONNX backend and (``--static``)
+a static-embedding model; ``SentenceTransformer.encode`` (batch 32) as the reference users know; and
+(``--naive``) a plain HF loop.
+Agreement with torch fp32 on those texts: mean/min cosine of the vectors (not for the static model:
+another vector space) and the share of top-10 neighbours (the rows' queries against the passages).
+Audit (``--audit PAIRS``): ``--audit-n`` pairs with a non-empty passage, encoded by each method; 20%
+of them corrupted (``pipelines.audit.corrupt_rows``, the filter's own); every pair's passage ranked
+against all the sample's passages (the filter's pool, exact search); corrupted pairs removed and
+clean pairs kept at k = 1, 2, 5, 10, as ``pairmill filter --audit`` reports them.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
+import random
 import statistics
-import tempfile
 import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # CPU time of the encoders, not of Rust's thread pool
 
 import numpy as np
 import torch
@@ -46,64 +57,144 @@ def naive_hf(model_dir: str, max_length: int, batch_size: int = 64):
     return encode
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1000, help="passages to encode")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--model", default=None, help="default: the bundled all-MiniLM-L6-v2")
-    parser.add_argument("--with-ray", action="store_true", help="also time the whole `pairmill embed` job")
-    args = parser.parse_args()
-
-    from pairmill import sample
+def methods_for(args) -> dict:
+    """name -> (encode(texts, kind) -> unit vectors (N, D), same vector space as torch fp32?)."""
     from pairmill.encoder import Encoder, resolve_model
 
-    with gzip.open(sample.TRAIN, "rt", encoding="utf-8") as f:
-        texts = [json.loads(line)["passage"] for line in f][: args.n]
-    encoder = Encoder(args.model)
-    st = encoder.model  # the very same SentenceTransformer object: only the encode path differs
-    methods = {
-        f"pairmill Encoder (batch {encoder.batch_size})": lambda t: encoder.encode(t, "passage"),
-        "SentenceTransformer.encode (batch 32)": lambda t: st.encode(t, batch_size=32),
+    threads = args.threads
+    fp32 = Encoder(args.model, precision="fp32", num_threads=threads)
+    out = {
+        "pairmill torch fp32": (lambda t, k: fp32.encode(t, k), True),
+        "pairmill torch bf16": (lambda t, k, e=Encoder(args.model, precision="bf16", num_threads=threads): e.encode(t, k), True),
+        "pairmill onnx int8": (lambda t, k, e=Encoder(args.model, backend="onnx", num_threads=threads): e.encode(t, k), True),
     }
-    if encoder.batch_size != 32:  # on GPU pairmill's default differs from ST's: compare at both
-        methods[f"SentenceTransformer.encode (batch {encoder.batch_size})"] = (
-            lambda t: st.encode(t, batch_size=encoder.batch_size)
-        )
-    methods["naive HF loop (batch 64, unsorted)"] = naive_hf(resolve_model(args.model), encoder.max_length)
-    print(f"{len(texts)} passages, mean {np.mean([len(t) for t in texts]):.0f} chars; model {resolve_model(args.model)}; "
-          f"max_length {encoder.max_length}; torch threads {torch.get_num_threads()}")
-    outputs = {name: fn(texts[:64]) for name, fn in methods.items()}  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in methods}
-    for r in range(args.rounds):
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            outputs[name] = fn(texts)
-            rates[name].append(len(texts) / (time.perf_counter() - t0))
-        print(f"round {r + 1}: " + ", ".join(f"{rates[n][-1]:.1f}" for n in methods) + " texts/s")
+    if args.static:
+        static = Encoder(args.static, num_threads=threads)
+        out["pairmill static (distilled)"] = (lambda t, k: static.encode(t, k), False)
+    st = fp32.model  # the same SentenceTransformer: only the encode path differs
 
-    ours = next(iter(methods))
-    base = statistics.median(rates[ours])
-    print(f"\n{'method':<42} {'texts/s':>9} {'pairmill / this':>16} {'max |diff| vs pairmill':>24}")
+    def st_encode(texts, kind):
+        vectors = st.encode(list(texts), batch_size=32, convert_to_numpy=True)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    out["SentenceTransformer.encode fp32 (batch 32)"] = (st_encode, True)
+    if args.naive:
+        out["naive HF loop (batch 64, unsorted)"] = (lambda t, k, f=naive_hf(resolve_model(args.model), fp32.max_length): f(t), True)
+    return out
+
+
+def speed(methods: dict, texts: list[str], rounds: int) -> dict:
+    """Interleaved rounds; returns {name: {"rates": [...], "cpu_rates": [...]}}."""
+    chunks = np.array_split(np.arange(len(texts)), rounds)
+    names = list(methods)
+    result = {name: {"rates": [], "cpu_rates": []} for name in names}
+    for r, chunk in enumerate(chunks):
+        part = [texts[i] for i in chunk]
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            encode, _ = methods[name]
+            wall, cpu = time.perf_counter(), time.process_time()
+            encode(part, "passage")
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            result[name]["rates"].append(len(part) / wall)
+            result[name]["cpu_rates"].append(len(part) / max(cpu, 1e-9))
+        print(f"round {r + 1}: " + ", ".join(f"{n}: {result[n]['rates'][-1]:.1f}" for n in names) + " texts/s", flush=True)
+    return result
+
+
+def top10(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
+    return np.argsort(-(queries @ passages.T), axis=1, kind="stable")[:, :10]
+
+
+def agreement(methods: dict, queries: list[str], passages: list[str]) -> dict:
+    reference = methods["pairmill torch fp32"][0]
+    ref_q, ref_p = reference(queries, "query"), reference(passages, "passage")
+    ref_top = top10(ref_q, ref_p)
+    out = {}
+    for name, (encode, same_space) in methods.items():
+        q, p = encode(queries, "query"), encode(passages, "passage")
+        overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top10(q, p), ref_top)]))
+        cos = (p * ref_p).sum(axis=1) if same_space else None
+        out[name] = {"top10_shared": round(overlap, 4),
+                     "mean_cosine": round(float(cos.mean()), 5) if cos is not None else None,
+                     "min_cosine": round(float(cos.min()), 5) if cos is not None else None}
+    return out
+
+
+def audit(methods: dict, path: str, n: int, seed: int = 0) -> dict:
+    """The filter audit (see the module docstring) of each method on ``n`` pairs of ``path``."""
+    from pipelines.audit import audit_summary, corrupt_rows
+    from pipelines.consistency import consistency_ranks, exact_pool_search, rank_depth
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    rows = [r for r in rows if r["passage"].strip() and r["query"].strip()]
+    rows = random.Random(seed).sample(rows, min(n, len(rows)))
+    ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
+    queries, passages = [r["query"] for r in rows], [r["passage"] for r in rows]
+    query_rows, passage_rows = corrupt_rows(ids, passages, 0.2, seed)
+    out = {}
+    for name, (encode, _) in methods.items():
+        t0 = time.perf_counter()
+        q, p = encode(queries, "query"), encode(passages, "passage")
+        search = exact_pool_search(p)  # the pool: every passage of the sample, as the filter's min(N, pool_size)
+        clean = consistency_ranks(q, p, search, rank_depth(10))
+        corrupted = consistency_ranks(q[query_rows], p[passage_rows], search, rank_depth(10))
+        out[name] = {**audit_summary(clean, corrupted, 2, len(p), 0.2)["curve"], "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"audit {name}: {json.dumps(out[name])}", flush=True)
+    return {"pairs": len(rows), "corrupted": len(query_rows), "curves": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=600, help="sample passages for the speed rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
+    parser.add_argument("--model", default=None, help="default: the bundled all-MiniLM-L6-v2")
+    parser.add_argument("--static", help="a `pairmill distill` folder, measured beside the others")
+    parser.add_argument("--naive", action="store_true", help="also a plain HF loop")
+    parser.add_argument("--audit", help="pairs (JSONL) for the filter audit of each encoder, e.g. registry pairs")
+    parser.add_argument("--audit-n", type=int, default=3000)
+    parser.add_argument("--json", help="write everything measured here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from pairmill import sample
+    from pairmill.encoder import cpu_flags
+
+    with gzip.open(sample.TRAIN, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][: args.n]
+    texts = [r["passage"] for r in rows]
+    methods = methods_for(args)
+    bf16 = sorted({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    print(f"{len(texts)} sample passages, mean {np.mean([len(t) for t in texts]):.0f} chars; {args.threads} thread(s); "
+          f"CPU bf16 instructions: {bf16 or 'none'}", flush=True)
+    for encode, _ in methods.values():  # warm-up (and the ONNX export, cached)
+        encode(texts[:32], "passage")
+    rates = speed(methods, texts, args.rounds)
+    agree = agreement(methods, [r["query"] for r in rows], texts)
+    ours = "pairmill torch fp32"
+    print(f"\n| method | texts/s | texts per CPU-s | x torch fp32 (CPU-s, per round) | top-10 shared with torch fp32 | cosine to torch fp32 (mean / min) |")
+    print("|---|---|---|---|---|---|")
     for name in methods:
-        rate = statistics.median(rates[name])
-        diff = float(np.abs(outputs[name] - outputs[ours]).max())
-        print(f"{name:<42} {rate:>9.1f} {base / rate:>16.2f} {diff:>24.2e}")
-
-    if args.with_ray:
-        from pairmill.config import EncoderConfig, RayConfig, ReadConfig
-        from pairmill.embed import embed
-
-        with tempfile.TemporaryDirectory() as tmp:
-            src = f"{tmp}/texts.jsonl"
-            with open(src, "w") as f:
-                f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-            t0 = time.perf_counter()
-            stats = embed(src, f"{tmp}/out", mode="text", encoder=EncoderConfig(model=args.model),
-                          read=ReadConfig(), ray=RayConfig())
-            total = time.perf_counter() - t0
-        encode_s = next(s["seconds"] for s in stats["stages"] if s["name"] == "encode")
-        print(f"\npairmill embed job: {len(texts) / total:.1f} texts/s end to end ({total:.1f}s with Ray start-up), "
-              f"{len(texts) / encode_s:.1f} texts/s in its encode pass")
+        per_round = [a / b for a, b in zip(rates[name]["cpu_rates"], rates[ours]["cpu_rates"])]
+        a = agree[name]
+        cosine = f"{a['mean_cosine']:.4f} / {a['min_cosine']:.4f}" if a["mean_cosine"] is not None else "(another space)"
+        print(f"| {name} | {statistics.median(rates[name]['rates']):,.1f} | {statistics.median(rates[name]['cpu_rates']):,.1f} | "
+              f"**{statistics.median(per_round):.2f}** ({', '.join(f'{x:.2f}' for x in per_round)}) | {a['top10_shared']:.3f} | {cosine} |")
+    result = {"speed": rates, "agreement": agree, "threads": args.threads, "n": len(texts)}
+    if args.audit:
+        result["audit"] = audit(methods, args.audit, args.audit_n)
+        curves = result["audit"]["curves"]
+        print(f"\nfilter audit on {result['audit']['pairs']} pairs of {args.audit} ({result['audit']['corrupted']} corrupted; "
+              "pool = all their passages): corrupted removed / clean kept")
+        print("| method | k=1 | k=2 | k=5 | k=10 |")
+        print("|---|---|---|---|---|")
+        for name, curve in curves.items():
+            print(f"| {name} | " + " | ".join(f"{curve[k]['corrupted_removed']:.3f} / {curve[k]['clean_kept']:.3f}"
+                                                for k in ("1", "2", "5", "10")) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
