@@ -11,13 +11,15 @@ and (at the larger size) the mining index's recall@10 against exact search.
 Measured per size (each job runs in the benchmark's child process, as the CLI would run it):
 - wall seconds and input rows/s of each job and of both together (Ray start-up excluded);
 - each stage's rows in / seconds, from the jobs' stats.json;
-- peak memory: the sum of PSS over the child process and every process under it (Ray's GCS, raylet,
-  workers, actors; PSS splits shared pages, so the object store is counted once), sampled every
-  0.5 s; and the driver process alone (the driver must hold no per-row state);
+- peak memory of each job: the sum of PSS over the child process and every process under it (Ray's
+  GCS, raylet, workers, actors; PSS splits shared pages, so the object store is counted once),
+  sampled every 0.5 s, with the largest processes at that moment; and the driver process alone
+  (the driver must hold no per-row state);
 - object-store spill: what Ray's memory summary reports spilled to disk after each job;
 - at the largest size: recall@10 of the mining index (as the mine job built and saved it) against
   exact inner-product search over the same passages, for ``--recall-queries`` sampled queries.
-Settings go to both jobs as key=value (e.g. ``filter.pool_size=100000``: a fixed consistency pool
+``--corpus-recall`` instead measures the mining index alone over every distinct passage of the last
+PAIRS (see ``corpus_recall``). Settings go to both jobs as key=value (e.g. ``filter.pool_size=100000``: a fixed consistency pool
 keeps the filter's cost per row independent of N; the default caps it at 1,000,000).
 """
 
@@ -46,22 +48,25 @@ class Memory:
 
         self.root, self.every, self.stop = psutil.Process(), every, threading.Event()
         self.peak_total = self.peak_driver = 0
+        self.at_peak: list[tuple[str, int]] = []  # (process name, PSS) at the peak, largest first
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
         import psutil
 
         while not self.stop.is_set():
-            total = 0
+            total, seen = 0, []
             for proc in [self.root] + self.root.children(recursive=True):
                 try:
-                    pss = proc.memory_full_info().pss
+                    pss, name = proc.memory_full_info().pss, " ".join(proc.cmdline())[:60]
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
                 total += pss
+                seen.append((name, pss))
                 if proc.pid == self.root.pid:
                     self.peak_driver = max(self.peak_driver, pss)
-            self.peak_total = max(self.peak_total, total)
+            if total > self.peak_total:
+                self.peak_total, self.at_peak = total, sorted(seen, key=lambda item: -item[1])[:8]
             self.stop.wait(self.every)
 
     def __enter__(self):
@@ -96,17 +101,52 @@ def run_size(pairs: str, out: Path, overrides: list[str], model: str | None) -> 
     init_ray(cfg["ray"].address, cfg["ray"].num_cpus)
     rows = count_input_rows(pairs)
     result = {"pairs": pairs, "input_rows": rows, "settings": overrides}
-    with Memory() as memory:
-        t0 = time.perf_counter()
-        fstats = filter_pairs(pairs, str(out / "filter"), options=cfg["filter"], encoder=cfg["encoder"], read=cfg["read"],
-                              ray=cfg["ray"])
-        result["filter"] = {"seconds": time.perf_counter() - t0, "spilled_bytes": spilled_bytes(), "stats": fstats}
-        t0 = time.perf_counter()
-        mstats = mine(str(out / "filter"), str(out / "mine"), corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
-                      mine_cfg=cfg["mine"], ray=cfg["ray"])
-        result["mine"] = {"seconds": time.perf_counter() - t0, "spilled_bytes": spilled_bytes(), "stats": mstats}
-    result["peak_pss"], result["peak_driver_pss"] = memory.peak_total, memory.peak_driver
+    peaks = {}
+    for job in ("filter", "mine"):
+        with Memory() as memory:
+            t0 = time.perf_counter()
+            if job == "filter":
+                stats = filter_pairs(pairs, str(out / "filter"), options=cfg["filter"], encoder=cfg["encoder"],
+                                     read=cfg["read"], ray=cfg["ray"])
+            else:
+                stats = mine(str(out / "filter"), str(out / "mine"), corpus_path=None, encoder=cfg["encoder"],
+                             read=cfg["read"], mine_cfg=cfg["mine"], ray=cfg["ray"])
+            seconds = time.perf_counter() - t0
+        result[job] = {"seconds": seconds, "spilled_bytes": spilled_bytes(), "stats": stats,
+                       "peak_pss": memory.peak_total, "at_peak": memory.at_peak}
+        peaks[job] = memory
+        print(f"[bench] {job}: {seconds:.0f} s, peak {memory.peak_total / 2**30:.2f} GiB: "
+              + ", ".join(f"{name.split()[0][:40]} {pss / 2**20:.0f} MiB" for name, pss in memory.at_peak[:5]), flush=True)
+    result["peak_pss"] = max(m.peak_total for m in peaks.values())
+    result["peak_driver_pss"] = max(m.peak_driver for m in peaks.values())
     return result
+
+
+def exact_top10(q, vectors, keys):
+    """The keys of each query's exact top 10 by inner product, in blocks of 256 queries."""
+    import numpy as np
+
+    exact = np.empty((len(q), 10), dtype=np.int64)
+    for a in range(0, len(q), 256):
+        scores = q[a : a + 256] @ vectors.T  # (b, C)
+        exact[a : a + 256] = keys[np.argpartition(-scores, 9, axis=1)[:, :10]]
+    return exact
+
+
+def search_recall(index, q, exact) -> dict:
+    """Search ``index`` (closed afterwards) with ``q``: recall@10 against ``exact``, seconds, q/s."""
+    import numpy as np
+
+    try:
+        t0 = time.perf_counter()
+        _, found = index.search(q, 10)
+        search_s = time.perf_counter() - t0
+        spec, nprobe = index.spec, index.nprobe
+    finally:
+        index.close()
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)]))
+    return {"spec": spec, "nprobe": nprobe, "recall@10": round(recall, 4), "search_seconds": round(search_s, 2),
+            "queries_per_s": round(len(q) / search_s, 1)}
 
 
 def index_recall(job: Path, queries: int, seed: int = 0) -> dict:
@@ -125,22 +165,59 @@ def index_recall(job: Path, queries: int, seed: int = 0) -> dict:
     corpus = to_matrix(kept.column("passage_embedding"))[first]  # (C, D)
     rng = np.random.default_rng(seed)
     q = to_matrix(kept.column("query_embedding"))[rng.choice(kept.num_rows, min(queries, kept.num_rows), replace=False)]
-    exact = np.empty((len(q), 10), dtype=np.int64)
-    for a in range(0, len(q), 256):
-        scores = q[a : a + 256] @ corpus.T  # (b, C)
-        top = np.argpartition(-scores, 9, axis=1)[:, :10]
-        exact[a : a + 256] = keys[top]
-    index = ShardedIndex.load(str(job / "mine" / "index"))
-    try:
+    exact = exact_top10(q, corpus, keys)
+    return {"queries": len(q), "corpus": len(corpus), **search_recall(ShardedIndex.load(str(job / "mine" / "index")), q, exact)}
+
+
+def corpus_recall(pairs: str, model: str | None, queries: int, folder: Path, seed: int = 0) -> dict:
+    """recall@10 against exact search, and search q/s, of the index mining builds by default
+    (``mining.mine.build_index``) over every distinct passage of ``pairs``, unfiltered (the largest
+    corpus this data gives), and of the IVF index the default picks past its Flat threshold, at
+    nprobe lists/16, /8 and /4 (the default). Vectors from ``model``, encoded here in-process."""
+    import gzip
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mining.mine import build_index
+    from pairmill.config import MineConfig
+    from pairmill.embed import fixed_size_list
+    from pairmill.encoder import Encoder
+    from pairmill.pairs import text_key
+
+    opener = gzip.open if pairs.endswith(".gz") else open
+    with opener(pairs, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    passages: dict[int, str] = {}
+    for row in rows:
+        if row["passage"].strip():
+            passages.setdefault(text_key(row["passage"]), row["passage"])
+    encoder = Encoder(model)
+    t0 = time.perf_counter()
+    keys = np.fromiter(passages, dtype=np.int64, count=len(passages))
+    vectors = encoder.encode(list(passages.values()), "passage")  # (C, D)
+    encode_s = time.perf_counter() - t0
+    (folder / "distinct").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"passage_key": keys, "passage": list(passages.values()),
+                             "passage_embedding": fixed_size_list(vectors)}), folder / "distinct" / "part.parquet")
+    rng = np.random.default_rng(seed)
+    sample = [rows[i]["query"] for i in rng.choice(len(rows), queries, replace=False)]
+    q = encoder.encode(sample, "query")
+    exact = exact_top10(q, vectors, keys)
+    arms = {"auto": MineConfig()}
+    lists = int(4 * np.sqrt(len(keys)))  # mining.index.default_index_spec's IVF
+    ivf = f"IVF{lists},Flat"  # what auto picks past the Flat threshold; its default nprobe is lists / 4
+    for nprobe in (lists // 16, lists // 8, lists // 4):
+        arms[f"{ivf} nprobe {nprobe}"] = MineConfig(index_spec=ivf, nprobe=nprobe)
+    out = {"pairs": len(rows), "corpus": len(keys), "queries": len(q), "encode_seconds": round(encode_s, 1), "arms": {}}
+    for name, cfg in arms.items():
         t0 = time.perf_counter()
-        _, found = index.search(q, 10)
-        search_s = time.perf_counter() - t0
-        spec, nprobe = index.spec, index.nprobe
-    finally:
-        index.close()
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)]))
-    return {"queries": len(q), "corpus": len(corpus), "spec": spec, "nprobe": nprobe, "recall@10": round(recall, 4),
-            "search_seconds": round(search_s, 2)}
+        index = build_index(folder / "distinct", len(keys), cfg, folder / f"index-{len(out['arms'])}", {})
+        build_s = time.perf_counter() - t0
+        out["arms"][name] = {**search_recall(index, q, exact), "build_seconds": round(build_s, 1)}
+        print(f"[bench] {name}: {json.dumps(out['arms'][name])}", flush=True)
+    return out
 
 
 def report(results: list[dict]) -> str:
@@ -149,7 +226,8 @@ def report(results: list[dict]) -> str:
         n = r["input_rows"]
         for job in ("filter", "mine"):
             j = r[job]
-            lines.append(f"| {n:,} | {job} | {j['seconds']:.0f} | {n / j['seconds']:,.0f} | | | {j['spilled_bytes'] / 2**20:,.0f} |")
+            lines.append(f"| {n:,} | {job} | {j['seconds']:.0f} | {n / j['seconds']:,.0f} | {j['peak_pss'] / 2**20:,.0f} | | "
+                         f"{j['spilled_bytes'] / 2**20:,.0f} |")
         both = r["filter"]["seconds"] + r["mine"]["seconds"]
         lines.append(f"| {n:,} | **filter + mine** | {both:.0f} | **{n / both:,.0f}** | {r['peak_pss'] / 2**20:,.0f} | "
                      f"{r['peak_driver_pss'] / 2**20:,.0f} | |")
@@ -183,10 +261,20 @@ def main() -> None:
     parser.add_argument("--model", help="encoder.model for both jobs (e.g. a `pairmill distill` folder)")
     parser.add_argument("--recall-queries", type=int, default=2000)
     parser.add_argument("--out", help="keep the job folders here (default: a temporary folder)")
+    parser.add_argument("--corpus-recall", action="store_true",
+                        help="instead: recall@10 of mining's default index over every distinct passage of the last PAIRS")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size in this process, print JSON
     args, overrides = parser.parse_known_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.corpus_recall:
+        from pairmill.cluster import init_ray
+
+        init_ray()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = corpus_recall(args.pairs[-1], args.model, args.recall_queries, Path(args.out or tmp))
+        print(json.dumps(result))
+        return
     if args.one:
         out = Path(args.out)
         result = run_size(args.one, out, overrides, args.model)
@@ -210,6 +298,7 @@ def main() -> None:
             if proc.returncode or not line:
                 sys.exit(f"{pairs} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
             results.append(json.loads(line[0][7:]))
+            print("\n".join(x for x in proc.stdout.splitlines() if x.startswith("[bench]")), flush=True)
             print(f"[bench] {pairs}: {results[-1]['input_rows']:,} rows in {time.perf_counter() - t0:.0f} s (with Ray start)",
                   flush=True)
             (root / "scale.json").write_text(json.dumps(results, indent=2, default=str))

@@ -48,9 +48,14 @@ METRIC = "inner_product"  # vectors are L2-normalised embeddings: inner product 
 MANIFEST = "manifest.json"
 RESERVED_KEYS = ("dim", "metric", "spec", "nprobe", "num_shards", "ntotal", "shards", "faiss_version")
 
-# A flat scan costs n x d multiply-adds per query. 50k x 768 (~38M) is a few ms per query on one
-# core when queries come in batches, so below this IVF's recall loss buys little.
-FLAT_MAX_MACS = 50_000 * 768
+# A flat scan costs n x d multiply-adds per query, but FAISS runs a batch of queries as one GEMM,
+# which an IVF list scan cannot: measured on 2 cores with 256-d vectors and 2,000 queries of the
+# registry pairs (benchmarks/scale.py's data), Flat searched 1,576 q/s over 100k vectors and 778 q/s
+# over 185k on one thread, exact; IVF{4 sqrt(n)} at nprobe = nlist/4 searched 486 and 282 q/s at
+# recall@10 0.935 and 0.944, and reached Flat's speed only near nprobe 64 (recall 0.81-0.83). So
+# Flat up to a million 384-d vectors a shard; IVF above, where a flat scan's cost per query grows
+# past what a GEMM buys back.
+FLAT_MAX_MACS = 1_000_000 * 384
 # IVF with 4 x sqrt(n) lists needs 39 training vectors per list (FAISS warns below that): at 50k
 # vectors that is 35k, most of the shard. Below this, IVF cannot be trained properly anyway.
 IVF_MIN_VECTORS = 50_000

@@ -46,6 +46,7 @@ NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which 
 PASSAGES_PER_SHARD = 2_000_000
 # INLINE_POSITIVES (from the config, whose checks need it): distinct passages of one query carried
 # in each of its rows and searched past in a batch; a query with more uses the PositiveStore.
+LARGE_BYTES = 512 << 20  # encoded pairs above this are shuffled through disk, not memory (pipelines.filter.HOLD_MAX_BYTES)
 MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives",
                  "margin_filtered", "near_duplicate_negatives"]
 
@@ -305,7 +306,7 @@ def mine(
     from ray.data.aggregate import Count, Sum
     from ray.data.expressions import col
 
-    from pairmill.cluster import encoder_pool, init_ray
+    from pairmill.cluster import disk_shuffle, encoder_pool, init_ray
     from pairmill.embed import EncodeBatch, encoder_kwargs, read_kwargs
     from pairmill.output import JobFolder, count_by, parquet_rows
     from pairmill.pairs import REJECT_COLUMNS, count_input_rows, output_columns, read_parsed, write_validated
@@ -336,6 +337,7 @@ def mine(
             )
         pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(str(work / "pairs"))
         valid_rows = parquet_rows(work / "pairs")
+        disk_shuffle(sum(f.stat().st_size for f in (work / "pairs").glob("*.parquet")) > LARGE_BYTES)
         rejected = count_by(job.path("rejected"), "reason")
         input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the outputs against it
         job.stage("read+encode", input_rows, valid_rows, time.perf_counter() - t0)
@@ -453,13 +455,16 @@ def build_index(distinct: Path, rows: int, mine_cfg, folder: Path, manifest_extr
 
     from mining.index import ShardedIndex
 
+    from pairmill.cluster import search_cpus
+
+    shards = mine_cfg.shards or max(1, math.ceil(rows / PASSAGES_PER_SHARD))
     index = ShardedIndex.create(
-        mine_cfg.shards or max(1, math.ceil(rows / PASSAGES_PER_SHARD)),
+        shards,
         _dimension(distinct),
         mine_cfg.index_spec,
         n_vectors=rows,
         nprobe=mine_cfg.nprobe,
-        num_cpus=mine_cfg.shard_cpus,
+        num_cpus=mine_cfg.shard_cpus or search_cpus(shards),
         num_gpus=mine_cfg.shard_gpus,
         folder=str(folder),
         manifest_extra=manifest_extra,

@@ -5,6 +5,36 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# Memory allocators of Ray's worker processes. A worker that ran a task keeps its peak heap after
+# the task (Arrow's default pool, mimalloc, and glibc's malloc keep freed memory for reuse), and Ray
+# keeps idle workers: on 250k registry pairs (benchmarks/scale.py) idle workers held 1.1-1.7 GiB
+# each and the filter job peaked at 7.95 GiB summed PSS. With Arrow on the system allocator and
+# glibc returning allocations of 1 MiB and more to the OS when freed, it peaked at 3.99 GiB in the
+# same time (252 s against 264 s); MIMALLOC_PURGE_DELAY=0 alone gave 5.48 GiB. The fixed mmap
+# threshold costs torch ~16% CPU per encoded text (each activation is a fresh mapping), so
+# processes that run a model raise it again (``model_malloc``). Set for a local Ray here; on a
+# cluster, cluster.yaml's `ray start` commands set them. A value already in the environment wins.
+WORKER_ENV = {
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
+}
+MODEL_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
+def model_malloc() -> None:
+    """In a process that runs a torch model: glibc's mmap threshold back at its dynamic ceiling, so
+    activations reuse heap memory instead of mapping fresh pages per batch (see WORKER_ENV). Only
+    where WORKER_ENV's threshold is in force; a no-op elsewhere and off glibc."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != WORKER_ENV["MALLOC_MMAP_THRESHOLD_"]:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, MODEL_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
@@ -23,6 +53,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     cores = os.cpu_count() or 1
+    for name, value in WORKER_ENV.items():  # inherited by the raylet, hence by every worker it starts
+        os.environ.setdefault(name, value)
     ray.init(
         num_cpus=num_cpus or max(4, 2 * cores),
         # Ray Train V2 (and Tune) ask the state API, served by the dashboard, to clean up placement
@@ -84,3 +116,33 @@ def encoder_pool(actors: int | None = None, cpus_per_actor: int = 4) -> PoolSize
     size = actors or max(1, (cpus - 1) // max(1, min(cpus_per_actor, cpus - 1)))
     per_actor = max(1, min(cpus_per_actor, (cpus - 1) // size))
     return PoolSize(size=size, num_cpus=per_actor, num_gpus=0)
+
+
+def search_cpus(shards: int = 1) -> float:
+    """CPUs for each of ``shards`` index shard actors: half a node's CPUs, and together at most half
+    the cluster's, at least 0.5. A shard's FAISS search is the work of the passes that query it
+    (their own tasks mostly wait), and a batch of queries runs as a multi-threaded GEMM: on 2 cores,
+    2 threads searched 1.7x as fast as 1 (benchmarks/scale.py). The other half is left to the
+    passes' tasks, so Ray Data never waits on CPUs the shards hold (RAY_NOTES: small-machine deadlock)."""
+    import ray
+
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=cluster_cpus)
+    return max(0.5, float(int(min(node_cpus / 2, cluster_cpus / 2 / max(1, shards)))))
+
+
+SHUFFLE_INPUT_BATCH_BYTES = 128 << 20
+
+
+def disk_shuffle(on: bool) -> None:
+    """Ray Data's disk-based hash shuffle for the groupbys that follow, when a job's data is large:
+    the object-store shuffle holds every row being shuffled in memory at once, so its memory grows
+    with the input. Also on when the environment sets RAY_DATA_ENABLE_DISK_SHUFFLE=1. With it, each
+    shuffle map task takes SHUFFLE_INPUT_BATCH_BYTES of input at a time instead of Ray's 1 GiB: at
+    886k registry pairs one such task held 2 GiB at the filter's peak (benchmarks/scale.py)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.use_disk_based_hash_shuffle = on or os.environ.get("RAY_DATA_ENABLE_DISK_SHUFFLE") == "1"
+    if ctx.use_disk_based_hash_shuffle and "RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES" not in os.environ:
+        ctx.shuffle_input_batch_bytes = min(ctx.shuffle_input_batch_bytes, SHUFFLE_INPUT_BATCH_BYTES)

@@ -154,9 +154,11 @@ class MineConfig:
         "none", "pairs left short of num_negatives: keep them short (counted), or pad with random passages (marked)"
     )
     shards: int | None = _field(None, "index shards (Ray actors); default: one per 2M corpus passages")
-    shard_cpus: float = _field(1.0, "CPUs per shard actor (FAISS threads follow it)")
+    shard_cpus: float | None = _field(
+        None, "CPUs per shard actor (FAISS threads follow it); empty = half a node's CPUs, all shards together at "
+        "most half the cluster's (a batch search is a multi-threaded GEMM)")
     shard_gpus: float = _field(0.0, "GPUs per shard actor (needs faiss-gpu: pip install 'pairmill[gpu]')")
-    index_spec: str = _field("auto", "FAISS factory string, or auto: Flat below 50k vectors per shard, else IVF")
+    index_spec: str = _field("auto", "FAISS factory string, or auto: exact Flat up to 1M 384-d vectors per shard (n x dim <= 384M), else IVF")
     nprobe: int | None = _field(None, "IVF lists visited per search; default nlist/4 (recall@10 >= 0.95 measured)")
     query_batch: int = _field(1024, "queries per search call")
 
@@ -177,7 +179,8 @@ class MineConfig:
             (self.max_score is None or -1 <= self.max_score <= 1,
              f"mine.max_score={self.max_score}; scores are cosines: use -1 <= max_score <= 1, or empty"),
             (self.shards is None or self.shards >= 1, f"mine.shards={self.shards}; use >= 1 or empty"),
-            (self.shard_cpus > 0, f"mine.shard_cpus={self.shard_cpus}; use > 0 (a fraction is fine, e.g. 0.5)"),
+            (self.shard_cpus is None or self.shard_cpus > 0,
+             f"mine.shard_cpus={self.shard_cpus}; use > 0 (a fraction is fine, e.g. 0.5), or empty for the default"),
             (self.shard_gpus >= 0, f"mine.shard_gpus={self.shard_gpus}; use >= 0"),
             (self.nprobe is None or self.nprobe >= 1, f"mine.nprobe={self.nprobe}; use >= 1 or empty"),
             (self.query_batch >= 1, f"mine.query_batch={self.query_batch}; use >= 1"),

@@ -34,6 +34,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from pairmill.cluster import model_malloc
+
 BUNDLED_MODEL_NAMES = ("", "bundled", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 Kind = Literal["query", "passage", "text"]
 
@@ -292,6 +294,7 @@ class Encoder:
             raise ValueError(f"backend={backend!r}; valid: torch, onnx")
         if num_threads:
             torch.set_num_threads(num_threads)
+        model_malloc()
         self.device = pick_device(device)
         self.model_path = resolve_model(model)
         self.model = load_sentence_transformer(model, self.device)

@@ -40,22 +40,36 @@ def corrupt_rows(ids: list[str], passages: list[str], fraction: float, seed: int
     return chosen[real], donors[real]
 
 
+def rank_counts(ranks: np.ndarray, k: int) -> np.ndarray:
+    """How many ranks are 0, 1, ..., and above every k the audit reports: (max k + 2,) counts. The
+    driver sums these per batch instead of keeping a rank per row."""
+    cap = max(max(AUDIT_KS), k) + 1
+    return np.bincount(np.clip(np.asarray(ranks, dtype=np.int64), 0, cap), minlength=cap + 1)
+
+
 def audit_summary(clean_ranks: np.ndarray, corrupted_ranks: np.ndarray, k: int, pool: int, fraction: float) -> dict:
     """What stats.json reports: the filter's recall on corrupted pairs and keep rate on clean ones."""
+    return audit_from_counts(rank_counts(clean_ranks, k), rank_counts(corrupted_ranks, k), k, pool, fraction)
 
-    def share(mask: np.ndarray) -> float | None:
-        return round(float(mask.mean()), 4) if len(mask) else None
+
+def audit_from_counts(clean: np.ndarray, corrupted: np.ndarray, k: int, pool: int, fraction: float) -> dict:
+    """``audit_summary`` from ``rank_counts`` of the clean and the corrupted pairs."""
+
+    def share(counts: np.ndarray, kk: int, kept: bool) -> float | None:
+        total = int(counts.sum())
+        at_most = int(counts[: kk + 1].sum())
+        return round((at_most if kept else total - at_most) / total, 4) if total else None
 
     return {
         "fraction": fraction,
         "k": k,
         "pool": pool,
-        "corrupted": int(len(corrupted_ranks)),
-        "clean": int(len(clean_ranks)),
-        "corrupted_removed": share(corrupted_ranks > k),
-        "clean_kept": share(clean_ranks <= k),
+        "corrupted": int(corrupted.sum()),
+        "clean": int(clean.sum()),
+        "corrupted_removed": share(corrupted, k, kept=False),
+        "clean_kept": share(clean, k, kept=True),
         "curve": {
-            str(kk): {"corrupted_removed": share(corrupted_ranks > kk), "clean_kept": share(clean_ranks <= kk)}
+            str(kk): {"corrupted_removed": share(corrupted, kk, kept=False), "clean_kept": share(clean, kk, kept=True)}
             for kk in sorted(set(AUDIT_KS) | {k})
         },
     }

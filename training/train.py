@@ -474,6 +474,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from pairmill.cluster import model_malloc
+
+    model_malloc()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -1009,7 +1012,8 @@ def _refresh_config(pairs_path, valid, out_dir: Path, store, encoder, train_cfg,
         "pairs": str(pairs),
         "index_folder": index_folder,
         "encoder_kwargs": {**encoder_kwargs(encoder), **({} if pool.num_gpus else {"device": "cpu"})},
-        "mine_cfg": dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus, REFRESH_SHARD_CPUS), shard_gpus=0.0),
+        "mine_cfg": dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus or REFRESH_SHARD_CPUS, REFRESH_SHARD_CPUS),
+                                        shard_gpus=0.0),
         "pool": pool,
     }
 

@@ -136,3 +136,19 @@ def test_token_file_reaches_every_node_from_outside_the_repo(config):
     assert not any(fnmatch.fnmatch(local.name, pattern) for pattern in config.get("rsync_exclude", []))
     # Readable by the node's user only, on every node (setup_commands run on head and workers).
     assert any(re.fullmatch(r"chmod (0?600|u=rw,go=) " + re.escape(remote), c.strip()) for c in config["setup_commands"])
+
+
+def test_every_ray_start_sets_the_worker_allocators(config):
+    """Workers inherit the raylet's environment: cluster.yaml's `ray start` lines carry WORKER_ENV."""
+    from pairmill.cluster import WORKER_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config[key]:
+            for part in re.split(r";|&&|\|\||\n", command):
+                words = shlex.split(part)
+                env = {}
+                while words and _ASSIGNMENT.fullmatch(words[0]):
+                    name, value = words.pop(0).split("=", 1)
+                    env[name] = value
+                if words[:2] == ["ray", "start"]:
+                    assert {name: env.get(name) for name in WORKER_ENV} == WORKER_ENV, command

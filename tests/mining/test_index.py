@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mining.index import IndexShard, ShardedIndex, as_matrix, default_index_spec, exact_search, merge_topk
+from mining.index import FLAT_MAX_MACS, IndexShard, ShardedIndex, as_matrix, default_index_spec, exact_search, merge_topk
 
 DIM = 32
 NUM_CPUS = 0.5  # per shard: 3 shards leave Ray Data a CPU of the session's 4
@@ -86,6 +86,9 @@ def test_default_index_spec():
     assert default_index_spec(10_000, 768) == "Flat"
     assert default_index_spec(1_000_000, 32) == "Flat"  # a flat scan of 1M x 32 is still cheap
     assert default_index_spec(1_000_000, 768) == "IVF4000,Flat"
+    assert default_index_spec(185_729, 256) == "Flat"  # the 886k registry pairs' filtered corpus
+    assert default_index_spec(FLAT_MAX_MACS // 384, 384) == "Flat"
+    assert default_index_spec(FLAT_MAX_MACS // 384 + 1, 384).startswith("IVF")
 
 
 # -- on Ray -----------------------------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Sizing work from the cluster and the settings large jobs change."""
+
+from __future__ import annotations
+
+import pytest
+
+from pairmill import cluster
+
+
+def test_model_malloc_raises_the_threshold_only_under_worker_env(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    cluster.model_malloc()
+    assert calls == []  # glibc keeps its dynamic threshold: nothing to undo
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", cluster.WORKER_ENV["MALLOC_MMAP_THRESHOLD_"])
+    cluster.model_malloc()
+    assert calls == [(-3, cluster.MODEL_MMAP_THRESHOLD)]
+
+
+def test_disk_shuffle_bounds_the_shuffle_batch(monkeypatch):
+    from ray.data import DataContext
+
+    monkeypatch.delenv("RAY_DATA_ENABLE_DISK_SHUFFLE", raising=False)
+    monkeypatch.delenv("RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES", raising=False)
+    ctx = DataContext.get_current()
+    before = (ctx.use_disk_based_hash_shuffle, ctx.shuffle_input_batch_bytes)
+    try:
+        cluster.disk_shuffle(False)
+        assert not ctx.use_disk_based_hash_shuffle
+        cluster.disk_shuffle(True)
+        assert ctx.use_disk_based_hash_shuffle
+        assert ctx.shuffle_input_batch_bytes <= cluster.SHUFFLE_INPUT_BATCH_BYTES
+        monkeypatch.setenv("RAY_DATA_ENABLE_DISK_SHUFFLE", "1")
+        cluster.disk_shuffle(False)  # the environment asks for it: on whatever the job's size
+        assert ctx.use_disk_based_hash_shuffle
+    finally:
+        ctx.use_disk_based_hash_shuffle, ctx.shuffle_input_batch_bytes = before
+
+
+@pytest.mark.parametrize("shards, cpus", [(1, 2.0), (2, 1.0), (4, 0.5), (64, 0.5)])
+def test_search_cpus_leave_half_the_cluster(ray_session, shards, cpus):
+    # the session's Ray: one node of 4 logical CPUs
+    assert cluster.search_cpus(shards) == cpus
+
