@@ -101,16 +101,17 @@ def run_size(pairs: str, out: Path, overrides: list[str], model: str | None) -> 
     init_ray(cfg["ray"].address, cfg["ray"].num_cpus)
     rows = count_input_rows(pairs)
     result = {"pairs": pairs, "input_rows": rows, "settings": overrides}
+    jobs = {
+        "filter": lambda: filter_pairs(pairs, str(out / "filter"), options=cfg["filter"], encoder=cfg["encoder"],
+                                       read=cfg["read"], ray=cfg["ray"]),
+        "mine": lambda: mine(str(out / "filter"), str(out / "mine"), corpus_path=None, encoder=cfg["encoder"],
+                             read=cfg["read"], mine_cfg=cfg["mine"], ray=cfg["ray"]),
+    }
     peaks = {}
-    for job in ("filter", "mine"):
+    for job, run in jobs.items():
         with Memory() as memory:
             t0 = time.perf_counter()
-            if job == "filter":
-                stats = filter_pairs(pairs, str(out / "filter"), options=cfg["filter"], encoder=cfg["encoder"],
-                                     read=cfg["read"], ray=cfg["ray"])
-            else:
-                stats = mine(str(out / "filter"), str(out / "mine"), corpus_path=None, encoder=cfg["encoder"],
-                             read=cfg["read"], mine_cfg=cfg["mine"], ray=cfg["ray"])
+            stats = run()
             seconds = time.perf_counter() - t0
         result[job] = {"seconds": seconds, "spilled_bytes": spilled_bytes(), "stats": stats,
                        "peak_pss": memory.peak_total, "at_peak": memory.at_peak}
@@ -123,14 +124,10 @@ def run_size(pairs: str, out: Path, overrides: list[str], model: str | None) -> 
 
 
 def exact_top10(q, vectors, keys):
-    """The keys of each query's exact top 10 by inner product, in blocks of 256 queries."""
-    import numpy as np
+    """The keys of each query's exact top 10 by inner product (``pairmill.evaluate.search_exact``)."""
+    from pairmill.evaluate import search_exact
 
-    exact = np.empty((len(q), 10), dtype=np.int64)
-    for a in range(0, len(q), 256):
-        scores = q[a : a + 256] @ vectors.T  # (b, C)
-        exact[a : a + 256] = keys[np.argpartition(-scores, 9, axis=1)[:, :10]]
-    return exact
+    return keys[search_exact(q, vectors, 10, query_batch=256)[1]]
 
 
 def search_recall(index, q, exact) -> dict:

@@ -46,7 +46,6 @@ NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which 
 PASSAGES_PER_SHARD = 2_000_000
 # INLINE_POSITIVES (from the config, whose checks need it): distinct passages of one query carried
 # in each of its rows and searched past in a batch; a query with more uses the PositiveStore.
-LARGE_BYTES = 512 << 20  # encoded pairs above this are shuffled through disk, not memory (pipelines.filter.HOLD_MAX_BYTES)
 MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives",
                  "margin_filtered", "near_duplicate_negatives"]
 
@@ -337,7 +336,7 @@ def mine(
             )
         pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(str(work / "pairs"))
         valid_rows = parquet_rows(work / "pairs")
-        disk_shuffle(sum(f.stat().st_size for f in (work / "pairs").glob("*.parquet")) > LARGE_BYTES)
+        disk_shuffle(sum(f.stat().st_size for f in (work / "pairs").glob("*.parquet")))
         rejected = count_by(job.path("rejected"), "reason")
         input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the outputs against it
         job.stage("read+encode", input_rows, valid_rows, time.perf_counter() - t0)

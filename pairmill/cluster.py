@@ -131,18 +131,22 @@ def search_cpus(shards: int = 1) -> float:
     return max(0.5, float(int(min(node_cpus / 2, cluster_cpus / 2 / max(1, shards)))))
 
 
+# A job's data above this goes through disk, not memory: its groupbys shuffle through disk
+# (``disk_shuffle``) and the filter writes its passes to the staging folder (``pipelines.filter.hold``).
+LARGE_BYTES = 512 << 20
 SHUFFLE_INPUT_BATCH_BYTES = 128 << 20
 
 
-def disk_shuffle(on: bool) -> None:
-    """Ray Data's disk-based hash shuffle for the groupbys that follow, when a job's data is large:
-    the object-store shuffle holds every row being shuffled in memory at once, so its memory grows
-    with the input. Also on when the environment sets RAY_DATA_ENABLE_DISK_SHUFFLE=1. With it, each
-    shuffle map task takes SHUFFLE_INPUT_BATCH_BYTES of input at a time instead of Ray's 1 GiB: at
-    886k registry pairs one such task held 2 GiB at the filter's peak (benchmarks/scale.py)."""
+def disk_shuffle(data_bytes: int) -> None:
+    """Ray Data's disk-based hash shuffle for the groupbys that follow, when a job's data is over
+    LARGE_BYTES: the object-store shuffle holds every row being shuffled in memory at once, so its
+    memory grows with the input. Also on when the environment sets RAY_DATA_ENABLE_DISK_SHUFFLE=1.
+    With it, each shuffle map task takes SHUFFLE_INPUT_BATCH_BYTES of input at a time instead of
+    Ray's 1 GiB: at 886k registry pairs one such task held 2 GiB at the filter's peak
+    (benchmarks/scale.py)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.use_disk_based_hash_shuffle = on or os.environ.get("RAY_DATA_ENABLE_DISK_SHUFFLE") == "1"
+    ctx.use_disk_based_hash_shuffle = data_bytes > LARGE_BYTES or os.environ.get("RAY_DATA_ENABLE_DISK_SHUFFLE") == "1"
     if ctx.use_disk_based_hash_shuffle and "RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES" not in os.environ:
         ctx.shuffle_input_batch_bytes = min(ctx.shuffle_input_batch_bytes, SHUFFLE_INPUT_BATCH_BYTES)

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pairmill.cluster import LARGE_BYTES
 from pairmill.config import EncoderConfig, FilterConfig, RayConfig, ReadConfig
 from pairmill.embed import EncodeBatch, encoder_kwargs, format_summary, read_kwargs, to_matrix
 from pairmill.pairs import (
@@ -251,7 +252,7 @@ def semdedup_group(group: pa.Table, *, eps: float, on: str, keep: str, seed: int
 # memory). Re-reading parquet costs seconds of fixed overhead per pass, so small jobs (tests, the
 # sample) keep the in-memory path.
 OBJECT_STORE_SHARE = 0.5
-HOLD_MAX_BYTES = 512 << 20
+HOLD_MAX_BYTES = LARGE_BYTES  # the size above which a job's data goes through disk (pairmill.cluster)
 
 
 def embedded_dim(encoder: EncoderConfig) -> int:
@@ -392,7 +393,7 @@ def filter_pairs(
         input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
         buckets = bucket_count(input_rows, partitions)
         estimate = pass_bytes(input_path, input_rows, embedded_dim(encoder) if embedded else 0)
-        disk_shuffle(estimate > HOLD_MAX_BYTES)
+        disk_shuffle(estimate)
         passes["count"] = time.perf_counter() - t0
 
         # Pass 1: read, validate, exact dedup (a hash shuffle: no key set on any one process), encode.

@@ -31,13 +31,13 @@ def test_disk_shuffle_bounds_the_shuffle_batch(monkeypatch):
     ctx = DataContext.get_current()
     before = (ctx.use_disk_based_hash_shuffle, ctx.shuffle_input_batch_bytes)
     try:
-        cluster.disk_shuffle(False)
+        cluster.disk_shuffle(cluster.LARGE_BYTES)  # not over it
         assert not ctx.use_disk_based_hash_shuffle
-        cluster.disk_shuffle(True)
+        cluster.disk_shuffle(cluster.LARGE_BYTES + 1)
         assert ctx.use_disk_based_hash_shuffle
         assert ctx.shuffle_input_batch_bytes <= cluster.SHUFFLE_INPUT_BATCH_BYTES
         monkeypatch.setenv("RAY_DATA_ENABLE_DISK_SHUFFLE", "1")
-        cluster.disk_shuffle(False)  # the environment asks for it: on whatever the job's size
+        cluster.disk_shuffle(0)  # the environment asks for it: on whatever the job's size
         assert ctx.use_disk_based_hash_shuffle
     finally:
         ctx.use_disk_based_hash_shuffle, ctx.shuffle_input_batch_bytes = before
