@@ -14,10 +14,19 @@ from dataclasses import dataclass
 # threshold costs torch ~16% CPU per encoded text (each activation is a fresh mapping), so
 # processes that run a model raise it again (``model_malloc``). Set for a local Ray here; on a
 # cluster, cluster.yaml's `ray start` commands set them. A value already in the environment wins.
+#
+# Ray Data's Parquet reader. Ray 2.60 reads Parquet through "datasource v2" by default, which starts
+# a pool of 32 FooterReader actors (each a new worker process: ~1 CPU-s to start) for every read of
+# a Parquet folder, only to read file footers; pairmill reads its own Parquet folders many times a
+# job (the validated input, staged passes, the previous job's folder). The v1 reader reads footers
+# in the driver, or in tasks on running workers for many files. Measured side by side on this
+# 2-core machine: ten small reads 11.9 s (v2) / 6.1 s (v2, one footer actor) / 3.3 s (v1); a mine
+# test plus the every-verb embed/filter/mine/eval test 95 / 70 / 61 s.
 WORKER_ENV = {
     "ARROW_DEFAULT_MEMORY_POOL": "system",
     "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
+    "RAY_DATA_USE_DATASOURCE_V2": "0",
 }
 MODEL_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX)
 
@@ -36,6 +45,16 @@ def model_malloc() -> None:
         pass
 
 
+def parquet_reader() -> None:
+    """This process's Ray Data reads Parquet with the reader WORKER_ENV names (or the environment's
+    own RAY_DATA_USE_DATASOURCE_V2): Ray reads the variable once, when ray.data is first imported,
+    which may be before init_ray sets it."""
+    from ray.data import DataContext
+
+    flag = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", WORKER_ENV["RAY_DATA_USE_DATASOURCE_V2"])
+    DataContext.get_current().use_datasource_v2 = flag.strip().lower() in ("1", "true")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
 
@@ -46,6 +65,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    parquet_reader()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

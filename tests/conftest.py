@@ -17,6 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests compare vectors to 1e-6: the same precision on every machine (bf16 where the CPU has it
 # would be the default; tests/pairmill/test_encoder.py tests that choice itself).
 os.environ.setdefault("PAIRMILL_CPU_PRECISION", "fp32")
+# The worker environment a local Ray of pairmill's gets (init_ray), so tests run what users run.
+from pairmill.cluster import WORKER_ENV  # noqa: E402  (imports nothing heavy)
+
+for _name, _value in WORKER_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 WORDS = (
     "the a of to and in is for on with as by an be this that from or at are it can data "

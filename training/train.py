@@ -74,7 +74,8 @@ from training.losses import GradCache, InfoNCELoss, encode_by_length
 
 RUN_NAME = "train"
 FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank raises once at this step
-# test hook: every step also sleeps this long, as a step on an accelerator leaves the CPUs to a refresh round
+# test hook: while a refresh round is in flight, every step also sleeps this long, as a step on an
+# accelerator leaves the CPUs to the round; steps with no round in flight run at full speed
 STEP_SLEEP_ENV = "PAIRMILL_TRAIN_STEP_SLEEP_S"
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
 # train.length_group_overhead when empty, on CPU: tokens one extra forward is worth. 64-128 were
@@ -147,8 +148,15 @@ def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_pre
     )
 
 
-def place_negatives(flat: Tensor, mask: Tensor) -> Tensor:
-    """(M, D) embeddings of the valid slots -> (B, H, D), zeros in padded slots (masked in the loss)."""
+def place_negatives(flat: Tensor | None, mask: Tensor, query: Tensor) -> Tensor:
+    """(M, D) embeddings of the valid slots -> (B, H, D), zeros in padded slots (masked in the loss).
+
+    A batch without negatives (``flat`` None) takes a 0-row slice of ``query`` (B, D), so its zeros
+    still hang off the graph: the loss all-gathers the negatives and all-reduces their gradient in
+    backward, and a rank whose batch happens to have no negatives must run that all-reduce too, or
+    the ranks' collectives no longer match (gloo aborts the step; NCCL hangs)."""
+    if flat is None:
+        flat = query[:0]
     B, H = mask.shape
     slots = mask.reshape(-1).nonzero().squeeze(1)  # (M,)
     out = flat.new_zeros(B * H, flat.shape[-1]).index_copy(0, slots, flat)  # differentiable
@@ -544,7 +552,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         for i, table in enumerate(batches):
             if i < skip:  # resume: these batches were trained on before the checkpoint
                 continue
-            if cfg["step_sleep"]:
+            if cfg["step_sleep"] and rounds is not None and rounds.inflight is not None:
                 time.sleep(cfg["step_sleep"])
             t_step = time.perf_counter()
             columns = {c: table.column(c).to_pylist() for c in table.column_names}
@@ -566,7 +574,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
             def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
                 # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
-                negatives = place_negatives(n_flat if n_flat is not None else q.new_zeros(0, q.shape[1]), mask)
+                negatives = place_negatives(n_flat, mask, q)
                 return loss_fn(q, p, negatives, mask, pos_ids, neg_ids)
 
             groups = [q_features, p_features] + ([n_features] if n_features is not None else [])

@@ -48,3 +48,20 @@ def test_search_cpus_leave_half_the_cluster(ray_session, shards, cpus):
     # the session's Ray: one node of 4 logical CPUs
     assert cluster.search_cpus(shards) == cpus
 
+
+
+def test_parquet_reader_follows_worker_env_unless_the_environment_says_otherwise(monkeypatch):
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.use_datasource_v2
+    try:
+        monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+        ctx.use_datasource_v2 = True  # what Ray 2.60 defaults to when the variable is unset
+        cluster.parquet_reader()
+        assert ctx.use_datasource_v2 is False  # WORKER_ENV's reader: no footer-actor pool per read
+        monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")
+        cluster.parquet_reader()
+        assert ctx.use_datasource_v2 is True
+    finally:
+        ctx.use_datasource_v2 = before

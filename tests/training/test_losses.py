@@ -14,6 +14,7 @@ from torch import nn
 
 from training import losses
 from training.losses import GradCache, InfoNCELoss, encode_by_length, length_groups, passage_ids
+from training.train import place_negatives
 
 B, H, D = 6, 3, 8  # global batch: 6 pairs, 3 hard-negative slots, 8-dim embeddings
 WORLD = 2
@@ -351,7 +352,18 @@ def worker(rank: int, store_path: str, out_dir: str) -> None:
         x, lambda q, p, n: loss_fn(q, p, n.view(-1, H, D), *(batch[k] for k in ("negative_mask", "positive_ids", "negative_ids")))
     )
     out["cached_loss"], out["cached_grads"] = cached, [p.grad.clone() for p in ddp.parameters()]
-    # (4) unequal local batches fail on every worker with a message, instead of hanging
+    # (4) rank 0's batch has no hard negatives, rank 1's has: both still run the same collectives
+    # (the negatives' all-gather backward included), as train.py's step builds them
+    ddp.zero_grad()
+    mask = batch["negative_mask"] & (rank == 1)  # (B / WORLD, H)
+    groups = x[:2] + ([x[2][mask.reshape(-1)]] if mask.any() else [])  # GradCache takes no empty group
+
+    def loss_of(q, p, n_flat=None):
+        return loss_fn(q, p, place_negatives(n_flat, mask, q), mask, batch["positive_ids"], batch["negative_ids"])
+
+    out["ragged_loss"] = GradCache(ddp, 2).forward_backward(groups, loss_of)
+    out["ragged_grads"] = [p.grad.clone() for p in ddp.parameters()]
+    # (5) unequal local batches fail on every worker with a message, instead of hanging
     try:
         InfoNCELoss()(torch.randn(2 + rank, D), torch.randn(2 + rank, D))
     except ValueError as error:
@@ -389,6 +401,17 @@ def test_two_workers_ddp_and_grad_cache_param_grads_equal_one_process(two_worker
         for got, cached, param in zip(w["ddp_grads"], w["cached_grads"], model.parameters()):
             torch.testing.assert_close(got, param.grad)
             torch.testing.assert_close(cached, param.grad)
+
+
+def test_two_workers_one_without_negatives_match_one_process(two_workers):
+    model, batch = encoder(), global_batch()
+    batch["negative_mask"][: B // WORLD] = False  # rank 0's pairs have none
+    loss = encoder_loss(model, features(), batch, InfoNCELoss(temperature=0.05, symmetric=True))
+    loss.backward()
+    torch.testing.assert_close(sum(w["ragged_loss"] for w in two_workers) / WORLD, loss.detach())
+    for w in two_workers:
+        for got, param in zip(w["ragged_grads"], model.parameters()):
+            torch.testing.assert_close(got, param.grad)
 
 
 def test_two_workers_unequal_batches_raise_everywhere(two_workers):

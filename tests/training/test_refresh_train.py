@@ -66,9 +66,10 @@ def expected_use(rounds: list[dict], steps: int, batch: int) -> tuple[float, int
 
 
 def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, tmp_path, monkeypatch):
-    """refresh_every=30 on one worker: rounds start every 30 steps unless one is in flight (skipped);
-    the first finishes while training steps on, then batches train on its negatives. Steps sleep a
-    little (as a step on an accelerator leaves the CPUs free) so a round fits in the run on 2 cores."""
+    """refresh_every=20 on one worker: rounds start every 20 steps unless one is in flight (skipped);
+    the first finishes while training steps on, then batches train on its negatives. While a round
+    is in flight steps sleep a little (as a step on an accelerator leaves the CPUs free), so a round
+    fits in the run on 2 cores; the other steps run at full speed."""
     rows = literal_pairs(40)
     for i, row in enumerate(rows):  # the "mine job" negatives (step 0): two other passages
         row["negatives"] = [rows[(i + k + 1) % len(rows)]["passage"] for k in range(2)]
@@ -80,8 +81,8 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows + reused)
     out = tmp_path / "train"
     encoder = EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: ", batch_size=16)
-    settings = dict(num_workers=1, batch_size=8, max_steps=150, lr=1e-3, hard_negatives=2, query_max_length=16,
-                    passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=30)
+    settings = dict(num_workers=1, batch_size=8, max_steps=120, lr=1e-3, hard_negatives=2, query_max_length=16,
+                    passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=20)
     monkeypatch.setenv(STEP_SLEEP_ENV, "0.5")
     t0 = time.perf_counter()
     stats = train(str(pairs), str(out), encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
@@ -90,20 +91,22 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     print(json.dumps(stats["refresh"]))
 
     refresh = stats["refresh"]
-    assert stats["train"]["steps"] == 150 and (out / "_SUCCESS").exists()
+    assert stats["train"]["steps"] == 120 and (out / "_SUCCESS").exists()
     assert stats["rejected"] == {"duplicate_id": 2} and stats["kept"] == 40 and stats["input_rows"] == 42
     assert refresh["rounds_finished"] >= 1 and refresh["rounds_started"] >= refresh["rounds_finished"]
-    assert refresh["rounds_started"] + refresh["rounds_skipped"] == 4  # due at steps 30, 60, 90, 120
+    assert refresh["rounds_started"] + refresh["rounds_skipped"] == 5  # due at steps 20, 40, 60, 80, 100
     first, last = refresh["rounds"][0], refresh["rounds"][-1]
-    assert first["step"] == 30 and first["refreshed"] == 40 and first["slice"] == [0, 1]
+    assert first["step"] == 20 and first["refreshed"] == 40 and first["slice"] == [0, 1]
     # training did not wait: it stepped on while the round ran, and later batches used its negatives
     assert first["finished_by_step"] > first["step"] + 1
     # every batch after a round was seen finished used its negatives; one may have used them a step
     # earlier (the store write is the swap, rank 0 notices the task's end at its next step)
-    staleness, used = expected_use(refresh["rounds"], 150, 8)
+    staleness, used = expected_use(refresh["rounds"], 120, 8)
     assert used <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
     assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness
     assert (out / "refresh" / f"step-{last['step']}" / "index" / "manifest.json").exists()
+    for older in refresh["rounds"][:-1]:  # the newest round holds the live index; older ones are removed
+        assert not (out / "refresh" / f"step-{older['step']}").exists()
     import pyarrow.parquet as pq
 
     refreshed = pq.read_table(out / "refresh" / f"step-{last['step']}" / "negatives").to_pylist()

@@ -56,11 +56,17 @@ def test_build_batch_prefixes_pads_and_masks():
 def test_place_negatives_scatters_rows_and_keeps_gradients():
     mask = torch.tensor([[True, False], [True, True]])
     flat = torch.arange(6, dtype=torch.float32).view(3, 2).requires_grad_()
-    placed = place_negatives(flat, mask)  # (2, 2, 2)
+    query = torch.ones(2, 2, requires_grad=True)
+    placed = place_negatives(flat, mask, query)  # (2, 2, 2)
     assert placed.tolist() == [[[0, 1], [0, 0]], [[2, 3], [4, 5]]]
     placed.sum().backward()
     assert flat.grad.tolist() == [[1, 1]] * 3
-    assert place_negatives(torch.zeros(0, 5), torch.zeros(3, 0, dtype=torch.bool)).shape == (3, 0, 5)
+    assert place_negatives(torch.zeros(0, 5), torch.zeros(3, 0, dtype=torch.bool), torch.ones(3, 5)).shape == (3, 0, 5)
+    # no negatives in this batch: zeros that still depend on the queries (the loss's backward collectives run)
+    empty = place_negatives(None, torch.zeros(2, 2, dtype=torch.bool), query)
+    assert empty.shape == (2, 2, 2) and not empty.any() and empty.requires_grad
+    (grad,) = torch.autograd.grad(empty.sum(), query)
+    assert grad.abs().sum() == 0
 
 
 def test_lr_schedule():
