@@ -49,7 +49,6 @@ def test_search_cpus_leave_half_the_cluster(ray_session, shards, cpus):
     assert cluster.search_cpus(shards) == cpus
 
 
-
 def test_parquet_reader_follows_worker_env_unless_the_environment_says_otherwise(monkeypatch):
     from ray.data import DataContext
 
