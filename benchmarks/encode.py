@@ -173,7 +173,7 @@ def main() -> None:
     rates = speed(methods, texts, args.rounds)
     agree = agreement(methods, [r["query"] for r in rows], texts)
     ours = "pairmill torch fp32"
-    print(f"\n| method | texts/s | texts per CPU-s | x torch fp32 (CPU-s, per round) | top-10 shared with torch fp32 | cosine to torch fp32 (mean / min) |")
+    print("\n| method | texts/s | texts per CPU-s | x torch fp32 (CPU-s, per round) | top-10 shared with torch fp32 | cosine to torch fp32 (mean / min) |")
     print("|---|---|---|---|---|---|")
     for name in methods:
         per_round = [a / b for a, b in zip(rates[name]["cpu_rates"], rates[ours]["cpu_rates"])]

@@ -116,7 +116,7 @@ def offline_checks(job: Path, n_pool_small: int = 1000, seed: int = 0) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pairmill.embed import to_matrix
+    from pairmill.vectors import to_matrix
     from pipelines.audit import audit_summary, corrupt_rows
     from pipelines.consistency import consistency_ranks, exact_pool_search, rank_depth
     from pipelines.semdedup import assign_clusters, default_n_clusters, fit_kmeans, semdedup_cluster

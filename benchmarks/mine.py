@@ -193,7 +193,7 @@ def timed(fn, *args) -> float:
 def bench_size(corpus: np.ndarray, heldout: np.ndarray, kind: np.ndarray, args) -> dict:
     """Build every method over ``corpus`` (n, D), check Flat and sweep IVF nprobe against exact
     search for ``heldout`` (q, D), then time search side by side."""
-    from mining.index import exact_search
+    from pairmill.vectors import exact_search
 
     n = len(corpus)
     nlist = ivf_nlist(n, args.shards)

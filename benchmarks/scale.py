@@ -92,7 +92,7 @@ def run_size(pairs: str, out: Path, overrides: list[str], model: str | None) -> 
     """filter then mine on ``pairs`` in this process; what the module docstring lists."""
     from pairmill.cluster import init_ray
     from pairmill.config import SECTIONS, load_config
-    from pairmill.pairs import count_input_rows
+    from pairmill.read import count_input_rows
     from mining.mine import mine
     from pipelines.filter import filter_pairs
 
@@ -124,10 +124,10 @@ def run_size(pairs: str, out: Path, overrides: list[str], model: str | None) -> 
 
 
 def exact_top10(q, vectors, keys):
-    """The keys of each query's exact top 10 by inner product (``pairmill.evaluate.search_exact``)."""
-    from pairmill.evaluate import search_exact
+    """The keys of each query's exact top 10 by inner product (``pairmill.vectors.exact_search``)."""
+    from pairmill.vectors import exact_search
 
-    return keys[search_exact(q, vectors, 10, query_batch=256)[1]]
+    return keys[exact_search(vectors, q, 10, query_batch=256)[1]]
 
 
 def search_recall(index, q, exact) -> dict:
@@ -153,7 +153,7 @@ def index_recall(job: Path, queries: int, seed: int = 0) -> dict:
     import pyarrow.parquet as pq
 
     from mining.index import ShardedIndex
-    from pairmill.embed import to_matrix
+    from pairmill.vectors import to_matrix
     from pairmill.pairs import text_key
 
     kept = pq.read_table(job / "filter" / "kept", columns=["passage", "query_embedding", "passage_embedding"])
@@ -179,7 +179,7 @@ def corpus_recall(pairs: str, model: str | None, queries: int, folder: Path, see
 
     from mining.mine import build_index
     from pairmill.config import MineConfig
-    from pairmill.embed import fixed_size_list
+    from pairmill.vectors import fixed_size_list
     from pairmill.encoder import Encoder
     from pairmill.pairs import text_key
 
@@ -203,7 +203,7 @@ def corpus_recall(pairs: str, model: str | None, queries: int, folder: Path, see
     q = encoder.encode(sample, "query")
     exact = exact_top10(q, vectors, keys)
     arms = {"auto": MineConfig()}
-    lists = int(4 * np.sqrt(len(keys)))  # mining.index.default_index_spec's IVF
+    lists = int(4 * np.sqrt(len(keys)))  # mining.shard.default_index_spec's IVF
     ivf = f"IVF{lists},Flat"  # what auto picks past the Flat threshold; its default nprobe is lists / 4
     for nprobe in (lists // 16, lists // 8, lists // 4):
         arms[f"{ivf} nprobe {nprobe}"] = MineConfig(index_spec=ivf, nprobe=nprobe)

@@ -211,7 +211,7 @@ def valid_pairs(path: str) -> tuple[list[str], list[str]]:
     """The rows `pairmill train` trains on (validated as its reader does), as two lists."""
     import pyarrow.compute as pc
 
-    from pairmill.pairs import load_parsed_local
+    from pairmill.read import load_parsed_local
 
     table = load_parsed_local(path, "pairs")
     table = table.filter(pc.is_null(table.column("reason")))

@@ -6,7 +6,7 @@ Design note.
   normalised text. That makes "text-identical to the positive" the same test as "is the
   positive": both are the positive's key, and ``select_negatives`` removes it.
 - Positives of a query: the keys of every pair whose normalised query is the same (a groupby on a
-  bucket of the query key: ``pairmill.pairs.GROUP_ROWS``), so a passage of another pair with the same query is never a negative. A query with
+  bucket of the query key: ``pairmill.groups.GROUP_ROWS``), so a passage of another pair with the same query is never a negative. A query with
   up to ``INLINE_POSITIVES`` distinct passages (nearly all of them) carries its positive keys in
   each of its rows, and is searched in batches deep enough to skip them. A query repeated with
   more (a generic "A small example package" over 100k rows) keeps one copy of its keys in the
@@ -40,7 +40,8 @@ import pyarrow as pa
 
 from mining.negatives import select_negatives
 from pairmill.config import INLINE_POSITIVES
-from pairmill.pairs import bucket_count, key_buckets, text_key
+from pairmill.groups import bucket_count, key_buckets
+from pairmill.pairs import text_key
 
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 PASSAGES_PER_SHARD = 2_000_000
@@ -61,7 +62,7 @@ def add_keys(batch: pa.Table) -> pa.Table:
 
 def with_bucket(batch: pa.Table, column: str, buckets: int) -> pa.Table:
     """``map_batches`` step: + ``bucket``, the int64 key ``column`` modulo ``buckets``: what the
-    key's groupby groups on (a group per bucket of keys, not per key: ``pairmill.pairs.GROUP_ROWS``)."""
+    key's groupby groups on (a group per bucket of keys, not per key: ``pairmill.groups.GROUP_ROWS``)."""
     return batch.append_column("bucket", key_buckets(batch.column(column).to_numpy(), buckets))
 
 
@@ -167,7 +168,7 @@ def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> 
 def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = "none",
                store: PositiveStore | None = None) -> pa.Table:
     """``map_batches`` step: search the index for a batch of pairs and choose their negatives."""
-    from pairmill.embed import to_matrix
+    from pairmill.vectors import to_matrix
 
     queries = to_matrix(batch.column("query_embedding"))  # (B, D)
     passages = to_matrix(batch.column("passage_embedding"))  # (B, D)
@@ -306,9 +307,12 @@ def mine(
     from ray.data.expressions import col
 
     from pairmill.cluster import disk_shuffle, encoder_pool, init_ray
-    from pairmill.embed import EncodeBatch, encoder_kwargs, read_kwargs
+    from pairmill.encoder import EncodeBatch
+    from pairmill.config import encoder_kwargs, read_kwargs
     from pairmill.output import JobFolder, count_by, parquet_rows
-    from pairmill.pairs import REJECT_COLUMNS, count_input_rows, output_columns, read_parsed, write_validated
+    from pairmill.pairs import REJECT_COLUMNS, output_columns
+    from pairmill.read import count_input_rows, read_parsed
+    from pairmill.groups import write_validated
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
@@ -541,7 +545,7 @@ def _dimension(folder: Path) -> int:
 
 def _training_sample(ds, rows: int, nlist: int) -> np.ndarray:
     """About 64 vectors per IVF list (FAISS wants >= 39), drawn uniformly from the corpus."""
-    from pairmill.embed import to_matrix
+    from pairmill.vectors import to_matrix
 
     want = min(rows, 64 * nlist)
     sample = ds.random_sample(min(1.0, 1.2 * want / rows), seed=0).select_columns(["passage_embedding"])
@@ -553,7 +557,7 @@ def _training_sample(ds, rows: int, nlist: int) -> np.ndarray:
 
 
 def format_summary(stats: dict, out: str) -> str:
-    from pairmill.embed import format_summary as job_summary
+    from pairmill.output import format_summary as job_summary
 
     neg = stats["negatives"]
     return "\n".join(

@@ -17,7 +17,7 @@ Design note.
 - The store: ``NegativeShard`` actors (0 CPUs) hold pair id -> (negatives, negative ids, step),
   routed by a hash of the pair id. Memory: the refreshed pairs' negative texts. Keying by id is
   safe because every pairs folder a round reads has distinct ids (the train job validates its
-  input with ``pairmill.pairs.read_unique``; a later row reusing an id is ``duplicate_id``).
+  input with ``pairmill.groups.read_unique``; a later row reusing an id is ``duplicate_id``).
 - Staleness: each row's negatives carry the step of the model that mined them (0: the mine job).
 - Cost per round: encode the corpus + 2 x the slice's pairs, build the index, search the slice.
 """
@@ -149,7 +149,7 @@ def corpus_texts(pairs: str, index_folder: str | None):
     import ray
 
     from mining.mine import add_keys, partitions, with_bucket
-    from pairmill.pairs import bucket_count
+    from pairmill.groups import bucket_count
 
     if index_folder and sorted(Path(index_folder).glob("*.texts.parquet")):
         files = [str(f) for f in sorted(Path(index_folder).glob("*.texts.parquet"))]
@@ -184,7 +184,7 @@ def refresh_negatives(
 
     from mining.mine import add_keys, build_index, encode_pool_args, write_mined
     from pairmill.cluster import encoder_pool
-    from pairmill.embed import EncodeBatch
+    from pairmill.encoder import EncodeBatch
     from pairmill.output import parquet_rows
     from pairmill.pairs import output_columns
 

@@ -18,7 +18,7 @@ VERBS = {
     "train": ("training.train", ("encoder", "read", "train", "eval", "mine", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
     "tune": ("tune.tune", ("tune", "encoder", "read", "train", "eval", "mine", "ray"),
              "many train runs (Ray Tune, ASHA) -> OUT/best_model + results.csv; the defaults are the first trial"),
-    "run": ("pairmill.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+    "run": ("chain.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
     "distill": ("pairmill.distill", ("encoder", "distill"),
                 "a static-embedding model (model2vec) from --model: ~100x faster to encode on CPUs, for filtering at scale"),
 }
@@ -121,14 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(value, list):  # nargs="+" flags: the config reads comma-separated lists
                 value = ",".join(value)
             overrides.append(f"{key}={value}")
-    if args.verb == "run":  # no --config on the bundled sample: the sample-sized profile (configs/sample.yaml)
-        from pairmill.run import sample_overrides
-
-        overrides = sample_overrides(args.config, overrides)
-    if args.verb == "tune":  # likewise for tune (configs/tune-sample.yaml)
-        from tune.tune import sample_overrides as tune_sample_overrides
-
-        overrides = tune_sample_overrides(args.config, args.input, overrides)
+    # A verb's module may adjust the overrides first: `run` and `tune` add their sample-sized profile
+    # when given no --config on the bundled sample (configs/sample.yaml, configs/tune-sample.yaml).
+    hook = getattr(importlib.import_module(VERBS[args.verb][0]), "cli_overrides", None)
+    if hook is not None:
+        overrides = hook(args, overrides)
     try:
         args.config_sections = load_config({s: SECTIONS[s] for s in sections}, args.config, overrides)
     except ConfigError as e:

@@ -194,7 +194,15 @@ class FilterConfig:
 
     exact_dedup: bool = _field(True, "drop copies of a (query, passage) pair, compared after whitespace/Unicode normalisation")
     consistency: bool = _field(True, "E5 consistency filter: keep a pair when its passage ranks in the top k against a pool")
-    k: int = _field(2, "consistency filter: the own passage must rank within the top k (E5 uses 2)")
+    k: int | Literal["auto"] = _field(
+        2, "consistency filter: the own passage must rank within the top k (E5 uses 2); auto = the largest k "
+        "(1-100) that still removes filter.auto_removed of corrupted pairs, measured on a sample of the data"
+    )
+    auto_removed: float = _field(0.99, "k=auto: the share of corrupted pairs the chosen k must still remove")
+    auto_rows: int = _field(20_000, "k=auto: rows of the data the choice is measured on (a corrupted pair is made of 20% of them)")
+    near_copy_eps: float = _field(
+        0.05, "consistency filter: a pool passage within cosine 1 - eps of the pair's own passage does not count against it; 0 = off"
+    )
     pool_size: int = _field(1_000_000, "consistency filter: random passages in the pool (min(N, this))")
     pool_shards: int | None = _field(None, "index shards holding the pool; default one per 500,000 passages")
     semdedup: bool = _field(True, "SemDeDup: drop near-duplicates (cosine > 1 - eps) within k-means clusters")
@@ -214,7 +222,11 @@ class FilterConfig:
 
     def __post_init__(self):
         checks = [
-            (self.k >= 1, f"filter.k={self.k}; use k >= 1"),
+            (self.k == "auto" or self.k >= 1, f"filter.k={self.k}; use k >= 1, or auto"),
+            (self.k != "auto" or self.consistency, "filter.k=auto chooses the consistency filter's k: set filter.consistency=true"),
+            (0 < self.auto_removed <= 1, f"filter.auto_removed={self.auto_removed}; use a share 0 < x <= 1, e.g. 0.99"),
+            (self.auto_rows >= 100, f"filter.auto_rows={self.auto_rows}; use >= 100 (the choice needs corrupted pairs to count)"),
+            (0 <= self.near_copy_eps < 1, f"filter.near_copy_eps={self.near_copy_eps}; use 0 <= eps < 1 (0 = off)"),
             (self.pool_size >= 1, f"filter.pool_size={self.pool_size}; use pool_size >= 1"),
             (0 < self.eps < 1, f"filter.eps={self.eps}; use 0 < eps < 1 (0.01 in SemDeDup)"),
             (0 <= self.decontaminate_eps < 1, f"filter.decontaminate_eps={self.decontaminate_eps}; use 0 <= eps < 1"),
@@ -412,6 +424,9 @@ class ChainConfig:
 
     train: str | None = _field(None, "pairs to build the model from; empty = the bundled sample's train split")
     decontaminate: bool = _field(True, "drop training pairs that duplicate a text of the held-out split (eval.data)")
+    plain: bool = _field(
+        False, "also train plain in-batch InfoNCE on the raw pairs with the chain's step budget and compare (OUT/plain, report.md)"
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -465,6 +480,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 continue
         elif typ is str:
             return str(value)
+        elif get_origin(typ) is Literal:
+            if value in get_args(typ):
+                return value
         elif get_origin(typ) is list:
             if isinstance(value, str):
                 return [v for v in value.split(",") if v]
@@ -533,3 +551,31 @@ def describe(sections: dict[str, type]) -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"  {name}.{f.name} (default {f.default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def profile_overrides(profile: dict[str, dict]) -> list[str]:
+    """``{section: {key: value}}`` -> ``["section.key=value", ...]`` (lists comma-separated)."""
+    def text(value) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    return [f"{section}.{key}={text(value)}" for section, values in profile.items() for key, value in values.items()]
+
+
+def read_kwargs(read: ReadConfig) -> dict:
+    """The validation arguments of a ReadConfig."""
+    return {
+        "query_field": read.query_field,
+        "passage_field": read.passage_field,
+        "text_field": read.text_field,
+        "id_field": read.id_field,
+        "max_chars": read.max_chars,
+        "too_long": read.too_long,
+    }
+
+
+def encoder_kwargs(encoder: EncoderConfig) -> dict:
+    return dataclasses.asdict(encoder)

@@ -3,82 +3,20 @@
 Passes: one counts the input's rows; one validates it into ``work/validated`` (parquet, in the
 staging folder: not the object store, which would not stay bounded at scale), from which one pass
 writes ``rejected/``, one counts truncations, and the last encodes and writes ``kept/``. Output ids
-are distinct (``pairmill.pairs.read_unique``: a later row with an earlier row's id is rejected as
+are distinct (``pairmill.groups.read_unique``: a later row with an earlier row's id is rejected as
 ``duplicate_id``), so the embeddings can be joined back to the input by id.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
-import numpy as np
-import pyarrow as pa
-
-from pairmill.config import EncoderConfig, RayConfig, ReadConfig
-from pairmill.pairs import REJECT_COLUMNS, Mode, count_input_rows, output_columns, write_validated
-
-
-def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, D) float32 -> arrow fixed_size_list<float32>[D], the on-disk embedding format."""
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-
-
-def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """arrow fixed_size_list<float32>[D] -> (N, D) float32."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-
-
-class EncodeBatch:
-    """``map_batches`` callable: one encoder per actor, loaded once.
-
-    Returns ``id`` and the embedding columns, or, with ``keep_columns``, the input batch with the
-    embedding columns appended. ``text_kind`` picks the prefix of a text column ("passage" when
-    the texts are a retrieval corpus).
-    """
-
-    def __init__(self, mode: Mode, encoder_kwargs: dict, keep_columns: bool = False, text_kind: str = "text"):
-        from pairmill.cluster import actor_threads
-        from pairmill.encoder import Encoder
-
-        self.mode = mode
-        self.keep_columns = keep_columns
-        self.text_kind = text_kind
-        self.encoder = Encoder(**encoder_kwargs, num_threads=actor_threads())
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.mode == "pairs":
-            queries = self.encoder.encode(batch.column("query").to_pylist(), "query")  # (B, D)
-            passages = self.encoder.encode(batch.column("passage").to_pylist(), "passage")  # (B, D)
-            columns = {"query_embedding": fixed_size_list(queries), "passage_embedding": fixed_size_list(passages)}
-        else:
-            texts = self.encoder.encode(batch.column("text").to_pylist(), self.text_kind)
-            columns = {"embedding": fixed_size_list(texts)}
-        if self.keep_columns:
-            for name, column in columns.items():
-                batch = batch.append_column(name, column)
-            return batch
-        return pa.table({"id": batch.column("id"), **columns})
-
-
-def read_kwargs(read: ReadConfig) -> dict:
-    """The validation arguments of a ReadConfig."""
-    return {
-        "query_field": read.query_field,
-        "passage_field": read.passage_field,
-        "text_field": read.text_field,
-        "id_field": read.id_field,
-        "max_chars": read.max_chars,
-        "too_long": read.too_long,
-    }
-
-
-def encoder_kwargs(encoder: EncoderConfig) -> dict:
-    return dataclasses.asdict(encoder)
+from pairmill.config import EncoderConfig, RayConfig, ReadConfig, encoder_kwargs, read_kwargs
+from pairmill.encoder import EncodeBatch
+from pairmill.output import format_summary
+from pairmill.pairs import REJECT_COLUMNS, Mode, output_columns
+from pairmill.read import count_input_rows
+from pairmill.groups import write_validated
 
 
 def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read: ReadConfig, ray: RayConfig) -> dict:
@@ -155,15 +93,3 @@ def main(args) -> int:
     stats = embed(args.input, args.output, mode=mode, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"])
     print(format_summary(stats, args.output))
     return 0
-
-
-def format_summary(stats: dict, out: str) -> str:
-    lines = [f"[pairmill] {out}: {stats['input_rows']} input rows -> {stats['kept']} kept"]
-    for part in ("dropped", "rejected"):
-        for reason, n in stats[part].items():
-            lines.append(f"    {part:<9} {reason:<20} {n}")
-    if stats.get("truncated"):
-        lines.append(f"    truncated (kept)    {stats['truncated']}")
-    for stage in stats["stages"]:
-        lines.append(f"    stage {stage['name']:<15} {stage['rows_in']} -> {stage['rows_out']} rows in {stage['seconds']:.1f}s")
-    return "\n".join(lines)

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pairmill.cluster import model_malloc
+from pairmill.vectors import fixed_size_list
 
 BUNDLED_MODEL_NAMES = ("", "bundled", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 Kind = Literal["query", "passage", "text"]
@@ -401,3 +403,35 @@ class Encoder:
             emb = self.model({k: v.to(self.device) for k, v in features.items()})["sentence_embedding"]  # (B, D)
             out[start : start + len(emb)] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
         return out
+
+
+class EncodeBatch:
+    """``map_batches`` callable: one encoder per actor, loaded once.
+
+    Returns ``id`` and the embedding columns, or, with ``keep_columns``, the input batch with the
+    embedding columns appended. ``text_kind`` picks the prefix of a text column ("passage" when
+    the texts are a retrieval corpus).
+    """
+
+    def __init__(self, mode: Literal["pairs", "text"], encoder_kwargs: dict, keep_columns: bool = False, text_kind: str = "text"):
+        from pairmill.cluster import actor_threads
+        from pairmill.encoder import Encoder
+
+        self.mode = mode
+        self.keep_columns = keep_columns
+        self.text_kind = text_kind
+        self.encoder = Encoder(**encoder_kwargs, num_threads=actor_threads())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.mode == "pairs":
+            queries = self.encoder.encode(batch.column("query").to_pylist(), "query")  # (B, D)
+            passages = self.encoder.encode(batch.column("passage").to_pylist(), "passage")  # (B, D)
+            columns = {"query_embedding": fixed_size_list(queries), "passage_embedding": fixed_size_list(passages)}
+        else:
+            texts = self.encoder.encode(batch.column("text").to_pylist(), self.text_kind)
+            columns = {"embedding": fixed_size_list(texts)}
+        if self.keep_columns:
+            for name, column in columns.items():
+                batch = batch.append_column(name, column)
+            return batch
+        return pa.table({"id": batch.column("id"), **columns})

@@ -21,31 +21,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pairmill.vectors import exact_search
+
 METRIC_KEYS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "alignment", "uniformity", "queries", "corpus")
 TOP_K = 100
+
+
+def missing_metric(value) -> bool:
+    """A metric that was not measured: None, or NaN (Ray's results hold either)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
-
-
-def search_exact(queries: np.ndarray, corpus: np.ndarray, k: int, query_batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k corpus rows by inner product: (scores (Q, k), ids (Q, k)); ties go to the smaller id."""
-    k = min(k, len(corpus))
-    all_ids = np.empty((len(queries), k), dtype=np.int64)
-    all_scores = np.empty((len(queries), k), dtype=np.float32)
-    for start in range(0, len(queries), query_batch):
-        scores = queries[start : start + query_batch] @ corpus.T  # (B, N)
-        if k < scores.shape[1]:
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (B, k), unordered
-        else:
-            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.lexsort((top, -top_scores), axis=1)  # by score desc, then id asc
-        all_ids[start : start + len(scores)] = np.take_along_axis(top, order, axis=1)
-        all_scores[start : start + len(scores)] = np.take_along_axis(top_scores, order, axis=1)
-    return all_scores, all_ids
 
 
 def ranking_metrics(ranked: Sequence[Sequence[int]], qrels: Sequence[dict[int, float]]) -> dict[str, float]:
@@ -130,7 +119,8 @@ def read_beir_jsonl(path: Path, kind: str) -> tuple[list[tuple[str, str]], dict]
     is not valid UTF-8 or JSON, has no ``_id`` or no text, or repeats an earlier ``_id`` is a counted
     rejection, never an exception. A document is "title text" (BEIR's dense retrieval), a null or
     absent title being none; a document with an empty text and a title is its title."""
-    from pairmill.pairs import DUPLICATE_ID, _row_id, decode_line, read_lines, validate_records
+    from pairmill.pairs import DUPLICATE_ID, _row_id, decode_line, validate_records
+    from pairmill.read import read_lines
 
     records, ids, reasons = [], [], []
     for raw in read_lines(path):
@@ -225,7 +215,7 @@ def evaluate_embeddings(
     """All metrics of ``task`` from its query (Q, D) and corpus (N, D) embeddings."""
     q, c = normalize_rows(query_emb), normalize_rows(corpus_emb)
     k = min(TOP_K + 1, len(c))  # one extra, in case an excluded id takes a slot
-    _, ids = search_exact(q, c, k, query_batch)
+    _, ids = exact_search(c, q, k, query_batch)
     ranked = [[int(d) for d in row if d != ex][:TOP_K] for row, ex in zip(ids, task.exclude)]
     metrics = ranking_metrics(ranked, task.qrels)
     qi, ci = np.array([p[0] for p in task.positives]), np.array([p[1] for p in task.positives])
@@ -271,7 +261,7 @@ def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = N
     Rows that are not valid are left out and counted per file in ``task.inputs`` (and printed)."""
     import pyarrow.compute as pc
 
-    from pairmill.pairs import load_parsed_local
+    from pairmill.read import load_parsed_local
 
     read_kwargs = dict(read_kwargs or {})
     if Path(data).is_dir() and (Path(data) / "corpus.jsonl").exists():
@@ -301,7 +291,7 @@ def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = N
 def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask, keep: dict | None = None) -> dict[str, float]:
     """Metrics of the model an EncoderConfig names on ``task``, with an EvalConfig's settings.
     ``keep``, when given, receives the embeddings by kind (``"query"`` (Q, D), ``"passage"`` (N, D))."""
-    from pairmill.embed import encoder_kwargs
+    from pairmill.config import encoder_kwargs
     from pairmill.encoder import Encoder
 
     encoder = Encoder(**encoder_kwargs(encoder_cfg))
@@ -321,7 +311,7 @@ def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask, keep: dict | None
 
 def main(args) -> int:
     """``pairmill eval --model M --data D [--corpus C] [--json OUT]``."""
-    from pairmill.embed import read_kwargs
+    from pairmill.config import read_kwargs
 
     cfg = args.config_sections
     encoder_cfg, eval_cfg = cfg["encoder"], cfg["eval"]

@@ -9,7 +9,7 @@ be a local or shared (NFS) filesystem that every Ray node writes to.
 Jobs that resume (``train``, ``tune``: their checkpoints are the work) stage in a folder with a
 fixed name, ``.OUT.partial``, which an interrupted run leaves behind and a rerun continues in.
 Every commit checks ``input_rows == kept + sum(dropped) + sum(rejected)``, where ``input_rows`` is
-counted from the input itself (``pairmill.pairs.count_input_rows``), not from the outputs.
+counted from the input itself (``pairmill.read.count_input_rows``), not from the outputs.
 """
 
 from __future__ import annotations
@@ -128,3 +128,16 @@ def count_by(folder: str | Path, column: str) -> dict[str, int]:
 
 def is_finished(folder: str | Path) -> bool:
     return (Path(folder) / "_SUCCESS").exists()
+
+
+def format_summary(stats: dict, out: str) -> str:
+    """The lines a job prints when it ends: rows in and out, by reason and stage."""
+    lines = [f"[pairmill] {out}: {stats['input_rows']} input rows -> {stats['kept']} kept"]
+    for part in ("dropped", "rejected"):
+        for reason, n in stats[part].items():
+            lines.append(f"    {part:<9} {reason:<20} {n}")
+    if stats.get("truncated"):
+        lines.append(f"    truncated (kept)    {stats['truncated']}")
+    for stage in stats["stages"]:
+        lines.append(f"    stage {stage['name']:<15} {stage['rows_in']} -> {stage['rows_out']} rows in {stage['seconds']:.1f}s")
+    return "\n".join(lines)

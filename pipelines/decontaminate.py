@@ -32,8 +32,8 @@ class EvalTexts:
 
 
 def load_eval_texts(paths: list[str], read_kwargs: dict, encoder=None) -> EvalTexts:
-    """Read eval pair files (any format ``pairs.read_parsed`` takes) and encode their texts with ``encoder``."""
-    from pairmill.pairs import load_parsed_local
+    """Read eval pair files (any format ``pairmill.read.read_parsed`` takes) and encode their texts with ``encoder``."""
+    from pairmill.read import load_parsed_local
 
     exact: dict[str, str] = {}
     queries: dict[str, str] = {}  # normalised text -> eval id, each text encoded once

@@ -4,7 +4,7 @@ Design note. Each parsed row gets a ``dedup_key``: a hash of the normalised quer
 valid row, and a per-row key for a rejected one (so rejects ride through the same shuffle and the
 input is read once). The job groups on a bucket of the key with Ray's hash shuffle
 (``groupby(dedup_bucket, num_partitions=P).map_groups(mark_exact_duplicates)``, a group holding
-many keys: see ``pairmill.pairs.GROUP_ROWS``): every copy of a pair meets in one group wherever it
+many keys: see ``pairmill.groups.GROUP_ROWS``): every copy of a pair meets in one group wherever it
 was in the input, and no set of keys is ever held on the driver. Within a
 group the copy with the smallest ``(id, origin)`` is kept (deterministic, independent of block
 order); the others get ``reason=exact_duplicate`` and ``dup_of`` = the kept id.
@@ -34,7 +34,7 @@ def dedup_key(query: str, passage: str) -> str:
 
 def add_dedup_key(batch: pa.Table, buckets: int | None = None) -> pa.Table:
     """Parsed rows -> the same rows plus ``dedup_key`` and an empty ``dup_of`` (and, with
-    ``buckets``, ``dedup_bucket``: what the job groups on, see ``pairmill.pairs.GROUP_ROWS``)."""
+    ``buckets``, ``dedup_bucket``: what the job groups on, see ``pairmill.groups.GROUP_ROWS``)."""
     keys = []
     for query, passage, reason, origin, raw in zip(
         *(batch.column(c).to_pylist() for c in ("query", "passage", "reason", "origin", "raw"))

@@ -10,7 +10,7 @@ machines: re-reading a parquet folder cost ~3 s of fixed overhead per read on 2 
 reading materialised blocks ~0.2 s. Each execution has a fixed cost, so stages are fused into as
 few as the barriers allow:
 1. read + validate -> ``groupby(dedup_bucket, num_partitions).map_groups`` (exact dedup: every copy
-   of a pair meets in one group; a group holds a bucket of keys, ``pairmill.pairs.GROUP_ROWS``) -> ``pairmill.pairs.unique_ids`` (a survivor whose id an earlier
+   of a pair meets in one group; a group holds a bucket of keys, ``pairmill.groups.GROUP_ROWS``) -> ``pairmill.groups.unique_ids`` (a survivor whose id an earlier
    row took is rejected as ``duplicate_id``; after exact dedup, so a copy of a pair is an
    ``exact_duplicate``, not a duplicate id) -> encode the survivors once (encoder actor pool) ->
    ``marked``. Every input row is in it: rejects, duplicates, and survivors with their embeddings.
@@ -42,21 +42,21 @@ import pyarrow.compute as pc
 
 from pairmill.cluster import LARGE_BYTES
 from pairmill.config import EncoderConfig, FilterConfig, RayConfig, ReadConfig
-from pairmill.embed import EncodeBatch, encoder_kwargs, format_summary, read_kwargs, to_matrix
-from pairmill.pairs import (
+from pairmill.encoder import EncodeBatch
+from pairmill.config import encoder_kwargs, read_kwargs
+from pairmill.output import format_summary
+from pairmill.vectors import to_matrix
+from pairmill.groups import (
     PARTITION_BYTES,
-    REJECT_COLUMNS,
-    REJECT_REASONS,
     add_id_bucket,
     bucket_count,
-    count_input_rows,
     default_partitions,
     ids_known_unique,
     mark_duplicate_ids,
-    output_columns,
-    read_parsed,
 )
-from pipelines.audit import audit_from_counts, corrupt_rows, rank_counts
+from pairmill.pairs import REJECT_COLUMNS, REJECT_REASONS, output_columns
+from pairmill.read import count_input_rows, read_parsed
+from pipelines.audit import audit_from_counts, calibrate_k, corrupt_rows, rank_counts
 from pipelines.consistency import INCONSISTENT, consistency_ranks, rank_depth
 from pipelines.decontaminate import CONTAMINATED, contamination
 from pipelines.dedup import EXACT_DUPLICATE, add_dedup_key, mark_exact_duplicates
@@ -90,7 +90,7 @@ def dedup_group(group: pa.Table) -> pa.Table:
 
 
 def id_group(group: pa.Table) -> pa.Table:
-    """``map_groups`` step: ``pairmill.pairs.mark_duplicate_ids``, timed."""
+    """``map_groups`` step: ``pairmill.groups.mark_duplicate_ids``, timed."""
     t0 = time.perf_counter()
     return with_seconds(mark_duplicate_ids(group), "t_ids", time.perf_counter() - t0)
 
@@ -130,6 +130,7 @@ class ScorePairs:
         *,
         search=None,
         k: int = 2,
+        near_eps: float = 0.0,
         eval_ref=None,
         decontaminate_eps: float = 0.0,
         centroids: np.ndarray | None = None,
@@ -142,6 +143,7 @@ class ScorePairs:
         self.search = search  # ShardedIndex.search (or any kernel): the pool stays in the index
         self.k = k
         self.depth = rank_depth(k)
+        self.near_eps = near_eps
         self.eval_texts = ray.get(eval_ref) if eval_ref is not None else None
         self.eps = decontaminate_eps
         self.centroids = centroids
@@ -161,7 +163,7 @@ class ScorePairs:
         audit_rows = None
         if self.search is not None:
             t0 = time.perf_counter()
-            rank = consistency_ranks(q, p, self.search, self.depth)
+            rank = consistency_ranks(q, p, self.search, self.depth, self.near_eps)
             ranks = pa.array(rank, pa.int32())
             reasons = [INCONSISTENT if r > self.k else reason for r, reason in zip(rank, reasons)]
             if self.audit:
@@ -198,7 +200,7 @@ class ScorePairs:
     def _audit_rows(self, batch: pa.Table, q: np.ndarray, p: np.ndarray) -> tuple[list[str], np.ndarray]:
         ids = batch.column("id").to_pylist()
         query_rows, passage_rows = corrupt_rows(ids, batch.column("passage").to_pylist(), self.audit, self.seed)
-        rank = consistency_ranks(q[query_rows], p[passage_rows], self.search, self.depth)
+        rank = consistency_ranks(q[query_rows], p[passage_rows], self.search, self.depth, self.near_eps)
         return [ids[i] for i in query_rows], rank
 
 
@@ -264,7 +266,7 @@ def embedded_dim(encoder: EncoderConfig) -> int:
 
 def pass_bytes(input_path: str, rows: int, dim: int) -> int:
     """What one pass's rows weigh: the input (gzip counted as 4x) plus two float32 vectors a row."""
-    from pairmill.pairs import detect_format
+    from pairmill.read import detect_format
 
     _, files = detect_format(input_path)
     paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
@@ -382,6 +384,7 @@ def filter_pairs(
     from pairmill.output import JobFolder, count_by, parquet_rows
 
     check_eval_files(options.decontaminate)
+    settings = options
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
     passes: dict[str, float] = {}
@@ -440,7 +443,14 @@ def filter_pairs(
         if options.consistency and unique:
             index, pool_rows, sample = build_pool(alive, unique, options, min(unique, options.kmeans_sample))
             print(f"[pairmill] filter: consistency pool of {pool_rows} passages in {len(index.shards)} index shard(s)")
-            stats_extra["consistency"] = {"k": options.k, "pool": pool_rows}
+            stats_extra["consistency"] = {"k": options.k, "pool": pool_rows, "near_copy_eps": options.near_copy_eps}
+            if options.k == "auto":
+                auto = calibrate_k(alive, unique, index.search, options)
+                options = dataclasses.replace(options, k=auto["k"])
+                stats_extra["consistency"].update(k=auto["k"], auto=auto)
+                share = auto["curve"][str(auto["k"])]
+                print(f"[pairmill] filter: k=auto chose k={auto['k']} on {auto['clean']} rows: {auto['rule']}; there it "
+                      f"removes {share['corrupted_removed']:.1%} of {auto['corrupted']} corrupted pairs, keeps {share['clean_kept']:.1%}")
         if options.semdedup and unique:
             if sample is None:
                 sample = kmeans_sample(alive, unique, options)
@@ -473,6 +483,7 @@ def filter_pairs(
                 fn_constructor_kwargs={
                     "search": index.search if index is not None else None,
                     "k": options.k,
+                    "near_eps": options.near_copy_eps,
                     "eval_ref": eval_ref,
                     "decontaminate_eps": options.decontaminate_eps,
                     "centroids": centroids,
@@ -531,7 +542,7 @@ def filter_pairs(
             stats["encoder"] = encoder_kwargs(encoder)
             stats["encoder_fingerprint"] = encoder.fingerprint()
         stats.update(stats_extra)
-        stats["filter"] = dataclasses.asdict(options)
+        stats["filter"] = dataclasses.asdict(settings)  # as configured (k may be "auto"; consistency.k is the k used)
         stats["passes"] = {name: round(s, 3) for name, s in passes.items()}
         stats["seconds"] = round(time.perf_counter() - started, 3)
         return job.commit(stats)

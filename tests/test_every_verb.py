@@ -100,7 +100,8 @@ def test_train_tune_and_run(ray_session, tiny_model, messy, tmp_path):
     check_counts(stats, messy["lines"], messy["bad"])
 
     assert main(["run", "-o", str(out / "run"), "--model", tiny_model, f"run.train={messy['path']}",
-                 f"eval.data={messy['heldout']}", "filter.k=10", "filter.decontaminate_eps=0", *ENC, *MINE, *SHORT_TRAIN]) == 0
+                 f"eval.data={messy['heldout']}", "filter.k=10", "filter.decontaminate_eps=0", "run.plain=true", *ENC, *MINE,
+                 *SHORT_TRAIN]) == 0
     filtered = job_stats(out / "run" / "filter")
     check_counts(filtered, messy["lines"], messy["bad"])
     assert filtered["kept"] >= 8  # a batch to train on (a random model's cosines are all alike: exact decontamination)
@@ -108,3 +109,8 @@ def test_train_tune_and_run(ray_session, tiny_model, messy, tmp_path):
         check_counts(job_stats(out / "run" / stage), filtered["kept"], [], duplicate_ids=None)
     report = json.loads((out / "run" / "report.json").read_text())
     assert report["trained"]["queries"] == 90 - GOOD_ROWS
+    # run.plain: the raw pairs, the chain's step budget, the same held-out evaluation, in report.md
+    plain = json.loads((out / "run" / "plain" / "report.json").read_text())
+    check_counts(job_stats(out / "run" / "plain" / "train"), messy["lines"], messy["bad"])
+    assert plain["steps"] == report["stages"]["train"]["train"]["steps"] and plain["plain"]["queries"] == 90 - GOOD_ROWS
+    assert "## Full chain vs plain in-batch training" in (out / "run" / "report.md").read_text()

@@ -40,11 +40,12 @@ import csv
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import time
 from pathlib import Path
+
+from pairmill.evaluate import missing_metric
 
 TRIALS = "trials"  # OUT/trials/<trial_id>: one train job folder per trial
 EXPERIMENT = "tune"  # OUT/tune: Ray Tune's experiment state (what a rerun restores)
@@ -65,11 +66,16 @@ def sample_overrides(config_path: str | None, pairs: str | None, overrides: list
     """The overrides `pairmill tune` loads its config with: the sample profile first (the user's
     settings win) when there is no --config file and PAIRS is the bundled sample."""
     from pairmill import sample
-    from pairmill.run import profile_overrides
+    from pairmill.config import profile_overrides
 
     if config_path is not None or (pairs and Path(pairs).expanduser().resolve() != sample.TRAIN.resolve()):
         return list(overrides)
     return profile_overrides(SAMPLE_PROFILE) + list(overrides)
+
+
+def cli_overrides(args, overrides: list[str]) -> list[str]:
+    """The CLI's hook (``pairmill.cli`` calls it before loading the config): ``sample_overrides``."""
+    return sample_overrides(args.config, args.input, overrides)
 
 
 class BadInput(ValueError):
@@ -193,7 +199,7 @@ class TrialRecord:
 
     def best(self, metric: str) -> dict | None:
         """The report with the highest metric (the earliest of equals)."""
-        scored = [h for h in self.history if not _is_nan(h.get(metric))]
+        scored = [h for h in self.history if not missing_metric(h.get(metric))]
         return max(scored, key=lambda h: h[metric]) if scored else None
 
 
@@ -208,7 +214,7 @@ def trial_records(grid, out: Path, metric: str, max_steps: int | None = None) ->
         history = []
         if frame is not None and metric in frame.columns:
             for row in frame.to_dict("records"):
-                if not _is_nan(row.get("step")):
+                if not missing_metric(row.get("step")):
                     history.append({"step": int(row["step"]), metric: row[metric],
                                     "checkpoint_path": row.get("checkpoint_path")})
         if result.error is not None:
@@ -229,10 +235,6 @@ def _trial_id_from_path(path: str | None) -> str:
     return match.group(1) if match else Path(path or "unknown").name
 
 
-def _is_nan(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def write_results_csv(records: list[TrialRecord], keys: list[str], metric: str, path: Path) -> None:
     columns = ["trial_id", "default", "status", *keys, metric, "best_step", f"last_{metric}", "steps", "error"]
     with open(path, "w", newline="") as f:
@@ -251,12 +253,12 @@ def write_results_csv(records: list[TrialRecord], keys: list[str], metric: str, 
 
 def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
     """The metric over steps, one line per trial; a trial ASHA stopped ends in an x."""
-    from pairmill.report import pyplot
+    from pairmill.plot import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(records):
-        points = [(h["step"], h[metric]) for h in r.history if not _is_nan(h.get(metric))]
+        points = [(h["step"], h[metric]) for h in r.history if not missing_metric(h.get(metric))]
         if not points:
             continue
         steps, values = zip(*points)
@@ -279,8 +281,8 @@ def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
 
 def count_input(pairs: str, read) -> tuple[int, dict[str, int]]:
     """(valid rows, {reject reason: rows}) of PAIRS, when no trial finished to tell."""
-    from pairmill.embed import read_kwargs
-    from pairmill.pairs import read_unique
+    from pairmill.config import read_kwargs
+    from pairmill.groups import read_unique
 
     rows = read_unique(pairs, "pairs", **read_kwargs(read)).select_columns(["reason"]).map_batches(
         _reason_counts, batch_format="pyarrow").take_all()
@@ -355,7 +357,8 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
-    from training.train import export_model, lora_settings
+    from training.model import export_model
+    from training.train import lora_settings
 
     started = time.perf_counter()
     tune_cfg, train_cfg, eval_cfg = sections["tune"], sections["train"], sections["eval"]
@@ -470,7 +473,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     # Input counts: the rows of PAIRS from the file itself; valid and rejected rows from a finished
     # trial's stats (every trial validated the same PAIRS), else counted here
     t0 = time.perf_counter()
-    from pairmill.pairs import count_input_rows
+    from pairmill.read import count_input_rows
 
     input_rows = count_input_rows(pairs)
     done = [out_dir / TRIALS / r.trial_id / "stats.json" for r in records]
@@ -510,7 +513,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
 
 
 def format_summary(stats: dict, out: str) -> str:
-    from pairmill.embed import format_summary as job_summary
+    from pairmill.output import format_summary as job_summary
 
     t = stats["tune"]
     metric, best, default = t["metric"], t["best"], t["default"]

@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mining.index import FLAT_MAX_MACS, IndexShard, ShardedIndex, as_matrix, default_index_spec, exact_search, merge_topk
+from mining.index import ShardedIndex
+from mining.shard import FLAT_MAX_MACS, IndexShard, default_index_spec, merge_topk
+from pairmill.vectors import exact_search, fixed_size_list, to_matrix
 
 DIM = 32
 NUM_CPUS = 0.5  # per shard: 3 shards leave Ray Data a CPU of the session's 4
@@ -73,13 +75,15 @@ def test_exact_search_matches_faiss_flat(corpus, queries):
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
 
 
-def test_as_matrix_accepts_object_and_2d_columns():
+def test_to_matrix_accepts_arrow_object_and_2d_columns():
     rows = [np.arange(3, dtype=np.float64), np.arange(3, 6, dtype=np.float64)]
     object_column = np.empty(2, dtype=object)
     object_column[:] = rows
-    for column in (object_column, np.stack(rows), rows):
-        matrix = as_matrix(column)
+    arrow = fixed_size_list(np.stack(rows))
+    for column in (object_column, np.stack(rows), rows, arrow, pa.chunked_array([arrow[:1], arrow[1:]])):
+        matrix = to_matrix(column)
         assert matrix.shape == (2, 3) and matrix.dtype == np.float32 and matrix.flags.c_contiguous
+        np.testing.assert_array_equal(matrix, np.stack(rows))
 
 
 def test_default_index_spec():
@@ -220,14 +224,14 @@ def test_a_shard_given_a_gpu_without_faiss_gpu_warns_and_says_so(monkeypatch):
     kind says so (mine's stats.json records each shard's device); the driver warns too."""
     import warnings
 
-    import mining.index as index_module
+    import mining.shard as shard_module
 
-    monkeypatch.setattr(index_module, "assigned_gpus", lambda: 1.0)
-    monkeypatch.setattr(index_module.faiss, "get_num_gpus", lambda: 0)
+    monkeypatch.setattr(shard_module, "assigned_gpus", lambda: 1.0)
+    monkeypatch.setattr(shard_module.faiss, "get_num_gpus", lambda: 0)
     with pytest.warns(UserWarning, match="faiss-gpu"):
         shard = IndexShard(8, "Flat")
     assert shard.kind()["device"] == "cpu" and "pairmill[gpu]" in shard.kind()["warning"]
-    monkeypatch.setattr(index_module, "assigned_gpus", lambda: 0.0)
+    monkeypatch.setattr(shard_module, "assigned_gpus", lambda: 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert IndexShard(8, "Flat").kind() == {"device": "cpu", "warning": None}

@@ -10,13 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mining.index import ShardedIndex, exact_search
+from mining.index import ShardedIndex
+from pairmill.vectors import exact_search
 from mining.mine import attach_positives, mine, mine_pairs, pad_random
 from pairmill.pairs import text_key
 from mining.negatives import positive_sets, select_negatives
 from pairmill.cli import main
 from pairmill.config import EncoderConfig, MineConfig, RayConfig, ReadConfig
-from pairmill.embed import fixed_size_list
+from pairmill.vectors import fixed_size_list
 from pairmill.encoder import Encoder
 from pairmill.pairs import normalize_text
 from tests.conftest import literal_pairs, write_jsonl
@@ -100,7 +101,8 @@ def test_mine_job_matches_a_plain_loop(ray_session, tiny_model, tmp_path):
 
 def test_mine_cli_reuses_embeddings_and_adds_an_extra_corpus(ray_session, tiny_model, tmp_path, capsys):
     """A job folder with embeddings of the same encoder is not encoded again; --corpus adds passages."""
-    from pairmill.embed import EncodeBatch, encoder_kwargs
+    from pairmill.encoder import EncodeBatch
+    from pairmill.config import encoder_kwargs
     from pairmill.output import JobFolder
 
     pairs = literal_pairs(30)
@@ -201,7 +203,7 @@ def test_pad_random_fills_short_rows_with_non_positives():
 def test_random_padding_is_asked_for_and_marked(ray_session, tmp_path):
     import ray
 
-    from pairmill.embed import to_matrix
+    from pairmill.vectors import to_matrix
 
     ds, keys, passages = _pairs_dataset(48, 16, np.random.default_rng(1))
     table = pa.concat_tables(ray.get(ds.to_arrow_refs()))

@@ -10,7 +10,8 @@ import yaml
 
 from pairmill.cli import VERBS
 from pairmill.config import SECTIONS, ConfigError, load_config
-from pairmill.run import SAMPLE_PROFILE, profile_overrides, sample_overrides
+from chain.run import SAMPLE_PROFILE, sample_overrides
+from pairmill.config import profile_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

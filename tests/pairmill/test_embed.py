@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pairmill.config import EncoderConfig, RayConfig, ReadConfig
-from pairmill.embed import embed, to_matrix
+from pairmill.embed import embed
+from pairmill.vectors import to_matrix
 from pairmill.encoder import Encoder
 from tests.conftest import literal_pairs
 from tests.pairmill.test_pairs import BAD_LINES

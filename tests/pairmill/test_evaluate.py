@@ -12,9 +12,9 @@ from pairmill.evaluate import (
     evaluate_embeddings,
     pairs_task,
     ranking_metrics,
-    search_exact,
     uniformity,
 )
+from pairmill.vectors import exact_search
 
 
 def _unit(deg):
@@ -52,16 +52,18 @@ def test_alignment_and_uniformity_by_hand():
     assert uniformity(np.array([[1, 0], [0, 1], [-1, 0]])) == pytest.approx(math.log((2 * math.exp(-4) + math.exp(-8)) / 3))
 
 
-def test_search_exact_matches_a_full_sort():
+def test_exact_search_matches_a_full_sort():
     rng = np.random.default_rng(0)
     corpus, queries = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
-    scores, ids = search_exact(queries, corpus, k=25, query_batch=7)
+    scores, ids = exact_search(corpus, queries, k=25, query_batch=7)
     full = queries @ corpus.T
     for i in range(len(queries)):
         expected = sorted(range(len(corpus)), key=lambda j: (-full[i, j], j))[:25]
         assert ids[i].tolist() == expected
         np.testing.assert_allclose(scores[i], full[i, expected], rtol=1e-6)
-    assert search_exact(queries, corpus[:5], k=25)[1].shape == (40, 5)  # k capped at the corpus
+    scores, ids = exact_search(corpus[:5], queries, k=25)  # fewer rows than k: padded, as FAISS pads
+    assert (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all() and sorted(ids[0, :5]) == list(range(5))
+    assert exact_search(corpus[:0], queries, k=3)[1].shape == (40, 3)
 
 
 def test_pairs_task_uses_text_equality_and_extra_corpus():

@@ -5,14 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pairmill.pairs import (
-    _split_lines,
-    decode_line,
-    load_parsed_local,
-    pair_id,
-    read_parsed,
-    validate_records,
-)
+from pairmill.read import _split_lines, load_parsed_local, read_parsed
+from pairmill.pairs import decode_line, pair_id, validate_records
 from tests.conftest import write_jsonl
 
 GOOD = {"query": "what is unix", "passage": "an operating system", "source": "t"}
@@ -162,7 +156,8 @@ def test_later_copies_of_an_id_are_rejected_on_ray(ray_session, tmp_path):
     rejected rows and rows with distinct ids pass through; every row stays counted."""
     import pyarrow.compute as pc
 
-    from pairmill.pairs import count_input_rows, read_unique
+    from pairmill.read import count_input_rows
+    from pairmill.groups import read_unique
 
     rows = [{"id": f"r{i}", "query": f"q{i}", "passage": f"p{i}"} for i in range(12)]
     rows[10] = {"id": "r9", "query": "other", "passage": "text"}  # line 11 repeats line 10's id

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 
 from pairmill.cli import main as cli
 from pairmill.config import EncoderConfig, FilterConfig, RayConfig, ReadConfig
-from pairmill.embed import to_matrix
+from pairmill.vectors import to_matrix
 from pairmill.encoder import Encoder
-from pairmill.pairs import load_parsed_local, normalize_text
+from pairmill.read import load_parsed_local
+from pairmill.pairs import normalize_text
 from pipelines.consistency import TIE_TOL, rank_depth
 from pipelines.filter import filter_pairs
 from tests.conftest import write_jsonl
@@ -45,7 +46,7 @@ def make_input(tmp_path):
     return src, write_jsonl(tmp_path / "eval.jsonl", EVAL)
 
 
-def plain_filter(src, eval_path, model, k=2, eps=0.01, decontaminate_eps=0.05):
+def plain_filter(src, eval_path, model, k=2, eps=0.01, decontaminate_eps=0.05, near_eps=0.05):
     """The whole filter as one loop over in-memory rows: {id: (reason, dup_of)} for every valid row."""
     rows = [r for r in load_parsed_local(src).to_pylist() if r["reason"] is None]
     keeper, out = {}, {}
@@ -71,7 +72,9 @@ def plain_filter(src, eval_path, model, k=2, eps=0.01, decontaminate_eps=0.05):
     ep = encoder.encode([e["passage"] for e in evals], "passage")
     alive = []
     for i, r in enumerate(unique):
-        rank = min(1 + int(((p @ q[i]) > float(q[i] @ p[i]) + TIE_TOL).sum()), rank_depth(k) + 1)
+        # A pool passage within cosine 1 - near_eps of the own passage does not count against it.
+        above = ((p @ q[i]) > float(q[i] @ p[i]) + TIE_TOL) & ((p @ p[i]) < 1 - near_eps)
+        rank = min(1 + int(above.sum()), rank_depth(k) + 1)
         hit = exact.get(normalize_text(r["query"])) or exact.get(normalize_text(r["passage"]))
         if hit is None and (eq @ q[i]).max() > 1 - decontaminate_eps:
             hit = evals[int((eq @ q[i]).argmax())]["id"]
@@ -139,6 +142,23 @@ def test_filter_job_accounts_for_every_row_and_matches_a_plain_loop(ray_session,
     audit = stats["audit"]
     assert audit["corrupted"] > 10 and audit["clean"] == stats["stages"][2]["rows_in"]
     assert audit["corrupted_removed"] > 0.8 and set(audit["curve"]) == {"1", "2", "5", "10"}
+
+
+def test_filter_k_auto_chooses_k_from_the_data_and_applies_it(ray_session, bow_model, tmp_path):
+    src = write_jsonl(tmp_path / "raw.jsonl", topical_pairs(300))
+    rc = cli(["filter", str(src), "-o", str(tmp_path / "out"), "--model", bow_model, "filter.semdedup=false",
+              "filter.k=auto", "filter.auto_removed=0.95"])
+    assert rc == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    auto = stats["consistency"]["auto"]
+    assert stats["filter"]["k"] == "auto" and stats["consistency"]["k"] == auto["k"]
+    removed = {int(k): share["corrupted_removed"] for k, share in auto["curve"].items()}
+    assert auto["k"] == max(k for k, share in removed.items() if share >= 0.95)  # the stated rule
+    assert auto["corrupted"] > 30 and auto["clean"] == 300
+    ranks = pq.read_table(tmp_path / "out" / "dropped").column("rank").to_pylist()
+    assert all(r > auto["k"] for r in ranks) and stats["kept"] == 300 - len(ranks)
+    # The sample was the whole input, scored against the same pool: the job keeps what it measured.
+    assert abs(stats["kept"] / 300 - auto["curve"][str(auto["k"])]["clean_kept"]) < 1e-3
 
 
 def test_filter_cli_without_embeddings_and_rerun(ray_session, bow_model, tmp_path, capsys):

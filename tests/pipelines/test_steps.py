@@ -5,9 +5,9 @@ import pyarrow as pa
 import pytest
 
 from pairmill.config import ConfigError, FilterConfig
-from pairmill.embed import fixed_size_list
+from pairmill.vectors import fixed_size_list
 from pairmill.pairs import normalize_text, validate_records
-from pipelines.audit import audit_summary, corrupt_rows
+from pipelines.audit import AUTO_FRACTION, AUTO_KS, audit_summary, calibrate_k, choose_k, corrupt_rows, rank_counts
 from pipelines.consistency import RANK_DEPTH, TIE_TOL, consistency_ranks, exact_pool_search
 from pipelines.decontaminate import EvalTexts, contamination
 from pipelines.dedup import add_dedup_key, mark_exact_duplicates
@@ -72,6 +72,48 @@ def test_consistency_ranks_match_a_naive_loop():
         ranks = consistency_ranks(queries, passages, exact_pool_search(pool), depth)
         assert ranks.tolist() == [naive_rank(q, p, pool, depth) for q, p in zip(queries, passages)]
     assert (ranks[:25] <= 2).mean() > 0.8 and (ranks[25:] > 2).mean() > 0.8
+
+
+def naive_rank_near(q, p, pool, depth, eps):
+    """naive_rank where a pool passage within cosine 1 - eps of the own passage does not count."""
+    own = float(q @ p)
+    return min(1 + sum(float(q @ x) > own + TIE_TOL and float(x @ p) < 1 - eps for x in pool), depth + 1)
+
+
+def test_near_copies_in_the_pool_do_not_count_and_corrupted_pairs_are_still_caught():
+    rng = np.random.default_rng(3)
+    queries = unit(rng, 60)
+    passages = jitter(rng, queries, 0.2)  # clean pairs: related, not identical
+    # A near-copy of each own passage, nudged towards its query: it outranks the own passage.
+    copies = passages + 0.15 * queries
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    assert ((copies * passages).sum(1) > 0.95).all() and ((copies * queries).sum(1) > (passages * queries).sum(1)).all()
+    pool = np.concatenate([unit(rng, 300), copies[:30], copies[:30]])  # two near-copies each for half the pairs
+    search = exact_pool_search(pool)
+    plain = consistency_ranks(queries, passages, search, 2)
+    near = consistency_ranks(queries, passages, search, RANK_DEPTH, near_eps=0.05)
+    assert (plain[:30] > 2).all()  # without the rule every pair with copies would be dropped at k=2
+    assert near.tolist() == [naive_rank_near(q, p, pool, RANK_DEPTH, 0.05) for q, p in zip(queries, passages)]
+    assert (near[:30] <= 2).mean() > 0.8  # the clean pair with near-copies is kept
+    # Corrupted: query a with passage b. Pair a's own passage (in the pool, not a near-copy of b's)
+    # still outranks the borrowed passage, so the pair is still removed.
+    pool2 = np.concatenate([pool, passages])
+    borrowed = np.roll(passages, 1, axis=0)
+    corrupted = consistency_ranks(queries, borrowed, exact_pool_search(pool2), RANK_DEPTH, near_eps=0.05)
+    assert (corrupted > 2).mean() > 0.9
+    assert corrupted.tolist() == [naive_rank_near(q, p, pool2, RANK_DEPTH, 0.05) for q, p in zip(queries, borrowed)]
+
+
+def test_more_near_copies_than_the_slack_leave_the_rank_below_the_depth():
+    from pipelines.consistency import NEAR_SLACK
+
+    rng = np.random.default_rng(5)
+    q = unit(rng, 1)
+    p = jitter(rng, q, 0.5)
+    better = q[0] + 0.05 * rng.standard_normal((NEAR_SLACK + RANK_DEPTH + 5, q.shape[1])).astype(np.float32)
+    better /= np.linalg.norm(better, axis=1, keepdims=True)  # all score above the own passage, none a copy of it
+    ranks = consistency_ranks(q, p, exact_pool_search(better), RANK_DEPTH, near_eps=0.05)
+    assert ranks.tolist() == [RANK_DEPTH + 1]
 
 
 # --- semantic dedup ---------------------------------------------------------------------------
@@ -206,6 +248,43 @@ def test_audit_summary_counts_shares_per_k():
     assert summary["curve"]["10"] == {"corrupted_removed": 0.5, "clean_kept": 1.0}
 
 
+def test_choose_k_takes_the_largest_k_that_still_removes_the_target_share():
+    depth = max(AUTO_KS)
+    clean = rank_counts(np.array([1] * 70 + [2] * 10 + [3] * 10 + [depth + 1] * 10), depth)
+    corrupted = rank_counts(np.array([2] * 1 + [4] * 1 + [30] * 1 + [depth + 1] * 97), depth)
+    choice = choose_k(clean, corrupted, 0.99)
+    assert choice["k"] == 3 and choice["met"]  # k=5 lets the rank-4 corrupted pair through too: 98% < 99%
+    assert choice["curve"]["1"] == {"corrupted_removed": 1.0, "clean_kept": 0.7}
+    assert choice["curve"]["3"] == {"corrupted_removed": 0.99, "clean_kept": 0.9}
+    assert choose_k(clean, corrupted, 0.995)["k"] == 1
+    assert choose_k(clean, corrupted, 0.98)["k"] == 20  # k=50 keeps the rank-30 one
+    assert choose_k(clean, corrupted, 0.97)["k"] == depth
+    hopeless = choose_k(clean, rank_counts(np.ones(50, int), depth), 0.99)
+    assert hopeless["k"] == 1 and not hopeless["met"]
+
+
+def test_calibrate_k_keeps_clean_data_nearly_whole_and_is_strict_on_a_small_pool(ray_session):
+    """The rule both ways on datasets of embedded pairs: with a pool large enough for the target the
+    lenient k keeps nearly every clean pair and still removes the corrupted ones; a small pool,
+    where a random passage easily ranks high, gets a strict k."""
+    import ray.data
+
+    def calibrate(n, target):
+        rng = np.random.default_rng(8)
+        q = unit(rng, n, d=32)
+        p = jitter(rng, q, 0.15)
+        table = pa.table({"id": [f"r{i}" for i in range(n)], "passage": [f"passage {i}" for i in range(n)],
+                          "query_embedding": fixed_size_list(q), "passage_embedding": fixed_size_list(p)})
+        options = FilterConfig(k="auto", auto_rows=n, auto_removed=target)
+        return calibrate_k(ray.data.from_arrow(table), n, exact_pool_search(p), options)
+
+    large = calibrate(1500, 0.97)
+    assert large["k"] == 20 and large["curve"]["20"]["clean_kept"] > 0.98 and large["curve"]["20"]["corrupted_removed"] >= 0.97
+    assert abs(large["corrupted"] - AUTO_FRACTION * 1500) < 0.05 * 1500 and large["clean"] == 1500
+    small = calibrate(150, 0.97)
+    assert small["k"] <= 3 and small["curve"][str(small["k"])]["corrupted_removed"] >= 0.97
+
+
 # --- the per-row scoring step, in memory ------------------------------------------------------
 
 
@@ -235,3 +314,8 @@ def test_filter_config_is_validated():
         FilterConfig(consistency=False, audit=0.2)
     with pytest.raises(ConfigError, match="filter.eps=0"):
         FilterConfig(eps=0)
+    with pytest.raises(ConfigError, match="filter.k=0"):
+        FilterConfig(k=0)
+    with pytest.raises(ConfigError, match="filter.k=auto chooses"):
+        FilterConfig(k="auto", consistency=False)
+    assert FilterConfig(k="auto").k == "auto"

@@ -14,7 +14,7 @@ from torch import nn
 
 from training import losses
 from training.losses import GradCache, InfoNCELoss, encode_by_length, length_groups, passage_ids
-from training.train import place_negatives
+from training.batches import place_negatives
 
 B, H, D = 6, 3, 8  # global batch: 6 pairs, 3 hard-negative slots, 8-dim embeddings
 WORLD = 2

@@ -10,7 +10,8 @@ import pytest
 
 from pairmill.config import ConfigError, EncoderConfig, EvalConfig, MineConfig, RayConfig, ReadConfig, TrainConfig, SECTIONS, load_config
 from tests.conftest import literal_pairs, write_jsonl
-from training.train import STEP_SLEEP_ENV, _refresh_config, train
+from training.rounds import refresh_config
+from training.train import STEP_SLEEP_ENV, train
 
 SELECTION = {"num_negatives": 2, "range_max": 10, "margin_ratio": None}
 
@@ -39,7 +40,7 @@ def test_refresh_reads_a_job_folders_kept_rows_and_live_index(ray_session, tmp_p
         (job / folder).mkdir(parents=True)
     (job / "index" / "shard-0.texts.parquet").write_bytes(b"")
     (job / "_SUCCESS").write_text("done")
-    cfg = _refresh_config(str(job), None, tmp_path / "out", None, EncoderConfig(), TrainConfig(refresh_every=5),
+    cfg = refresh_config(str(job), None, tmp_path / "out", None, EncoderConfig(), TrainConfig(refresh_every=5),
                           MineConfig(shard_cpus=2.0), None, train_gpus=0)
     assert cfg["pairs"] == str(job / "kept") and cfg["index_folder"] == str(job / "index")
     assert cfg["every"] == 5 and cfg["slices"] == 1 and cfg["mine_cfg"].shard_cpus == 0.25
@@ -48,7 +49,7 @@ def test_refresh_reads_a_job_folders_kept_rows_and_live_index(ray_session, tmp_p
     import ray
 
     rows = ray.data.from_items([{"id": "a", "query": "q", "passage": "p", "negatives": None}])
-    cfg = _refresh_config(str(tmp_path / "pairs.jsonl"), rows, tmp_path / "out", None, EncoderConfig(),
+    cfg = refresh_config(str(tmp_path / "pairs.jsonl"), rows, tmp_path / "out", None, EncoderConfig(),
                           TrainConfig(refresh_every=5), MineConfig(), 2, train_gpus=0)
     assert cfg["pairs"] == str(tmp_path / "out" / "refresh" / "pairs") and cfg["index_folder"] is None
     assert ray.data.read_parquet(cfg["pairs"]).take_all()[0]["id"] == "a" and cfg["pool"].size == 2
@@ -126,7 +127,7 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
 def test_a_round_that_would_land_after_the_last_step_is_not_started(tmp_path, monkeypatch):
     """The last round took 12 steps: one due at step 24 of 36 would finish at the end, unused."""
     import mining.refresh
-    from training.train import RefreshRounds
+    from training.rounds import RefreshRounds
 
     started = []
     monkeypatch.setattr(mining.refresh, "start_refresh", lambda *a, **k: started.append(a) or "ref")

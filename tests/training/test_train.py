@@ -14,18 +14,10 @@ import torch
 from pairmill.config import EncoderConfig, EvalConfig, ConfigError, RayConfig, ReadConfig, TrainConfig, load_config, SECTIONS
 from pairmill.pairs import text_key
 from tests.conftest import literal_pairs, write_jsonl
-from training.train import (
-    FAIL_AT_STEP_ENV,
-    _setup_model,
-    build_batch,
-    export_model,
-    hard_negatives,
-    load_trainable_state,
-    lr_lambda,
-    place_negatives,
-    steps_per_epoch,
-    train,
-)
+from training.batches import build_batch, hard_negatives, lr_lambda, place_negatives, steps_per_epoch
+from training.loop import FAIL_AT_STEP_ENV
+from training.model import export_model, load_trainable_state, setup_model
+from training.train import train
 
 # ----------------------------------------------------------------------------- in memory
 
@@ -119,11 +111,11 @@ def test_unmerged_lora_export_is_a_peft_adapter_that_loads_to_the_training_time_
     from peft.tuners.lora import LoraLayer
     from sentence_transformers import SentenceTransformer
 
-    from training.train import trainable_state
+    from training.model import trainable_state
 
     lora = {"rank": 4, "alpha": 8, "targets": []}
     torch.manual_seed(0)
-    trained = _setup_model(tiny_model, lora)
+    trained = setup_model(tiny_model, lora)
     with torch.no_grad():  # lora_B starts at zero (a no-op adapter): make the adapter change the model
         for name, p in trained.named_parameters():
             if "lora_" in name:
@@ -176,7 +168,7 @@ def run_train(data, out, tiny_model, **train_kw):
 
 
 def checkpoint_embeddings(checkpoint: Path, tiny_model: str, texts: list[str], lora=None) -> np.ndarray:
-    st = _setup_model(tiny_model, lora)
+    st = setup_model(tiny_model, lora)
     load_trainable_state(st, torch.load(checkpoint / "model.pt"))
     if lora:
         st[0].model = st[0].model.merge_and_unload()
@@ -290,11 +282,11 @@ def test_checkpoints_are_read_as_tensors_only(tiny_model, tmp_path, monkeypatch)
     torch the project allows (torch < 2.6 unpickled fully by default)."""
     import pickle
 
-    import training.train as train_module
+    import training.model as model_module
 
     calls = []
     real_load = torch.load
-    monkeypatch.setattr(train_module.torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    monkeypatch.setattr(model_module.torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
     marker = tmp_path / "code-ran"
     (tmp_path / "bad").mkdir()
     torch.save({"0.auto_model.embeddings.word_embeddings.weight": _RunsCode(str(marker))}, tmp_path / "bad" / "model.pt")

@@ -111,10 +111,10 @@ def test_asha_stops_a_trial_and_the_sweep_finishes_with_the_best_model(ray_sessi
 
     # best_model is the best report's checkpoint, exported as a sentence-transformers folder
     model = SentenceTransformer(str(out / "best_model"), device="cpu")
-    from training.train import _setup_model, load_trainable_state
+    from training.model import load_trainable_state, setup_model
     import torch
 
-    reference = _setup_model(tiny_model, None)
+    reference = setup_model(tiny_model, None)
     load_trainable_state(reference, torch.load(Path(t["best"]["checkpoint"]) / "model.pt"))
     texts = ["the data of a program", "memory and disk 3"]
     assert abs(model.encode(texts) - reference.encode(texts)).max() < 1e-6

@@ -6,6 +6,11 @@ negatives, reusing the filter's embeddings; the sharded index in ``OUT/mine/inde
 ``OUT/train`` (Ray Train; ``OUT/train/model``) -> the base and the trained model evaluated on the
 held-out split -> ``OUT/report.json``. Training never sees the held-out split: no checkpoint is
 chosen by it (the final one is exported), so the trained score is not selected on the test data.
+With ``run.plain=true`` the chain also trains the comparison it must win (``OUT/plain``): plain
+in-batch InfoNCE on the *raw* pairs (no filter, no mined negatives, no refresh) with the steps the
+chain trained and every other setting the chain's, evaluated on the same held-out split; report.md
+gains a "full chain vs plain" section. The raw pairs hold what decontamination removes from the
+chain's, a small advantage to the plain arm that the report states.
 
 Each stage's folder is reused on a rerun when it finished and its fingerprint (the stage's input
 and the config it reads) is unchanged, so a failed run resumes at the failed stage; ``--force``
@@ -13,7 +18,7 @@ redoes every stage. Fingerprints live in ``OUT/stages.json``.
 
 The base and trained models' held-out metrics (and a fixed sample of their held-out embeddings,
 for the report's 2-D projection) are a stage too, ``OUT/eval``. ``OUT/report.md`` (with
-``training_curve.png`` and ``projection.png``) is rendered from the folders by ``pairmill.report``.
+``training_curve.png`` and ``projection.png``) is rendered from the folders by ``chain.report``.
 
 Sizes. The generic defaults of each section serve ``pairmill filter/mine/train`` at any scale.
 ``pairmill run`` on the bundled sample with no ``--config`` uses ``SAMPLE_PROFILE`` instead, the
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from pairmill import sample
-from pairmill.config import changed_settings, config_to_dict
+from pairmill.config import changed_settings, config_to_dict, profile_overrides
 from pairmill.output import remove_job, resumable_staging
 
 # `pairmill run` with no --config on the bundled sample: these settings, under the user's key=value
@@ -52,24 +57,17 @@ SAMPLE_PROFILE: dict[str, dict] = {
 EVAL_SAMPLE_PAIRS = 300  # held-out pairs whose embeddings (base and trained) are kept for the report's projection
 
 
-def profile_overrides(profile: dict[str, dict]) -> list[str]:
-    """``{section: {key: value}}`` -> ``["section.key=value", ...]`` (lists comma-separated)."""
-    def text(value) -> str:
-        if value is None:
-            return "none"
-        if isinstance(value, (list, tuple)):
-            return ",".join(str(v) for v in value)
-        return str(value)
-
-    return [f"{section}.{key}={text(value)}" for section, values in profile.items() for key, value in values.items()]
-
-
 def sample_overrides(config_path: str | None, overrides: list[str]) -> list[str]:
     """The overrides `pairmill run` loads its config with: the sample profile first (the user's
     settings win) when there is no --config file and the pairs are the bundled sample."""
     if config_path is not None or any(o.split("=", 1)[0].strip() == "run.train" for o in overrides):
         return list(overrides)
     return profile_overrides(SAMPLE_PROFILE) + list(overrides)
+
+
+def cli_overrides(args, overrides: list[str]) -> list[str]:
+    """The CLI's hook (``pairmill.cli`` calls it before loading the config): ``sample_overrides``."""
+    return sample_overrides(args.config, overrides)
 
 
 def input_identity(path: str) -> list:
@@ -137,9 +135,10 @@ class Stages:
 def main(args) -> int:
     from mining.mine import format_summary as mine_summary
     from mining.mine import mine
-    from pairmill.embed import format_summary, read_kwargs
+    from pairmill.output import format_summary
+    from pairmill.config import read_kwargs
     from pairmill.evaluate import format_table
-    from pairmill.report import render_report
+    from chain.report import render_report
     from pipelines.filter import filter_pairs
     from training.train import format_summary as train_summary
     from training.train import train as train_model
@@ -204,10 +203,44 @@ def main(args) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    columns = {"base": base, "trained": trained}
+    if cfg["run"].plain:
+        plain = plain_stage(stages, cfg, train, heldout, train_key, train_stats["train"]["steps"])
+        columns["plain"] = plain["plain"]
     report_md = render_report(out)
-    print(format_table({"base": base, "trained": trained}))
+    print(format_table(columns))
     print(f"[pairmill] report: {report_md} and {out / 'report.json'} ({report['seconds']}s)")
     return 0
+
+
+def plain_stage(stages: Stages, cfg: dict, raw: str, heldout: str, train_key: str, steps: int) -> dict:
+    """The plain arm into ``OUT/plain`` (a stage: reused while the chain's training and the settings
+    are unchanged); returns ``OUT/plain/report.json``'s content, ``{"plain": metrics, "steps", "pairs", ...}``."""
+    from pairmill.config import read_kwargs
+    from training.train import train as train_model
+
+    train_cfg = dataclasses.replace(cfg["train"], hard_negatives=0, refresh_every=0, refresh_slices=1, max_steps=steps)
+    sections = config_to_dict({**cfg, "train": train_cfg})
+    key = fingerprint("plain", train_key, input_identity(raw), sections["train"], cfg["encoder"].fingerprint(),
+                      sections["read"], input_identity(heldout), sections["eval"])
+    print(f"[pairmill] run: plain arm on {raw}: {steps} steps, in-batch negatives only, no refresh")
+
+    def job(folder: str) -> dict:
+        started = time.perf_counter()
+        os.makedirs(folder, exist_ok=True)
+        train_stats = train_model(raw, str(Path(folder) / "train"), encoder=cfg["encoder"], read=cfg["read"],
+                                  train_cfg=train_cfg, eval_cfg=dataclasses.replace(cfg["eval"], data=None), ray=cfg["ray"])
+        plain_encoder = dataclasses.replace(cfg["encoder"], model=str(Path(folder) / "train" / "model"))
+        scores = evaluate_stage(heldout, str(Path(folder) / "eval"), {"plain": plain_encoder}, cfg["eval"],
+                                read_kwargs(cfg["read"]))
+        result = {"plain": scores["plain"], "steps": train_stats["train"]["steps"], "pairs": train_stats["kept"],
+                  "train_seconds": train_stats["seconds"], "seconds": round(time.perf_counter() - started, 1)}
+        for name in ("report.json", "stats.json"):
+            (Path(folder) / name).write_text(json.dumps(result, indent=2))
+        (Path(folder) / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return result
+
+    return stages.run("plain", key, job, {"train": sections["train"]})
 
 
 def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwargs: dict) -> dict:

@@ -8,7 +8,7 @@ them, so a report can be re-rendered (``render_report(OUT)``) without running an
     OUT/eval/embeddings.npz    held-out query and positive-passage embeddings of a fixed sample,
                                base and trained (run.py's eval stage)
     OUT/plain/report.json      optional: plain in-batch training on the raw pairs with the same step
-                               budget, evaluated the same way (benchmarks/run.py)
+                               budget, evaluated the same way (``run.plain=true``)
  -> OUT/report.md, OUT/training_curve.png, OUT/projection.png
 
 The projection is UMAP when ``umap`` is importable, else PCA (scikit-learn); each model's sample is
@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from pairmill.plot import pyplot
 
 METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "alignment", "uniformity")
 LOWER_IS_BETTER = {"alignment", "uniformity"}
@@ -63,16 +65,6 @@ def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
 
 # ----------------------------------------------------------------------------- plots
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (the report and tune's trials.png write files only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_curve(curve: list[dict], path: Path) -> None:
@@ -205,7 +197,7 @@ def format_report(report: dict, curve: list[dict], plain: dict | None, projectio
             f"Plain: `training.train.train` on the raw pairs ({plain.get('pairs', '?')} pairs: no filter, no mined "
             f"negatives, no refresh; they still hold any pair decontamination removes from the chain's), `train.hard_negatives=0`, `train.refresh_every=0`, the other train settings and "
             f"the step budget ({plain.get('steps', '?')} steps) the same; {_num(plain.get('seconds'), 1)} s. "
-            "Made by `python benchmarks/run.py`.",
+            "Made by `pairmill run run.plain=true`.",
         ]
     lines += ["", "## Counts per stage", "",
               "| stage | input rows | kept | dropped (by reason) | rejected (by reason) | seconds |", "|---|---|---|---|---|---|"]
@@ -228,6 +220,12 @@ def format_report(report: dict, curve: list[dict], plain: dict | None, projectio
             "", "| k | corrupted removed | clean kept |", "|---|---|---|",
         ]
         lines += [f"| {k} | {_num(v['corrupted_removed'], 3)} | {_num(v['clean_kept'], 3)} |" for k, v in audit["curve"].items()]
+    auto = stages["filter"].get("consistency", {}).get("auto")
+    if auto:
+        share = auto["curve"][str(auto["k"])]
+        lines += ["", f"filter.k=auto chose **k={auto['k']}**: {auto['rule']}, measured before filtering on {auto['clean']} "
+                  f"pairs and {auto['corrupted']} corrupted ones (there: {_num(share['corrupted_removed'], 3)} removed, "
+                  f"{_num(share['clean_kept'], 3)} of the clean kept)."]
     neg = stages["mine"].get("negatives", {})
     if neg:
         lines += [

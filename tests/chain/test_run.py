@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from pairmill.report import render_report
-from pairmill.run import Stages, fingerprint, input_identity
+from chain.report import render_report
+from chain.run import Stages, fingerprint, input_identity
 
 
 def _job(calls: list):
@@ -158,7 +158,7 @@ def test_report_md_and_plots_are_rendered_from_the_stage_outputs(tmp_path):
     assert "plain" not in text  # no plain arm yet
     assert _is_png(tmp_path / "training_curve.png") and _is_png(tmp_path / "projection.png")
 
-    # benchmarks/run.py's plain arm, when present, adds a column and the verdict, honestly either way
+    # run.plain's arm, when present, adds a column and the verdict, honestly either way
     (tmp_path / "plain").mkdir()
     plain = {"plain": _metrics(0.60, 0.9), "steps": 6, "pairs": 100, "seconds": 20.0}
     (tmp_path / "plain" / "report.json").write_text(json.dumps(plain))
@@ -183,7 +183,7 @@ def test_report_needs_a_finished_run(tmp_path):
 def test_eval_stage_scores_each_model_and_keeps_a_sample_of_embeddings(tiny_model, tmp_path):
     from pairmill.config import EncoderConfig, EvalConfig
     from pairmill.evaluate import evaluate_model, load_task
-    from pairmill.run import evaluate_stage
+    from chain.run import evaluate_stage
     from tests.conftest import literal_pairs, write_jsonl
 
     heldout = write_jsonl(tmp_path / "heldout.jsonl", literal_pairs(30))

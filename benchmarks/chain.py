@@ -1,0 +1,252 @@
+"""The E5 chain against plain training on noisy web-like pairs (package registry), equal steps.
+
+    HF_HUB_OFFLINE=1 python benchmarks/chain.py ../shared/data/pypi_summaries.tsv.gz -o chain-out \
+        [--pairs 20000] [--heldout 2000] [--steps 100] [--seeds 0 1 2] [--arms plain filtered ...]
+
+One seed of the five arms takes about 25 minutes on 2 CPUs at the defaults (filter and mine once
+more, ~10 minutes, on the first run).
+
+Data (built once into OUT/data, nothing committed): the registry's (package name -> summary)
+pairs made as ``scripts/make_registry_pairs.py`` makes them. A held-out split is drawn by package
+name first and cleaned of the obvious junk, so it measures retrieval rather than noise: a held-out
+summary is unique in the whole registry (no template copies), has 4-60 words and matches none of
+``JUNK``. The training input is a seeded random ``--pairs`` of the *other* names, raw: empty
+summaries, templates, copies and all. The bundled sample's held-out split (FOLDOC/Jargon) is the
+out-of-domain check.
+
+Arms (the bundled model, ``--steps`` optimizer steps of batch ``train.batch_size`` each, one run
+per seed; the seed changes the batch order, dropout and the refresh rounds' timing):
+
+1. ``plain``: in-batch InfoNCE on the raw pairs (``pairmill train RAW``; pair IO still rejects
+   invalid rows, nothing else is removed);
+2. ``filtered``: the same on ``pairmill filter RAW`` with the default settings (k=2);
+3. ``mined``: filtered + ``pairmill mine`` (one hard negative per pair);
+4. ``refresh``: mined + ANCE refresh rounds every ``--refresh-every`` steps;
+5. ``web``: ``configs/web.yaml``'s settings, which choose the filter's k from the data (k=auto),
+   then mined + refreshed as arm 4 (the same ``--refresh-every``): it differs from arm 4 in the filter.
+
+Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
+is every finished arm: the benchmark resumes where it stopped. Each arm writes
+``OUT/seed<S>/<arm>/result.json``; ``OUT/chain.json`` and the printed table hold every seed, the
+mean and the spread (max - min) per arm, the pairs each arm drew from, the filter's reasons and
+the negatives' statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("plain", "filtered", "mined", "refresh", "web")
+JUNK = re.compile(
+    r"\b(todo|tbd|lorem|ipsum|placeholder|short description|description here|add a description|"
+    r"example package|sample package|test package|my first|hello world|no description|test project)\b",
+    re.IGNORECASE,
+)
+
+
+def clean_summary(summary: str) -> bool:
+    words = summary.split()
+    return 4 <= len(words) <= 60 and not JUNK.search(summary)
+
+
+def build_data(tsv: str, folder: Path, pairs: int, heldout: int, seed: int) -> dict:
+    """OUT/data/{train_raw.jsonl.gz, heldout.jsonl.gz, data.json}; reused when data.json matches."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_registry_pairs import query_of, read_rows
+
+    from pairmill.pairs import normalize_text
+
+    want = {"tsv": str(Path(tsv).resolve()), "pairs": pairs, "heldout": heldout, "seed": seed}
+    info_path = folder / "data.json"
+    if info_path.exists() and {k: v for k, v in json.loads(info_path.read_text()).items() if k in want} == want:
+        return json.loads(info_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(read_rows(tsv))
+    copies: dict[str, int] = {}
+    for _, summary in rows:
+        key = normalize_text(summary)
+        copies[key] = copies.get(key, 0) + 1
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    held, held_names = [], set()
+    for i in order:
+        name, summary = rows[i]
+        if copies[normalize_text(summary)] == 1 and clean_summary(summary):
+            held.append(i)
+            held_names.add(name)
+            if len(held) == heldout:
+                break
+    rest = [i for i in order if rows[i][0] not in held_names]
+    train = sorted(rest[:pairs])
+
+    def write(path: Path, indices: list[int]) -> None:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            for i in indices:
+                name, summary = rows[i]
+                f.write(json.dumps({"id": name, "query": query_of(name), "passage": summary, "source": "pypi"}) + "\n")
+
+    write(folder / "train_raw.jsonl.gz", train)
+    write(folder / "heldout.jsonl.gz", held)
+    templated = sum(copies[normalize_text(rows[i][1])] > 1 for i in train)
+    empty = sum(not rows[i][1].strip() for i in train)
+    info = {**want, "registry_rows": len(rows), "train_rows": len(train), "heldout_rows": len(held),
+            "train_empty_summaries": empty, "train_summaries_shared_with_other_names": templated}
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def cli(*args: str) -> None:
+    from pairmill.cli import main as pairmill
+
+    print(f"[chain] pairmill {' '.join(args)}", flush=True)
+    rc = pairmill(list(args))
+    if rc:
+        raise SystemExit(f"pairmill {args[0]} exited with {rc}")
+
+
+def web_settings(*sections: str) -> list[str]:
+    """configs/web.yaml's values of those sections as key=value overrides (each verb takes only its own sections)."""
+    import yaml
+
+    profile = yaml.safe_load((ROOT / "configs" / "web.yaml").read_text())
+    return [f"{name}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+            for name in sections for key, value in profile.get(name, {}).items()]
+
+
+def finished(folder: Path) -> bool:
+    return (folder / "_SUCCESS").exists()
+
+
+def evaluate(model: str | None, tasks: dict) -> dict:
+    """Held-out metrics per task of a model folder (None: the bundled model)."""
+    from pairmill.config import EncoderConfig, EvalConfig
+    from pairmill.evaluate import evaluate_model
+
+    return {name: evaluate_model(EncoderConfig(model=model), EvalConfig(), task) for name, task in tasks.items()}
+
+
+def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> dict:
+    folder = out / f"seed{seed}" / arm
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    common = [f"train.max_steps={args.steps}", f"train.seed={seed}", *args.overrides]
+    settings = {
+        "plain": [inputs["raw"], "train.hard_negatives=0", "train.refresh_every=0"],
+        "filtered": [str(out / "filter"), "train.hard_negatives=0", "train.refresh_every=0"],
+        "mined": [str(out / "mine"), "train.hard_negatives=1", "train.refresh_every=0"],
+        "refresh": [str(out / "mine"), "train.hard_negatives=1", f"train.refresh_every={args.refresh_every}"],
+        "web": [str(out / "web-mine"), *web_settings("train"), f"train.refresh_every={args.refresh_every}"],
+    }[arm]
+    started = time.perf_counter()
+    cli("train", settings[0], "-o", str(folder / "train"), *settings[1:], *common)
+    train_stats = json.loads((folder / "train" / "stats.json").read_text())
+    metrics = evaluate(str(folder / "train" / "model"), tasks)
+    result = {"arm": arm, "seed": seed, "metrics": metrics, "steps": train_stats["train"]["steps"],
+              "pairs": train_stats["kept"], "refresh": train_stats["train"].get("refresh"),
+              "seconds": round(time.perf_counter() - started, 1)}
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summarise(results: list[dict], base: dict, out: Path, jobs: dict) -> dict:
+    import numpy as np
+
+    table = {}
+    for arm in ARMS:
+        mine = [r for r in results if r["arm"] == arm]
+        if not mine:
+            continue
+        row = {"seeds": [r["seed"] for r in mine], "pairs": mine[0]["pairs"], "steps": mine[0]["steps"]}
+        for task in base:
+            for metric in ("ndcg@10", "recall@10", "alignment", "uniformity"):
+                values = np.array([r["metrics"][task][metric] for r in mine])
+                row[f"{task} {metric}"] = {"mean": round(float(values.mean()), 4), "spread": round(float(np.ptp(values)), 4),
+                                           "values": [round(float(v), 4) for v in values]}
+        table[arm] = row
+    summary = {"base": base, "arms": table, "jobs": jobs}
+    (out / "chain.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    tasks = list(summary["base"])
+    print(f"{'arm':<10} {'pairs':>6} {'steps':>5}  " + "  ".join(f"{t + ' nDCG@10 (mean ± spread)':>34}" for t in tasks))
+    print(f"{'base':<10} {'':>6} {'':>5}  " + "  ".join(f"{summary['base'][t]['ndcg@10']:>34.4f}" for t in tasks))
+    for arm, row in summary["arms"].items():
+        cells = []
+        for t in tasks:
+            m = row[f"{t} ndcg@10"]
+            cells.append(f"{m['mean']:.4f} ± {m['spread'] / 2:.4f} ({len(m['values'])} seeds)".rjust(34))
+        print(f"{arm:<10} {row['pairs']:>6} {row['steps']:>5}  " + "  ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("tsv", help="name<TAB>summary registry file, e.g. ../shared/data/pypi_summaries.tsv.gz")
+    parser.add_argument("-o", "--output", default="chain-out")
+    parser.add_argument("--pairs", type=int, default=20_000, help="raw training pairs drawn from the registry")
+    parser.add_argument("--heldout", type=int, default=2_000, help="held-out pairs (clean, by package name)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every arm")
+    parser.add_argument("--refresh-every", type=int, default=40, help="refresh rounds of the refresh and web arms")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="train settings for every arm, e.g. train.batch_size=64")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from pairmill import sample
+    from pairmill.evaluate import load_task
+
+    out = Path(args.output).resolve()
+    data = build_data(args.tsv, out / "data", args.pairs, args.heldout, args.data_seed)
+    print(f"[chain] data: {json.dumps(data)}", flush=True)
+    raw = str(out / "data" / "train_raw.jsonl.gz")
+    jobs = {}
+    if set(args.arms) & {"filtered", "mined", "refresh"}:
+        if not finished(out / "filter"):
+            cli("filter", raw, "-o", str(out / "filter"), "--audit", "0.1")
+        if set(args.arms) & {"mined", "refresh"} and not finished(out / "mine"):
+            cli("mine", str(out / "filter"), "-o", str(out / "mine"))
+    if "web" in args.arms:
+        if not finished(out / "web-filter"):
+            cli("filter", raw, "-o", str(out / "web-filter"), *web_settings("encoder", "read", "filter"))
+        if not finished(out / "web-mine"):
+            cli("mine", str(out / "web-filter"), "-o", str(out / "web-mine"), *web_settings("encoder", "read", "mine"))
+    for name in ("filter", "mine", "web-filter", "web-mine"):
+        if finished(out / name):
+            stats = json.loads((out / name / "stats.json").read_text())
+            jobs[name] = {key: stats.get(key) for key in ("input_rows", "kept", "dropped", "rejected", "consistency",
+                                                          "audit", "negatives", "seconds")}
+    tasks = {"registry": load_task(str(out / "data" / "heldout.jsonl.gz")), "bundled": load_task(str(sample.HELDOUT))}
+    base_path = out / "base.json"
+    if not base_path.exists():
+        base_path.write_text(json.dumps(evaluate(None, tasks), indent=2))
+    base = json.loads(base_path.read_text())
+    for seed in args.seeds:
+        for arm in args.arms:
+            run_arm(arm, seed, out, {"raw": raw}, args, tasks)
+            summarise(finished_arms(out), base, out, jobs)
+    print_table(summarise(finished_arms(out), base, out, jobs))
+    return 0
+
+
+def finished_arms(out: Path) -> list[dict]:
+    """Every arm and seed finished in OUT so far, this run's and earlier runs' (a run may do a few)."""
+    return [json.loads(p.read_text()) for p in sorted(out.glob("seed*/*/result.json"))]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+    sys.exit(main())

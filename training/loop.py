@@ -1,0 +1,277 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs (see ``training.train`` for the
+design: data position, checkpoints, evaluation, refresh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mining.refresh import current_negatives
+from training.batches import build_batch, lr_lambda, place_negatives
+from training.losses import GradCache, InfoNCELoss, encode_by_length
+from training.model import (
+    embed_features,
+    evaluate_on_rank0,
+    freeze_unused,
+    make_tokenize,
+    restore_checkpoint,
+    save_checkpoint,
+    save_live_model,
+    setup_model,
+    setup_optimizer,
+    to_device,
+)
+from training.rounds import RefreshRounds, say
+
+FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank raises once at this step
+# train.length_group_overhead when empty, on CPU: tokens one extra forward is worth. 64-128 were
+# fastest on the sample (benchmarks/length_groups.py: 1.13-1.14x one padded forward per side, 256:
+# 1.12x, 384: 1.09x). Elsewhere length grouping (and GradCache's length-sorted chunks) is off: on an
+# H100 (MiniLM shapes, bf16, batches 32-1024) every split was 2-30x slower than one padded forward
+# (36 ms -> 160-360 ms at batch 32), though it cut tokens by 20-55%; not yet understood (widths
+# rounded up to a multiple of 8 helped only a little).
+LENGTH_GROUP_OVERHEAD_CPU = 128
+# The score of a checkpoint reported without an evaluation (Ray ranks every checkpoint by ndcg@10).
+# NaN served until a worker failed: Ray 2.60's checkpoint manager keeps its state as JSON, which
+# turns NaN into null, and then multiplies null by the score order (_get_checkpoint_score), so the
+# controller crashed instead of restarting the workers. nDCG lies in [0, 1]: -1 ranks below every
+# evaluated checkpoint and survives JSON.
+UNEVALUATED = -1.0
+
+
+def train_loop_per_worker(cfg: dict) -> dict:
+    import contextlib
+
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from pairmill.cluster import model_malloc
+
+    model_malloc()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray CPUs are logical slots: use this worker's share of the node's cores
+        share = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+        # ... less one when refresh rounds encode beside the steps: with every core taken, torch's
+        # threads wait on each other at every op (measured: steps 10x slower while a round ran, 2 cores)
+        torch.set_num_threads(max(1, share - 1) if cfg["refresh"] else share)
+    # bf16 autocast on GPU (the loss itself runs in fp32), plain fp32 on CPU
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    torch.manual_seed(cfg["seed"])  # same LoRA init on every rank
+    st = setup_model(cfg["model"], cfg["lora"], device)
+    tokenize = make_tokenize(st)
+    # The model's own limit wins: a 128-position model given max_length 256 indexes past its embeddings.
+    query_max = min(cfg["query_max_length"], st.max_seq_length or cfg["query_max_length"])
+    passage_max = min(cfg["passage_max_length"], st.max_seq_length or cfg["passage_max_length"])
+    st.train()
+    frozen = freeze_unused(st, tokenize, device)
+    optimizer = setup_optimizer(st, cfg["lr"], cfg["weight_decay"])
+    total = cfg["total_steps"]
+    warmup = int(cfg["warmup_ratio"] * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total, cfg["schedule"]))
+    state = restore_checkpoint(ray.train.get_checkpoint(), st, optimizer, scheduler)
+    refresh = cfg["refresh"]
+    store = refresh["store"] if refresh else None  # pair id -> refreshed negatives; every rank reads it
+    rounds = None
+    if refresh and rank == 0:
+        rounds = RefreshRounds(refresh, lambda folder: save_live_model(st, folder, model=cfg["model"], lora=cfg["lora"]))
+        rounds.restore(state.get("refresh"))
+    start_step = step = state["step"]
+    epoch, skip, pairs = state["epoch"], state["step_in_epoch"], state["pairs"]
+    torch.manual_seed(cfg["seed"] + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
+    if rank == 0:
+        _truncate_metrics(Path(cfg["metrics_path"]), start_step)
+        say(f"[pairmill] train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
+             f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
+    # Embedding buffers (position ids) are constants, so DDP need not broadcast them every forward;
+    # that also lets ranks run different numbers of forwards (ragged hard negatives, GradCache chunks).
+    model = ray.train.torch.prepare_model(st, parallel_strategy_kwargs={"broadcast_buffers": False})
+    loss_fn = InfoNCELoss(cfg["temperature"], cfg["symmetric"])
+    encode = lambda m, features: embed_features(m, features, autocast)  # noqa: E731
+    by_length = device.type == "cpu"  # measured faster on CPU, slower on GPU (LENGTH_GROUP_OVERHEAD_CPU)
+    from pairmill.encoder import is_static
+
+    if cfg["mini_batch_size"] and is_static(st):
+        raise ValueError("train.mini_batch_size (GradCache) splits a padded batch by rows; a static-embedding model's "
+                         "input is not one. Leave train.mini_batch_size empty: a static model's step is cheap anyway")
+    grad_cache = GradCache(model, cfg["mini_batch_size"], encode, by_length=by_length) if cfg["mini_batch_size"] else None
+    overhead = cfg["length_group_overhead"]
+    if overhead is None:
+        overhead = LENGTH_GROUP_OVERHEAD_CPU if by_length else 0
+    task = ray.get(cfg["eval_task"]) if cfg["eval_task"] is not None and rank == 0 else None
+    trainable = [p for p in st.parameters() if p.requires_grad]
+    shard = ray.train.get_dataset_shard("train")
+
+    loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+    cpu_last = time.process_time()  # this worker's CPU seconds: a load-independent cost next to the wall time
+    stale_sum, stale_rows, fresh_rows = 0, 0, 0  # since the last log line: staleness of the negatives used
+    while step < total:
+        batches = shard.iter_batches(
+            batch_size=cfg["per_worker_batch"], batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=cfg["seed"] * 1000 + epoch,
+        )
+        for i, table in enumerate(batches):
+            if i < skip:  # resume: these batches were trained on before the checkpoint
+                continue
+            if cfg["step_sleep"] and rounds is not None and rounds.inflight is not None:
+                time.sleep(cfg["step_sleep"])
+            t_step = time.perf_counter()
+            columns = {c: table.column(c).to_pylist() for c in table.column_names}
+            # The store's refreshed negatives win over the batch's own (mined at step 0 by the mine job)
+            columns["negatives"], columns["negative_ids"], mined_at = current_negatives(
+                columns["id"], columns["negatives"], columns.get("negative_ids") or [None] * len(columns["id"]), store)
+            stale_sum += sum(step - s for s in mined_at)
+            stale_rows += len(mined_at)
+            fresh_rows += sum(s > 0 for s in mined_at)
+            batch = build_batch(
+                columns,
+                hard_negative_count=cfg["hard_negatives"], query_prefix=cfg["query_prefix"],
+                passage_prefix=cfg["passage_prefix"],
+            )
+            q_features = to_device(tokenize(batch.queries, query_max), device)
+            p_features = to_device(tokenize(batch.passages, passage_max), device)
+            n_features = to_device(tokenize(batch.negatives, passage_max), device) if batch.negatives else None
+            mask, pos_ids, neg_ids = batch.negative_mask.to(device), batch.positive_ids.to(device), batch.negative_ids.to(device)
+
+            def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
+                # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
+                negatives = place_negatives(n_flat, mask, q)
+                return loss_fn(q, p, negatives, mask, pos_ids, neg_ids)
+
+            groups = [q_features, p_features] + ([n_features] if n_features is not None else [])
+            optimizer.zero_grad(set_to_none=True)
+            if grad_cache is not None:
+                loss = grad_cache.forward_backward(groups, loss_of)
+            else:
+                loss = loss_of(*[encode_by_length(model, g, overhead, encode) for g in groups])
+                loss.backward()
+            if cfg["max_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            skip = 0
+            pairs += cfg["global_batch"]
+            loss_sum += loss.item()
+            loss_steps += 1
+
+            last = step >= total
+            if rounds is not None:
+                rounds.step_seconds += time.perf_counter() - t_step  # compute only: no data wait, eval or checkpoint
+                rounds.steps_timed += 1
+                rounds.poll(step)
+                if rounds.due(step, last):
+                    rounds.start(step, total)  # saves the model, starts the round, returns: training goes on
+            do_eval = task is not None and (last or (cfg["eval_every"] and step % cfg["eval_every"] == 0))
+            do_checkpoint = last or step % cfg["checkpoint_every"] == 0
+            do_report = do_checkpoint or (cfg["eval_every"] and step % cfg["eval_every"] == 0)
+            if step % cfg["log_every"] == 0 or do_report:
+                elapsed = time.perf_counter() - t_last
+                metrics = {
+                    "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                    "loss": _mean_over_ranks(loss_sum / max(1, loss_steps), device, world),
+                    "pairs_per_s": round((step - steps_last) * cfg["global_batch"] / max(elapsed, 1e-9), 2),
+                    "seconds": round(elapsed, 4),  # wall time of the steps since the last line (data wait included)
+                    "cpu_seconds": round(time.process_time() - cpu_last, 4),  # this worker process, all its threads
+                    "pairs": pairs,
+                }
+                if refresh:
+                    stale, rows, fresh = _sum_over_ranks([stale_sum, stale_rows, fresh_rows], device, world)
+                    metrics["negative_staleness"] = round(stale / max(1, rows), 3)  # steps behind, mean over pairs
+                    metrics["refreshed_pairs_used"] = int(fresh)
+                    stale_sum, stale_rows, fresh_rows = 0, 0, 0
+                    if rounds is not None:
+                        rounds.staleness_sum += stale
+                        rounds.staleness_rows += rows
+                        rounds.refreshed_used += fresh
+                        metrics.update(rounds.metrics())
+                loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
+                cpu_last = time.process_time()
+                if rank == 0:
+                    say(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
+                         f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
+            if rank == 0 and step % cfg["log_every"] == 0 and not do_report:  # a report step's line is written below
+                _append_metrics(Path(cfg["metrics_path"]), metrics)
+            if do_report:
+                if do_eval:
+                    t0 = time.perf_counter()
+                    metrics.update(evaluate_on_rank0(st, tokenize, task, cfg, device, autocast))
+                    metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+                    say(f"[pairmill] train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
+                         f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
+                reported = dict(metrics)
+                if cfg["eval_task"] is not None and "ndcg@10" not in reported:
+                    reported["ndcg@10"] = UNEVALUATED  # ranks below every evaluated checkpoint
+                if rank == 0:
+                    _append_metrics(Path(cfg["metrics_path"]), metrics)
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if do_checkpoint and rank == 0:
+                        state = {"step": step, "epoch": epoch + (i + 1 == cfg["steps_per_epoch"]),
+                                 "step_in_epoch": 0 if i + 1 == cfg["steps_per_epoch"] else i + 1, "pairs": pairs}
+                        if rounds is not None:
+                            state["refresh"] = rounds.state()
+                        save_checkpoint(Path(tmp), st, optimizer, scheduler, state)
+                        checkpoint = Checkpoint.from_directory(tmp)
+                    ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}" if do_checkpoint else None)
+            if cfg["fail_at_step"] == step and start_step == 0 and rank == world - 1:
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: test hook, this worker fails once")
+            if last:
+                break
+        if step < total:
+            epoch += 1
+    if rounds is not None:
+        rounds.close(step)
+    return {"step": step, "start_step": start_step, "epoch": epoch, "pairs": pairs,
+            "refresh": rounds.summary() if rounds is not None else None}
+
+
+def _mean_over_ranks(value: float, device, world: int) -> float:
+    if world == 1:
+        return round(value, 6)
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return round(float(t) / world, 6)
+
+
+def _sum_over_ranks(values: list[float], device, world: int) -> list[float]:
+    if world == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _append_metrics(path: Path, metrics: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines up to the checkpoint we resume from: later ones are reported again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def negative_counts(batch):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.list_value_length(batch.column("negatives")), 0)
+    return pa.table({"has_negatives": pc.cast(pc.greater(lengths, 0), pa.int64())})

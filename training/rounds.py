@@ -1,0 +1,195 @@
+"""ANCE refresh rounds during training (rank 0): when to start one, on what, and what they did.
+The rounds themselves run in ``mining.refresh``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
+# of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
+REFRESH_ACTOR_CPUS = 0.5
+REFRESH_SHARD_CPUS = 0.25
+
+
+def say(message: str) -> None:
+    """A progress line from a Train worker, shown once on the driver. Ray Train V2 patches ``print``
+    in its workers to send a line both to the worker's stdout and to a logger with a console
+    handler, so every ``print`` there reached the driver twice (Ray 2.60); writing to the process's
+    own stdout skips the patch (Ray's log monitor still forwards it)."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
+class RefreshRounds:
+    """Rank 0's bookkeeping of ANCE refresh rounds (``mining.refresh``). Every ``every`` steps it
+    saves the live model and starts a round as a Ray task; it never waits for one: at most one
+    round is in flight, a due round finds the previous one still running is skipped (counted),
+    and a finished round is noticed by a zero-timeout ``ray.wait`` at the next step. Its counters
+    travel in the checkpoint's state.json, so a resumed run continues the slice rotation."""
+
+    def __init__(self, cfg: dict, save_model):
+        self.cfg = cfg
+        self.folder = Path(cfg["folder"])
+        self.save_model = save_model  # folder -> the live model saved there as a ST folder
+        self.inflight: dict | None = None  # {"ref", "step", "t0", "save_seconds"}
+        self.started = self.skipped = self.late_skipped = 0
+        self.finished: list[dict] = []
+        self.staleness_sum = self.staleness_rows = self.refreshed_used = 0.0
+        self.step_seconds = self.steps_timed = 0.0
+        self.cancelled: dict | None = None
+
+    def state(self) -> dict:
+        keys = ("started", "skipped", "late_skipped", "finished", "staleness_sum", "staleness_rows", "refreshed_used",
+                "step_seconds", "steps_timed")
+        return {k: getattr(self, k) for k in keys}
+
+    def restore(self, state: dict | None) -> None:
+        for k, v in (state or {}).items():
+            setattr(self, k, v)
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.cfg["every"] == 0 and not last  # a round started at the end could never be used
+
+    def start(self, step: int, total: int) -> None:
+        from mining.refresh import start_refresh
+
+        if self.inflight is not None:  # one round at a time: this one is skipped, training goes on
+            self.skipped += 1
+            self.inflight["skipped"] += 1
+            return
+        if self.finished and step + self.finished[-1]["steps_trained_meanwhile"] >= total:
+            # the last round took that many steps: this one would land after the last step and its
+            # negatives could never be used, while it slows every step left (measured on 2 CPUs: 6 s
+            # -> 10 s a step while a round ran)
+            self.skipped += 1
+            self.late_skipped += 1
+            say(f"[pairmill] train: refresh round due at step {step} skipped: the last one took "
+                 f"{self.finished[-1]['steps_trained_meanwhile']} steps, so it would land after step {total}")
+            return
+        t0 = time.perf_counter()
+        out = self.folder / f"step-{step}"
+        model = self.save_model(out / "model")
+        save_seconds = time.perf_counter() - t0
+        slices = self.cfg["slices"]
+        ref = start_refresh(
+            str(model), step, pairs=self.cfg["pairs"], index_folder=self.cfg["index_folder"], out=str(out),
+            encoder_kwargs=self.cfg["encoder_kwargs"], mine_cfg=self.cfg["mine_cfg"],
+            slice_=(self.started % slices, slices), store=self.cfg["store"], pool=self.cfg["pool"],
+        )
+        self.inflight = {"ref": ref, "step": step, "t0": time.perf_counter(), "save_seconds": save_seconds, "skipped": 0}
+        self.started += 1
+        say(f"[pairmill] train: refresh round {self.started} started at step {step} "
+             f"(slice {(self.started - 1) % slices + 1}/{slices}; model saved in {save_seconds:.1f}s)")
+
+    def poll(self, step: int) -> dict | None:
+        """The round's record when it finished since the last poll, else None. A failed round raises."""
+        import ray
+
+        if self.inflight is None or not ray.wait([self.inflight["ref"]], timeout=0)[0]:
+            return None
+        round_, self.inflight = self.inflight, None
+        try:
+            stats = ray.get(round_["ref"])
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(f"the negative refresh round started at step {round_['step']} failed: {e}") from e
+        record = {**stats, "finished_by_step": step, "steps_trained_meanwhile": step - round_["step"],
+                  "rounds_skipped_meanwhile": round_["skipped"], "wall_seconds": round(time.perf_counter() - round_["t0"], 3),
+                  "save_seconds": round(round_["save_seconds"], 3)}
+        self.finished.append(record)
+        with open(self.folder / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for older in self.finished[:-1]:  # the newest finished round holds the live index; older ones are spent
+            shutil.rmtree(self.folder / f"step-{older['step']}", ignore_errors=True)
+        say(f"[pairmill] train: refresh round of step {record['step']} finished at step {step}: "
+             f"{record['refreshed']} pairs re-mined in {record['seconds']:.1f}s ({record['rounds_skipped_meanwhile']} due "
+             "round(s) skipped meanwhile)")
+        return record
+
+    def metrics(self) -> dict:
+        out = {"refresh_rounds_started": self.started, "refresh_rounds_finished": len(self.finished),
+               "refresh_rounds_skipped": self.skipped}
+        if self.finished:
+            last = self.finished[-1]
+            out.update({"refresh_last_step": last["step"], "refresh_last_seconds": last["seconds"],
+                        "refresh_last_pairs": last["refreshed"]})
+        return out
+
+    def close(self, step: int) -> None:
+        """End of training: a round still running could never be used, so it is cancelled, not awaited."""
+        import ray
+
+        if self.inflight is None or self.poll(step) is not None:
+            return
+        ray.cancel(self.inflight["ref"], force=True)  # kills its worker; the round's actors go with it
+        self.cancelled = {"step": self.inflight["step"], "action": "cancelled", "at_step": step}
+        say(f"[pairmill] train: refresh round of step {self.inflight['step']} cancelled at the end of training")
+        self.inflight = None
+
+    def summary(self) -> dict:
+        rounds = self.finished
+        per_round = sum(r["seconds"] for r in rounds) / len(rounds) if rounds else None
+        per_step = self.step_seconds / self.steps_timed if self.steps_timed else None
+        return {
+            "every": self.cfg["every"],
+            "slices": self.cfg["slices"],
+            "rounds_started": self.started,
+            "rounds_finished": len(rounds),
+            "rounds_skipped": self.skipped,
+            "rounds_skipped_as_too_late": self.late_skipped,  # of rounds_skipped: would have landed after the last step
+            "unfinished_at_end": self.cancelled,  # {"action": "cancelled", ...} or None
+            "mean_staleness": round(self.staleness_sum / self.staleness_rows, 3) if self.staleness_rows else None,
+            "refreshed_pairs_used": int(self.refreshed_used),
+            "seconds_per_round": round(per_round, 3) if per_round is not None else None,
+            "seconds_per_step": round(per_step, 4) if per_step is not None else None,
+            "round_cost_in_steps": round(per_round / per_step, 1) if per_round and per_step else None,
+            "model_save_seconds_per_round": round(sum(r["save_seconds"] for r in rounds) / len(rounds), 3) if rounds else None,
+            "rounds": rounds,
+        }
+
+
+def refresh_config(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> dict:
+    """What a refresh round needs, sized to run beside the Train workers without taking the CPUs or
+    GPUs they and the data ingest need (RAY_NOTES: small-machine deadlock)."""
+    import dataclasses
+
+    import ray
+
+    from pairmill.cluster import PoolSize
+    from pairmill.config import encoder_kwargs
+
+    source = Path(pairs_path)
+    folder = out_dir / "refresh"
+    if (source / "_SUCCESS").exists() and (source / "kept").is_dir():
+        pairs = source / "kept"  # a job folder's rows are already validated, with the same ids
+    else:
+        pairs = folder / "pairs"
+        shutil.rmtree(pairs, ignore_errors=True)
+        valid.write_parquet(str(pairs))
+    index = source / "index"
+    index_folder = str(index) if any(index.glob("*.texts.parquet")) else None  # else: the pairs' own passages
+    free_gpus = int(ray.cluster_resources().get("GPU", 0)) - train_gpus
+    if free_gpus >= 1:
+        pool = PoolSize(size=min(actors or 1, free_gpus), num_cpus=1, num_gpus=1)
+    else:
+        if train_gpus:
+            print("[pairmill] train: the Train workers hold every GPU; refresh rounds encode on CPU")
+        pool = PoolSize(size=actors or 1, num_cpus=REFRESH_ACTOR_CPUS, num_gpus=0)
+    if mine_cfg.shard_gpus:
+        print(f"[pairmill] train: mine.shard_gpus={mine_cfg.shard_gpus} has no effect on refresh rounds (CPU shards beside training)")
+    return {
+        "every": train_cfg.refresh_every,
+        "slices": train_cfg.refresh_slices,
+        "folder": str(folder),
+        "store": store,
+        "pairs": str(pairs),
+        "index_folder": index_folder,
+        "encoder_kwargs": {**encoder_kwargs(encoder), **({} if pool.num_gpus else {"device": "cpu"})},
+        "mine_cfg": dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus or REFRESH_SHARD_CPUS, REFRESH_SHARD_CPUS),
+                                        shard_gpus=0.0),
+        "pool": pool,
+    }
