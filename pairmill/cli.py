@@ -18,7 +18,7 @@ VERBS = {
     "train": ("training.train", ("encoder", "read", "train", "eval", "mine", "ray"), "pairs (with or without negatives) -> a trained model in OUT/model"),
     "tune": ("tune.tune", ("tune", "encoder", "read", "train", "eval", "mine", "ray"),
              "many train runs (Ray Tune, ASHA) -> OUT/best_model + results.csv; the defaults are the first trial"),
-    "run": ("chain.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+    "run": ("pairmill.chain.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
     "distill": ("pairmill.distill", ("encoder", "distill"),
                 "a static-embedding model (model2vec) from --model: ~100x faster to encode on CPUs, for filtering at scale"),
 }

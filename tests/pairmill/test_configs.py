@@ -10,7 +10,7 @@ import yaml
 
 from pairmill.cli import VERBS
 from pairmill.config import SECTIONS, ConfigError, load_config
-from chain.run import SAMPLE_PROFILE, sample_overrides
+from pairmill.chain.run import SAMPLE_PROFILE, sample_overrides
 from pairmill.config import profile_overrides
 
 ROOT = Path(__file__).resolve().parents[2]

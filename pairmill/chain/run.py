@@ -18,7 +18,7 @@ redoes every stage. Fingerprints live in ``OUT/stages.json``.
 
 The base and trained models' held-out metrics (and a fixed sample of their held-out embeddings,
 for the report's 2-D projection) are a stage too, ``OUT/eval``. ``OUT/report.md`` (with
-``training_curve.png`` and ``projection.png``) is rendered from the folders by ``chain.report``.
+``training_curve.png`` and ``projection.png``) is rendered from the folders by ``pairmill.chain.report``.
 
 Sizes. The generic defaults of each section serve ``pairmill filter/mine/train`` at any scale.
 ``pairmill run`` on the bundled sample with no ``--config`` uses ``SAMPLE_PROFILE`` instead, the
@@ -138,7 +138,7 @@ def main(args) -> int:
     from pairmill.output import format_summary
     from pairmill.config import read_kwargs
     from pairmill.evaluate import format_table
-    from chain.report import render_report
+    from pairmill.chain.report import render_report
     from pipelines.filter import filter_pairs
     from training.train import format_summary as train_summary
     from training.train import train as train_model

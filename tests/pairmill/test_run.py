@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from chain.report import render_report
-from chain.run import Stages, fingerprint, input_identity
+from pairmill.chain.report import render_report
+from pairmill.chain.run import Stages, fingerprint, input_identity
 
 
 def _job(calls: list):
@@ -183,7 +183,7 @@ def test_report_needs_a_finished_run(tmp_path):
 def test_eval_stage_scores_each_model_and_keeps_a_sample_of_embeddings(tiny_model, tmp_path):
     from pairmill.config import EncoderConfig, EvalConfig
     from pairmill.evaluate import evaluate_model, load_task
-    from chain.run import evaluate_stage
+    from pairmill.chain.run import evaluate_stage
     from tests.conftest import literal_pairs, write_jsonl
 
     heldout = write_jsonl(tmp_path / "heldout.jsonl", literal_pairs(30))
