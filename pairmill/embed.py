@@ -14,9 +14,9 @@ import time
 from pairmill.config import EncoderConfig, RayConfig, ReadConfig, encoder_kwargs, read_kwargs
 from pairmill.encoder import EncodeBatch
 from pairmill.output import format_summary
+from pairmill.groups import write_validated
 from pairmill.pairs import REJECT_COLUMNS, Mode, output_columns
 from pairmill.read import count_input_rows
-from pairmill.groups import write_validated
 
 
 def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read: ReadConfig, ray: RayConfig) -> dict:
