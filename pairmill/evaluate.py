@@ -27,11 +27,6 @@ METRIC_KEYS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "alig
 TOP_K = 100
 
 
-def missing_metric(value) -> bool:
-    """A metric that was not measured: None, or NaN (Ray's results hold either)."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)

@@ -136,7 +136,7 @@ def _row_id(given: Any) -> tuple[str | None, str | None]:
     (None, None) when it is absent, null, NaN or "" (the caller hashes the texts instead);
     (None, "bad_id") for any other value (a float such as 1e999, a boolean, a list, an object),
     and for an integer too long to print (Python refuses more than 4,300 digits)."""
-    if _is_missing(given) or given == "":
+    if is_missing(given) or given == "":
         return None, None
     if isinstance(given, str):
         return (None, "invalid_unicode") if _has_surrogate(given) else (given, None)
@@ -148,14 +148,15 @@ def _row_id(given: Any) -> tuple[str | None, str | None]:
     return None, "bad_id"
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
+    """None or NaN: an absent id or text in a row, a metric Ray's results left unmeasured."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _check_text(value: Any, missing_reason: str, max_chars: int, too_long: str) -> tuple[str | None, str | None, bool]:
     """(text, reason, truncated) for one text field. NUL and other control characters inside a
     text are kept (they are the input's); a text made only of them is ``empty_text``."""
-    if _is_missing(value):
+    if is_missing(value):
         return None, missing_reason, False
     if not isinstance(value, str):
         return None, "wrong_type", False
@@ -171,7 +172,7 @@ def _check_text(value: Any, missing_reason: str, max_chars: int, too_long: str) 
 
 
 def _check_negatives(value: Any, max_chars: int) -> tuple[list[str] | None, str | None]:
-    if _is_missing(value):
+    if is_missing(value):
         return None, None
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -185,7 +186,7 @@ def _check_negatives(value: Any, max_chars: int) -> tuple[list[str] | None, str 
 def _source(value: Any) -> str | None:
     """The optional ``source`` as a string: kept when it is one, written as JSON when it is another
     value (a number, a list), so the information is not lost."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return encodable(text)

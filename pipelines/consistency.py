@@ -47,9 +47,14 @@ def own_rank(queries: np.ndarray, passages: np.ndarray, pool_scores: np.ndarray)
     queries, passages: (B, D) normalised; pool_scores: (B, depth) top pool scores per query,
     -inf where the pool had fewer rows. Ranks beyond the depth come out as depth + 1.
     """
-    own = np.einsum("bd,bd->b", queries, passages)  # (B,)
-    above = pool_scores > (own[:, None] + TIE_TOL)  # (B, depth)
+    _, above = scores_above_own(queries, passages, pool_scores)
     return (1 + above.sum(axis=1)).astype(np.int32)
+
+
+def scores_above_own(queries: np.ndarray, passages: np.ndarray, pool_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(own scores (B,), which pool scores (B, depth) beat them beyond TIE_TOL)."""
+    own = np.einsum("bd,bd->b", queries, passages)  # (B,)
+    return own, pool_scores > (own[:, None] + TIE_TOL)
 
 
 def consistency_ranks(
@@ -64,8 +69,7 @@ def consistency_ranks(
         scores, _ = search(queries, depth)  # (B, depth)
         return own_rank(queries, passages, scores)
     scores, ids = search(queries, depth + NEAR_SLACK)  # (B, depth + slack)
-    own = np.einsum("bd,bd->b", queries, passages)  # (B,)
-    above = scores > (own[:, None] + TIE_TOL)  # (B, depth + slack)
+    own, above = scores_above_own(queries, passages, scores)  # (B,), (B, depth + slack)
     moved = np.flatnonzero(above.any(axis=1))
     if len(moved):
         p_scores, p_ids = search(np.ascontiguousarray(passages[moved], dtype=np.float32), depth + NEAR_SLACK)

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from mining.refresh import NegativeStore
-from pairmill.evaluate import missing_metric
+from pairmill.pairs import is_missing
 from training.batches import steps_per_epoch
 from training.loop import (
     FAIL_AT_STEP_ENV,
@@ -330,7 +330,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         },
         "refresh": (result.return_value or {}).get("refresh"),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items()
-                          if not missing_metric(v) and not (k == "ndcg@10" and v == UNEVALUATED)},
+                          if not is_missing(v) and not (k == "ndcg@10" and v == UNEVALUATED)},
         "best_checkpoint": best,
         "base_model": resolve_model(encoder.model),
         "lora": lora_settings(train_cfg),
@@ -342,7 +342,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
 
 def _score(metrics: dict) -> float:
     value = metrics.get("ndcg@10")
-    return float("-inf") if missing_metric(value) or value == UNEVALUATED else value
+    return float("-inf") if is_missing(value) or value == UNEVALUATED else value
 
 
 def format_summary(stats: dict, out: str) -> str:

@@ -45,7 +45,7 @@ import re
 import time
 from pathlib import Path
 
-from pairmill.evaluate import missing_metric
+from pairmill.pairs import is_missing
 
 TRIALS = "trials"  # OUT/trials/<trial_id>: one train job folder per trial
 EXPERIMENT = "tune"  # OUT/tune: Ray Tune's experiment state (what a rerun restores)
@@ -199,7 +199,7 @@ class TrialRecord:
 
     def best(self, metric: str) -> dict | None:
         """The report with the highest metric (the earliest of equals)."""
-        scored = [h for h in self.history if not missing_metric(h.get(metric))]
+        scored = [h for h in self.history if not is_missing(h.get(metric))]
         return max(scored, key=lambda h: h[metric]) if scored else None
 
 
@@ -214,7 +214,7 @@ def trial_records(grid, out: Path, metric: str, max_steps: int | None = None) ->
         history = []
         if frame is not None and metric in frame.columns:
             for row in frame.to_dict("records"):
-                if not missing_metric(row.get("step")):
+                if not is_missing(row.get("step")):
                     history.append({"step": int(row["step"]), metric: row[metric],
                                     "checkpoint_path": row.get("checkpoint_path")})
         if result.error is not None:
@@ -258,7 +258,7 @@ def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(records):
-        points = [(h["step"], h[metric]) for h in r.history if not missing_metric(h.get(metric))]
+        points = [(h["step"], h[metric]) for h in r.history if not is_missing(h.get(metric))]
         if not points:
             continue
         steps, values = zip(*points)
