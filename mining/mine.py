@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from mining.negatives import select_negatives
-from pairmill.config import INLINE_POSITIVES
+from pairmill.config import INLINE_POSITIVES, MineConfig
 from pairmill.groups import bucket_count, key_buckets
 from pairmill.pairs import text_key
 
@@ -165,7 +165,7 @@ def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> 
     return ids, padded
 
 
-def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = "none",
+def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = MineConfig.pad,
                store: PositiveStore | None = None) -> pa.Table:
     """``map_batches`` step: search the index for a batch of pairs and choose their negatives."""
     from pairmill.vectors import to_matrix
@@ -235,8 +235,8 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
     return out
 
 
-def mine_pairs(pairs, index, selection: dict, *, batch_size: int = 1024, keep: list[str] | None = None,
-               pad: str = "none", store: PositiveStore | None = None):
+def mine_pairs(pairs, index, selection: dict, *, batch_size: int = MineConfig.query_batch, keep: list[str] | None = None,
+               pad: str = MineConfig.pad, store: PositiveStore | None = None):
     """Ray Dataset of pairs (with embeddings, ``query_key`` and ``positive_keys``) -> the same pairs
     with ``MINED_COLUMNS``.
     ``store`` holds the positives of rows whose ``positive_keys`` is null (see ``attach_positives``)."""

@@ -20,6 +20,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from pairmill.config import MineConfig
+
 
 @dataclass
 class Selection:
@@ -39,13 +41,13 @@ def select_negatives(
     positive_scores: np.ndarray,
     positives: Sequence[set[int]],
     *,
-    num_negatives: int = 4,
-    range_min: int = 0,
-    range_max: int = 30,
-    margin_ratio: float | None = 0.95,
-    max_score: float | None = None,
-    sampling: Literal["top", "random"] = "top",
-    seed: int = 0,
+    num_negatives: int = MineConfig.num_negatives,
+    range_min: int = MineConfig.range_min,
+    range_max: int = MineConfig.range_max,
+    margin_ratio: float | None = MineConfig.margin_ratio,
+    max_score: float | None = MineConfig.max_score,
+    sampling: Literal["top", "random"] = MineConfig.sampling,
+    seed: int = MineConfig.seed,
 ) -> Selection:
     """Choose ``num_negatives`` per query from ranked candidates ``cand_ids`` / ``cand_scores`` (Q, K)."""
     if not 0 <= range_min < range_max:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
+from typing import get_origin, get_type_hints
 
 from pairmill.config import SECTIONS, ConfigError, describe, load_config
+from pairmill.config_text import override_text
 
 # verb -> (module with main(args), config sections it reads, one-line help)
 VERBS = {
@@ -22,68 +25,6 @@ VERBS = {
     "distill": ("pairmill.distill", ("encoder", "distill"),
                 "a static-embedding model (model2vec) from --model: ~100x faster to encode on CPUs, for filtering at scale"),
 }
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with sections of settings (see the keys below)")
-    p.add_argument("--model", help="local folder, hub name, or nothing for the bundled all-MiniLM-L6-v2")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. encoder.batch_size=64")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pairmill", description="Raw text pairs to trained embedding models, on Ray.")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    for verb, (_, sections, help_text) in VERBS.items():
-        epilog = "settings (--config FILE.yaml sections, or key=value):\n" + describe({s: SECTIONS[s] for s in sections})
-        p = sub.add_parser(verb, help=help_text, description=help_text, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        if verb == "embed":
-            p.add_argument("input", help="JSONL(.gz), text lines, Parquet, a saved HF dataset, or a pairmill job folder")
-            p.add_argument("-o", "--output", required=True, help="output folder (kept/, rejected/, stats.json)")
-            p.add_argument("--text-field", help="embed one text column instead of (query, passage) pairs")
-        if verb == "eval":
-            p.add_argument("--data", help="held-out pairs file or BEIR folder")
-            p.add_argument("--corpus", help="extra passages for a pairs file (a `text` column)")
-            p.add_argument("--json", help="write the metrics to this JSON file")
-        if verb == "mine":
-            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder")
-            p.add_argument("-o", "--output", required=True, help="output folder (kept/, rejected/, index/, stats.json)")
-            p.add_argument("--corpus", dest="extra_corpus", help="extra passages to mine from (a `text` column)")
-        if verb == "filter":
-            p.add_argument("input", help="JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder")
-            p.add_argument("-o", "--output", required=True, help="output folder (kept/, dropped/, rejected/, stats.json)")
-            p.add_argument("--decontaminate", nargs="+", metavar="FILE", help="evaluation pair files to decontaminate against")
-            p.add_argument("--audit", type=float, metavar="FRACTION", help="mix in this fraction of corrupted pairs, report the filter's hits")
-        if verb == "train":
-            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder (e.g. mine's)")
-            p.add_argument("-o", "--output", required=True, help="output folder (model/, config.yaml, metrics.jsonl, checkpoints/, stats.json)")
-            p.add_argument("--eval-data", help="held-out pairs file or BEIR folder evaluated during training (eval.data)")
-            p.add_argument("--refresh-every", type=int, metavar="N",
-                           help="re-mine hard negatives with the current model every N steps, beside training (train.refresh_every)")
-        if verb == "tune":
-            p.description = (
-                f"{help_text}. Each trial is a whole `pairmill train` run; ASHA stops trials that trail on the held-out "
-                "metric (tune.metric, reported every train.eval_every steps). The train section's own values are always "
-                "the first trial, so the best trial is never worse than the defaults on that metric. Rerunning the same "
-                "command into the same OUT resumes an interrupted run.")
-            p.add_argument("input", nargs="?", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job "
-                           "folder; empty = the bundled sample's train split (with no --config, sized to finish in minutes: "
-                           "configs/tune-sample.yaml)")
-            p.add_argument("-o", "--output", required=True, help="output folder (best_model/, results.csv, trials.png, "
-                           "trials/, stats.json)")
-            p.add_argument("--num-samples", type=int, metavar="N", help="trials, the default settings included (tune.num_samples)")
-            p.add_argument("--eval-data", help="held-out pairs file or BEIR folder the trials are ranked on (eval.data); "
-                           "default: the bundled held-out split when PAIRS is the bundled sample, else required")
-        if verb == "distill":
-            p.add_argument("-o", "--output", required=True, help="output folder: a sentence-transformers model (+ distill.json)")
-        if verb == "run":
-            p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
-            p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")
-        if verb in ("embed", "eval", "mine", "filter", "train"):
-            p.add_argument("--query-field", help="input column holding the query")
-            p.add_argument("--passage-field", help="input column holding the passage")
-        _add_common(p)
-    return parser
 
 
 # flag -> config key; flags win over the YAML file and key=value overrides
@@ -102,7 +43,83 @@ FLAG_KEYS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _flag(p: argparse.ArgumentParser, dest: str, help: str | None = None, **kw) -> None:
+    """The flag ``--dest`` for the setting ``FLAG_KEYS[dest]``: typed (int, float, a list) as its
+    field is, and helped by the field's own line unless the verb says more."""
+    section, name = FLAG_KEYS[dest].split(".")
+    field = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    hint = get_type_hints(SECTIONS[section])[name]
+    if get_origin(hint) is list:
+        kw["nargs"] = "+"
+    elif hint in (int, float):
+        kw["type"] = hint
+    p.add_argument("--" + dest.replace("_", "-"), help=f"{help or field.metadata['help']} ({FLAG_KEYS[dest]})", **kw)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with sections of settings (see the keys below)")
+    _flag(p, "model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. encoder.batch_size=64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairmill", description="Raw text pairs to trained embedding models, on Ray.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, (_, sections, help_text) in VERBS.items():
+        epilog = "settings (--config FILE.yaml sections, or key=value):\n" + describe({s: SECTIONS[s] for s in sections})
+        p = sub.add_parser(verb, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if verb == "embed":
+            p.add_argument("input", help="JSONL(.gz), text lines, Parquet, a saved HF dataset, or a pairmill job folder")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/, rejected/, stats.json)")
+            _flag(p, "text_field", "embed one text column instead of (query, passage) pairs")
+        if verb == "eval":
+            _flag(p, "data", "held-out pairs file or BEIR folder")
+            _flag(p, "corpus")
+            p.add_argument("--json", help="write the metrics to this JSON file")
+        if verb == "mine":
+            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/, rejected/, index/, stats.json)")
+            p.add_argument("--corpus", dest="extra_corpus", help="extra passages to mine from (a `text` column)")
+        if verb == "filter":
+            p.add_argument("input", help="JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/, dropped/, rejected/, stats.json)")
+            _flag(p, "decontaminate", metavar="FILE")
+            _flag(p, "audit", metavar="FRACTION")
+        if verb == "train":
+            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder (e.g. mine's)")
+            p.add_argument("-o", "--output", required=True, help="output folder (model/, config.yaml, metrics.jsonl, checkpoints/, stats.json)")
+            _flag(p, "eval_data", "held-out pairs file or BEIR folder evaluated during training")
+            _flag(p, "refresh_every", "re-mine hard negatives with the current model every N steps, beside training", metavar="N")
+        if verb == "tune":
+            p.description = (
+                f"{help_text}. Each trial is a whole `pairmill train` run; ASHA stops trials that trail on the held-out "
+                "metric (tune.metric, reported every train.eval_every steps). The train section's own values are always "
+                "the first trial, so the best trial is never worse than the defaults on that metric. Rerunning the same "
+                "command into the same OUT resumes an interrupted run.")
+            p.add_argument("input", nargs="?", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job "
+                           "folder; empty = the bundled sample's train split (with no --config, sized to finish in minutes: "
+                           "configs/tune-sample.yaml)")
+            p.add_argument("-o", "--output", required=True, help="output folder (best_model/, results.csv, trials.png, "
+                           "trials/, stats.json)")
+            _flag(p, "num_samples", "trials, the default settings included", metavar="N")
+            _flag(p, "eval_data", "held-out pairs file or BEIR folder the trials are ranked on; default: the bundled "
+                  "held-out split when PAIRS is the bundled sample, else required")
+        if verb == "distill":
+            p.add_argument("-o", "--output", required=True, help="output folder: a sentence-transformers model (+ distill.json)")
+        if verb == "run":
+            p.add_argument("-o", "--output", default="pairmill-out", help="output folder (default ./pairmill-out)")
+            p.add_argument("--force", action="store_true", help="redo every stage (default: reuse finished, unchanged ones)")
+        if verb in ("embed", "eval", "mine", "filter", "train"):
+            _flag(p, "query_field")
+            _flag(p, "passage_field")
+        _add_common(p)
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The verb's arguments, with ``config_sections`` loaded from --config, the flags and key=value
+    overrides (a ConfigError naming the verb when a setting is bad). Starts nothing; ``main`` runs the verb."""
     parser = build_parser()
     # key=value may follow options (`embed IN -o OUT encoder.batch_size=64`), which argparse's
     # positional matching does not allow: collect the leftovers that look like overrides.
@@ -115,21 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "tune" and args.input and "=" in args.input and not Path(args.input).exists():
         overrides.insert(0, args.input)  # PAIRS is optional there: argparse took the first key=value for it
         args.input = None
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            if isinstance(value, list):  # nargs="+" flags: the config reads comma-separated lists
-                value = ",".join(value)
-            overrides.append(f"{key}={value}")
+    overrides += [f"{key}={override_text(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
+                  if getattr(args, flag, None) is not None]
     # A verb's module may adjust the overrides first: `run` and `tune` add their sample-sized profile
     # when given no --config on the bundled sample (configs/sample.yaml, configs/tune-sample.yaml).
-    hook = getattr(importlib.import_module(VERBS[args.verb][0]), "cli_overrides", None)
+    hook = getattr(importlib.import_module(module), "cli_overrides", None)
     if hook is not None:
         overrides = hook(args, overrides)
     try:
         args.config_sections = load_config({s: SECTIONS[s] for s in sections}, args.config, overrides)
     except ConfigError as e:
-        print(f"pairmill {args.verb}: {e}", file=sys.stderr)
+        raise ConfigError(f"pairmill {args.verb}: {e}") from None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
         return 2
     if "encoder" in args.config_sections:  # a model that cannot load fails here, before any Ray work
         from pairmill.encoder import check_model
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"pairmill {args.verb}: {e}", file=sys.stderr)
             return 2
-    return importlib.import_module(module).main(args)
+    return importlib.import_module(VERBS[args.verb][0]).main(args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,16 @@ Each concern is a dataclass whose fields have defaults and a help string (``meta
 A job's config is a handful of these sections; a YAML file names them as top-level keys
 (``encoder: {model: ...}``) and an override names them dotted (``encoder.batch_size=64``).
 Components never receive a config object: jobs turn sections into plain arguments.
+
+One source of truth. A field's default is its class attribute (``MineConfig.range_max``): a function
+that takes the same setting defaults to it rather than repeating the number. Facts about a field
+(``resume_free``: may change when a run resumes; ``search``/``example``: tune's search space) sit
+in its metadata, and ``--help`` is generated from the fields (``describe``).
+
+Override values are YAML, except a text field's (``pairmill.config_text`` says how values are read).
+
+Dataclasses rather than pydantic: the checks are cross-field rules whose messages name the fix, and
+the coercion the sections need is ~100 lines (``pairmill.config_text``), not a second model layer.
 """
 
 from __future__ import annotations
@@ -11,15 +21,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
+from pairmill.config_text import ConfigError, Override, coerce, override_text, read_override
 
-def _field(default, help: str, **kw):
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+def _field(default, help: str, **facts):
+    """A setting: its default, its help line, and any other facts about it (see the module docstring)."""
+    return dataclasses.field(default=default, metadata={"help": help, **facts})
 
 
 def _check(section: str, checks: list[tuple[bool, str]]) -> None:
@@ -235,9 +249,7 @@ class FilterConfig:
             (self.n_clusters is None or self.n_clusters >= 1, f"filter.n_clusters={self.n_clusters}; use >= 1 or empty"),
             (self.partitions is None or self.partitions >= 1, f"filter.partitions={self.partitions}; use >= 1 or empty"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        _check("filter", checks)
 
 
 @dataclasses.dataclass
@@ -268,18 +280,19 @@ class TrainConfig:
     passage_max_length: int = _field(256, "tokens per passage or hard negative in training (prefix included)")
     lora_rank: int = _field(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: float | None = _field(None, "LoRA alpha; empty = 2 x lora_rank")
-    lora_targets: list[str] = _field((), "LoRA target modules, comma-separated; empty = peft's default for the architecture")
+    lora_targets: list[str] = _field((), "LoRA target modules, e.g. [query,value]; empty = peft's default for the architecture")
     lora_merge: bool = _field(True, "merge the LoRA adapter into the exported model (false: export the adapter, needs peft to load)")
     num_workers: int = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu)")
     use_gpu: bool | None = _field(None, "train on GPUs; empty = when the Ray cluster has GPUs")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _field(
         "PACK", "how Ray places the workers: PACK (fewest nodes, Ray's default), SPREAD (over nodes, best effort), "
-        "STRICT_SPREAD (one worker per node; waits until that many nodes have room), STRICT_PACK (one node)"
+        "STRICT_SPREAD (one worker per node; waits until that many nodes have room), STRICT_PACK (one node)",
+        resume_free=True,
     )
-    checkpoint_every: int = _field(200, "steps between checkpoints (one is always written at the end)")
-    eval_every: int = _field(0, "steps between held-out evaluations (eval.data); 0 = only at the end")
-    log_every: int = _field(10, "steps between progress lines")
-    max_failures: int = _field(3, "worker-group restarts from the last checkpoint before the run fails")
+    checkpoint_every: int = _field(200, "steps between checkpoints (one is always written at the end)", resume_free=True)
+    eval_every: int = _field(0, "steps between held-out evaluations (eval.data); 0 = only at the end", resume_free=True)
+    log_every: int = _field(10, "steps between progress lines", resume_free=True)
+    max_failures: int = _field(3, "worker-group restarts from the last checkpoint before the run fails", resume_free=True)
     seed: int = _field(0, "seed of model init (LoRA), dropout and the per-epoch shuffle")
     refresh_every: int = _field(
         0, "steps between ANCE negative refreshes (re-encode the corpus with the current model, re-mine with the "
@@ -316,21 +329,26 @@ class TrainConfig:
             (self.refresh_every >= 0, f"train.refresh_every={self.refresh_every}; use >= 0 steps (0 = no refresh)"),
             (self.refresh_slices >= 1, f"train.refresh_slices={self.refresh_slices}; use >= 1 (1 = all queries every round)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        _check("train", checks)
         if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets):
             warnings.warn("train.lora_alpha / train.lora_targets have no effect with train.lora_rank=0 (full fine-tuning)")
         if self.refresh_every == 0 and self.refresh_slices != 1:
             warnings.warn(f"train.refresh_slices={self.refresh_slices} has no effect with train.refresh_every=0 (no refresh)")
 
 
+def _searched(default, what: str, kind: Literal["log", "uniform", "choice"], example: str, **limits):
+    """A key of tune's search space: a range [low, high] drawn log-uniform or uniform, or a list of
+    choices. ``limits``: ``below`` (a range's high stays under it), ``smallest`` (a choice's least)."""
+    shape = "choices" if kind == "choice" else f"a range [low, high] drawn {'log-uniform' if kind == 'log' else 'uniform'}"
+    return _field(default, f"{what}: {shape}, e.g. {example}; empty = the train section's value",
+                  search=kind, example=example, **limits)
+
+
 @dataclasses.dataclass
 class TuneConfig:
-    """`pairmill tune`: Ray Tune over whole train runs. The search-space keys name a train setting:
-    a range [low, high] for lr, temperature (both log-uniform) and warmup_ratio (uniform), a list of
-    choices for batch_size, hard_negatives and lora_rank; empty = fixed at the train section's value.
-    The train section's values are always the first trial."""
+    """`pairmill tune`: Ray Tune over whole train runs. Each search-space key (``search_keys()``)
+    names a train setting and holds a range or a list of choices; empty = fixed at the train
+    section's value. The train section's values are always the first trial."""
 
     num_samples: int = _field(4, "trials, the first of them the train section's own settings (the defaults)")
     metric: Literal["ndcg@10", "recall@10", "recall@100", "mrr@10"] = _field(
@@ -342,19 +360,14 @@ class TuneConfig:
     max_concurrent: int | None = _field(None, "trials at once; empty = as many as the cluster's CPUs/GPUs fit (always at least one)")
     cpus_per_worker: float = _field(1.0, "CPUs each Train worker of a trial holds (a trial holds train.num_workers x this)")
     seed: int = _field(0, "seed of the search")
-    lr: list[float] = _field((1e-5, 2e-4), "learning-rate range [low, high], log-uniform; empty = train.lr")
-    temperature: list[float] = _field((0.01, 0.1), "InfoNCE temperature range [low, high], log-uniform; empty = train.temperature")
-    warmup_ratio: list[float] = _field((), "warmup range [low, high], uniform; empty = train.warmup_ratio")
-    batch_size: list[int] = _field((), "global batch sizes to choose from, e.g. [16,32,64]; empty = train.batch_size")
-    hard_negatives: list[int] = _field((), "hard negatives per pair to choose from, e.g. [0,1,3]; empty = train.hard_negatives")
-    lora_rank: list[int] = _field((), "LoRA ranks to choose from (0 = full fine-tuning), e.g. [0,8,16]; empty = train.lora_rank")
-
-    RANGES = {"lr": "log", "temperature": "log", "warmup_ratio": "uniform"}
-    CHOICES = {"batch_size": 1, "hard_negatives": 0, "lora_rank": 0}  # key -> smallest valid choice
+    lr: list[float] = _searched((1e-5, 2e-4), "learning rate", "log", "[1e-5,2e-4]")
+    temperature: list[float] = _searched((0.01, 0.1), "InfoNCE temperature", "log", "[0.01,0.1]")
+    warmup_ratio: list[float] = _searched((), "warmup fraction", "uniform", "[0,0.2]", below=1)
+    batch_size: list[int] = _searched((), "global batch size", "choice", "[16,32,64]", smallest=1)
+    hard_negatives: list[int] = _searched((), "hard negatives per pair", "choice", "[0,1,3]", smallest=0)
+    lora_rank: list[int] = _searched((), "LoRA rank (0 = full fine-tuning)", "choice", "[0,8,16]", smallest=0)
 
     def __post_init__(self):
-        for key in (*self.RANGES, *self.CHOICES):
-            setattr(self, key, _numbers(getattr(self, key), f"tune.{key}", int if key in self.CHOICES else float))
         checks = [
             (self.num_samples >= 1, f"tune.num_samples={self.num_samples}; use >= 1"),
             (self.grace_period >= 1, f"tune.grace_period={self.grace_period}; use >= 1 step"),
@@ -362,50 +375,33 @@ class TuneConfig:
             (self.max_concurrent is None or self.max_concurrent >= 1, f"tune.max_concurrent={self.max_concurrent}; use >= 1 or empty"),
             (self.cpus_per_worker > 0, f"tune.cpus_per_worker={self.cpus_per_worker}; use > 0"),
         ]
-        for key, kind in self.RANGES.items():
-            bounds = getattr(self, key)
-            low_ok = bool(bounds) and (bounds[0] > 0 if kind == "log" else bounds[0] >= 0)
-            checks.append((not bounds or (len(bounds) == 2 and low_ok and bounds[0] < bounds[1]
-                                          and (key != "warmup_ratio" or bounds[1] < 1)),
-                           f"tune.{key}={list(bounds)}; use a range [low, high] with {'0 < ' if kind == 'log' else '0 <= '}low < high"
-                           f"{' < 1' if key == 'warmup_ratio' else ''}, e.g. tune.{key}={_EXAMPLES[key]}, or empty to keep train.{key}"))
-        for key, smallest in self.CHOICES.items():
-            values = getattr(self, key)
-            checks.append((all(v >= smallest for v in values),
-                           f"tune.{key}={list(values)}; use a list of choices >= {smallest}, e.g. tune.{key}={_EXAMPLES[key]}, "
-                           f"or empty to keep train.{key}"))
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        for f in _search_fields():
+            setattr(self, f.name, tuple(getattr(self, f.name)))
+            checks.append(_space_check(f, getattr(self, f.name)))
+        _check("tune", checks)
+
+    @staticmethod
+    def search_keys() -> list[str]:
+        return [f.name for f in _search_fields()]
 
     def space(self) -> dict[str, tuple[str, list]]:
         """The keys that vary: ``{train key: ("log" | "uniform" | "choice", values)}``."""
-        out = {key: (kind, list(getattr(self, key))) for key, kind in self.RANGES.items() if getattr(self, key)}
-        out.update({key: ("choice", list(getattr(self, key))) for key in self.CHOICES if getattr(self, key)})
-        return out
+        return {f.name: (f.metadata["search"], list(getattr(self, f.name))) for f in _search_fields() if getattr(self, f.name)}
 
 
-_EXAMPLES = {"lr": "[1e-5,2e-4]", "temperature": "[0.01,0.1]", "warmup_ratio": "[0,0.2]",
-             "batch_size": "[16,32,64]", "hard_negatives": "[0,1,3]", "lora_rank": "[0,8,16]"}
+def _search_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TuneConfig) if "search" in f.metadata]
 
 
-def _numbers(values, key: str, typ: type) -> tuple:
-    """A search-space value from YAML (a list) or the command line ('[1e-5,1e-4]' arrives as
-    '[1e-5', '1e-4]') as a tuple of numbers."""
-    out = []
-    for value in values:
-        text = str(value).strip().strip("[]() ")
-        if not text:
-            continue
-        try:
-            number = float(text)
-            if typ is int and number != int(number):
-                raise ValueError
-            out.append(typ(number))
-        except ValueError:
-            raise ConfigError(f"{key}: {value!r} is not {'an integer' if typ is int else 'a number'}; "
-                              f"write e.g. {key}={_EXAMPLES[key.split('.')[1]]}") from None
-    return tuple(out)
+def _space_check(f: dataclasses.Field, values: tuple) -> tuple[bool, str]:
+    key, kind, facts = f"tune.{f.name}", f.metadata["search"], f.metadata
+    fix = f"e.g. {key}={facts['example']}, or empty to keep train.{f.name}"
+    if kind == "choice":
+        return all(v >= facts["smallest"] for v in values), f"{key}={list(values)}; use a list of choices >= {facts['smallest']}, {fix}"
+    below = facts.get("below", math.inf)
+    ok = not values or (len(values) == 2 and (values[0] > 0 if kind == "log" else values[0] >= 0) and values[0] < values[1] < below)
+    low = "0 < low" if kind == "log" else "0 <= low"
+    return ok, f"{key}={list(values)}; use a range [low, high] with {low} < high{f' < {below}' if below < math.inf else ''}, {fix}"
 
 
 @dataclasses.dataclass
@@ -443,52 +439,13 @@ SECTIONS: dict[str, type] = {
 }
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def valid_keys(sections: dict[str, type]) -> list[str]:
     return [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a YAML value or an override string into the field's type."""
-    if isinstance(annotation, str):
-        raise TypeError(annotation)
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-        if type(None) in args:
-            return None
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
-        return value
-    candidates = [a for a in args if a is not type(None)] if args and origin is not list else [annotation]
-    for typ in candidates:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-        elif typ in (int, float):
-            try:
-                if isinstance(value, bool):
-                    raise ValueError
-                return typ(value)
-            except (TypeError, ValueError):
-                continue
-        elif typ is str:
-            return str(value)
-        elif get_origin(typ) is Literal:
-            if value in get_args(typ):
-                return value
-        elif get_origin(typ) is list:
-            if isinstance(value, str):
-                return [v for v in value.split(",") if v]
-            if isinstance(value, list):
-                return list(value)
-    raise ConfigError(f"{key}={value!r} is not a valid {annotation}")
+def resume_free_keys(cls: type) -> list[str]:
+    """The fields of a section that may change when a run resumes (``metadata["resume_free"]``)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("resume_free")]
 
 
 def load_config(
@@ -518,15 +475,20 @@ def load_config(
         name, _, field = key.strip().partition(".")
         if name not in sections or not field:
             raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys(sections))}")
-        raw[name][field] = value
+        raw[name][field] = Override(value)
     out = {}
     for name, cls in sections.items():
         hints = get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for field in raw[name]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for field, value in raw[name].items():
+            key = f"{name}.{field}"
             if field not in fields:
-                raise ConfigError(f"unknown key '{name}.{field}'; valid keys: {', '.join(valid_keys(sections))}")
-        out[name] = cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw[name].items()})
+                raise ConfigError(f"unknown key '{key}'; valid keys: {', '.join(valid_keys(sections))}")
+            if isinstance(value, Override):
+                value = read_override(value, hints[field], key)
+            values[field] = coerce(value, hints[field], key, fields[field].metadata.get("example"))
+        out[name] = cls(**values)
     return out
 
 
@@ -549,20 +511,15 @@ def describe(sections: dict[str, type]) -> str:
     lines = []
     for name, cls in sections.items():
         for f in dataclasses.fields(cls):
-            lines.append(f"  {name}.{f.name} (default {f.default!r}): {f.metadata.get('help', '')}")
+            default = repr(f.default) if isinstance(f.default, str) else "empty" if f.default is None else override_text(f.default)
+            free = " (may change when a run resumes)" if f.metadata.get("resume_free") else ""
+            lines.append(f"  {name}.{f.name} (default {default}): {f.metadata.get('help', '')}{free}")
     return "\n".join(lines)
 
 
 def profile_overrides(profile: dict[str, dict]) -> list[str]:
-    """``{section: {key: value}}`` -> ``["section.key=value", ...]`` (lists comma-separated)."""
-    def text(value) -> str:
-        if value is None:
-            return "none"
-        if isinstance(value, (list, tuple)):
-            return ",".join(str(v) for v in value)
-        return str(value)
-
-    return [f"{section}.{key}={text(value)}" for section, values in profile.items() for key, value in values.items()]
+    """``{section: {key: value}}`` -> ``["section.key=value", ...]``, which load back as those values."""
+    return [f"{section}.{key}={override_text(value)}" for section, values in profile.items() for key, value in values.items()]
 
 
 def read_kwargs(read: ReadConfig) -> dict:

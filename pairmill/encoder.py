@@ -36,6 +36,7 @@ import pyarrow as pa
 import torch
 
 from pairmill.cluster import model_malloc
+from pairmill.config import EncoderConfig
 from pairmill.vectors import fixed_size_list
 
 BUNDLED_MODEL_NAMES = ("", "bundled", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -72,7 +73,7 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = EncoderConfig.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -277,14 +278,14 @@ class Encoder:
         self,
         model: str | None = None,
         *,
-        query_prefix: str = "",
-        passage_prefix: str = "",
-        max_length: int = 256,
-        batch_size: int | None = None,
-        device: str = "auto",
-        precision: str = "auto",
+        query_prefix: str = EncoderConfig.query_prefix,
+        passage_prefix: str = EncoderConfig.passage_prefix,
+        max_length: int = EncoderConfig.max_length,
+        batch_size: int | None = EncoderConfig.batch_size,
+        device: str = EncoderConfig.device,
+        precision: str = EncoderConfig.precision,
         num_threads: int | None = None,
-        backend: str = "torch",
+        backend: str = EncoderConfig.backend,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

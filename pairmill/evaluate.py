@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pairmill.config import EvalConfig
 from pairmill.vectors import exact_search
 
 METRIC_KEYS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "alignment", "uniformity", "queries", "corpus")
@@ -204,8 +205,8 @@ def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
 
 
 def evaluate_embeddings(
-    task: RetrievalTask, query_emb: np.ndarray, corpus_emb: np.ndarray, *, query_batch: int = 1024,
-    uniformity_sample: int = 4096, seed: int = 0,
+    task: RetrievalTask, query_emb: np.ndarray, corpus_emb: np.ndarray, *, query_batch: int = EvalConfig.query_batch,
+    uniformity_sample: int = EvalConfig.uniformity_sample, seed: int = 0,
 ) -> dict[str, float]:
     """All metrics of ``task`` from its query (Q, D) and corpus (N, D) embeddings."""
     q, c = normalize_rows(query_emb), normalize_rows(corpus_emb)
@@ -230,8 +231,8 @@ def evaluate(
     task: RetrievalTask,
     encode: Callable[[Sequence[str], str], np.ndarray],
     *,
-    query_batch: int = 1024,
-    uniformity_sample: int = 4096,
+    query_batch: int = EvalConfig.query_batch,
+    uniformity_sample: int = EvalConfig.uniformity_sample,
 ) -> dict[str, float]:
     """Encode the task's texts with ``encode(texts, kind)`` and score them."""
     query_emb = encode(task.queries, "query")

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Literal
 import numpy as np
 import pyarrow as pa
 
+from pairmill.config import ReadConfig
+
 Mode = Literal["pairs", "text"]
 
 # reason -> what it means; the README's table of rejections is this dict (a test keeps them equal).
@@ -197,12 +199,12 @@ def validate_records(
     origins: Iterable[str],
     *,
     mode: Mode = "pairs",
-    query_field: str = "query",
-    passage_field: str = "passage",
-    text_field: str = "text",
-    id_field: str = "id",
-    max_chars: int = 65536,
-    too_long: str = "truncate",
+    query_field: str = ReadConfig.query_field,
+    passage_field: str = ReadConfig.passage_field,
+    text_field: str = ReadConfig.text_field,
+    id_field: str = ReadConfig.id_field,
+    max_chars: int = ReadConfig.max_chars,
+    too_long: str = ReadConfig.too_long,
     raws: Iterable[str | None] | None = None,
 ) -> pa.Table:
     """Validate parsed records into a table with ``parsed_schema(mode)``.

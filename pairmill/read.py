@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
+from pairmill.config import ReadConfig
 from pairmill.pairs import Mode, decode_line, parsed_schema, validate_records
 
 
@@ -111,7 +112,7 @@ class ParseLines:
         self.kwargs = validate_kwargs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        text_field = self.kwargs.get("text_field", "text")
+        text_field = self.kwargs.get("text_field", ReadConfig.text_field)
         paths = batch.column("path").to_pylist()
         records = [
             decode_line(raw, _is_json_lines(path), text_field)

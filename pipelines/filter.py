@@ -129,14 +129,14 @@ class ScorePairs:
         self,
         *,
         search=None,
-        k: int = 2,
+        k: int = FilterConfig.k,
         near_eps: float = 0.0,
         eval_ref=None,
         decontaminate_eps: float = 0.0,
         centroids: np.ndarray | None = None,
-        on: str = "passage",
-        audit: float = 0.0,
-        seed: int = 0,
+        on: str = FilterConfig.on,
+        audit: float = FilterConfig.audit,
+        seed: int = FilterConfig.seed,
     ):
         import ray
 

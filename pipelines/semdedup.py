@@ -28,6 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from pairmill.config import FilterConfig
+
 SEMANTIC_DUPLICATE = "semantic_duplicate"
 On = Literal["passage", "query", "both"]
 Keep = Literal["hard", "easy", "random"]
@@ -94,9 +96,9 @@ def semdedup_cluster(
     centroid_sims: np.ndarray,
     *,
     eps: float,
-    on: On = "passage",
-    keep: Keep = "hard",
-    seed: int = 0,
+    on: On = FilterConfig.on,
+    keep: Keep = FilterConfig.keep,
+    seed: int = FilterConfig.seed,
 ) -> list[str | None]:
     """One cluster's rows -> ``dup_of`` per row: None for a survivor, else the id of the most similar kept row."""
     m = len(ids)

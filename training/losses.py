@@ -56,6 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pairmill.config import TrainConfig
 from pairmill.pairs import text_key
 
 # A chunkable encoder input: a tensor, or tokenizer output (a mapping of tensors), sliced on dim 0.
@@ -132,7 +133,8 @@ def _check_same_shapes(local: Tensor, world_size: int) -> None:
 class InfoNCELoss(nn.Module):
     """InfoNCE over the global batch; see the module's design note."""
 
-    def __init__(self, temperature: float = 0.05, symmetric: bool = False, gather_across_workers: bool = True) -> None:
+    def __init__(self, temperature: float = TrainConfig.temperature, symmetric: bool = TrainConfig.symmetric,
+                 gather_across_workers: bool = True) -> None:
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
             raise ValueError(

@@ -371,8 +371,8 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
                          "(or pip install optuna), or use tune.search=random")
     space, default = with_defaults(tune_cfg.space(), train_cfg)
     if not space:
-        raise BadInput("nothing to tune: every search-space key (tune.lr, tune.temperature, tune.warmup_ratio, "
-                         "tune.batch_size, tune.hard_negatives, tune.lora_rank) is empty; give at least one a range or choices")
+        keys = ", ".join(f"tune.{key}" for key in tune_cfg.search_keys())
+        raise BadInput(f"nothing to tune: every search-space key ({keys}) is empty; give at least one a range or choices")
     # Every trial evaluates every eval_every steps (ASHA's signal) and checkpoints there (the best
     # report's weights are then on disk, and no report carries a NaN score).
     eval_every = train_cfg.eval_every or tune_cfg.grace_period

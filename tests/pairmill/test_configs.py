@@ -55,8 +55,8 @@ def test_sample_profile_yields_to_the_user():
     # a --config file, or pairs of one's own, get the generic defaults instead
     assert sample_overrides("c.yaml", ["a.b=1"]) == ["a.b=1"]
     assert sample_overrides(None, ["run.train=big.jsonl"]) == ["run.train=big.jsonl"]
-    assert profile_overrides({"filter": {"decontaminate": ["a", "b"], "n_clusters": None}}) == [
-        "filter.decontaminate=a,b", "filter.n_clusters=none"]
+    assert profile_overrides({"filter": {"decontaminate": ["a", "b,c"], "n_clusters": None}}) == [
+        "filter.decontaminate=[a, 'b,c']", "filter.n_clusters=none"]
 
 
 def test_cluster_config_fits_the_cluster():
