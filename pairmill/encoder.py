@@ -276,7 +276,7 @@ class Encoder:
 
     def __init__(
         self,
-        model: str | None = None,
+        model: "str | None | torch.nn.Module" = None,
         *,
         query_prefix: str = EncoderConfig.query_prefix,
         passage_prefix: str = EncoderConfig.passage_prefix,
@@ -297,14 +297,20 @@ class Encoder:
             raise ValueError(f"backend={backend!r}; valid: torch, onnx")
         if num_threads:
             torch.set_num_threads(num_threads)
-        model_malloc()
-        self.device = pick_device(device)
-        self.model_path = resolve_model(model)
-        self.model = load_sentence_transformer(model, self.device)
+        # ``model`` may also be a loaded SentenceTransformer (training's rank-0 evaluation encodes with
+        # the live model, so it scores exactly what `pairmill eval` would): used as it is, on its device.
+        live = isinstance(model, torch.nn.Module)
+        if live and backend != "torch":
+            raise ValueError("an in-memory model encodes with backend=torch")
+        if not live:
+            model_malloc()
+        self.device = next(model.parameters()).device if live else pick_device(device)
+        self.model_path = type(model).__name__ if live else resolve_model(model)
+        self.model = model if live else load_sentence_transformer(model, self.device)
         self.model.eval()
         self.tokenizer = self.model.tokenizer
         self.static = is_static(self.model)
-        if self.static:  # model2vec saves float16 token vectors: average them in float32
+        if self.static and not live:  # model2vec saves float16 token vectors: average them in float32
             self.model.float()
         # Never exceed what the position embeddings allow.
         model_max = getattr(self.model, "max_seq_length", None) or max_length
@@ -320,7 +326,8 @@ class Encoder:
         if self.onnx is not None:
             self.precision = "int8"
         elif precision == "auto":  # last: the CPU probe encodes with this encoder
-            self.precision = "fp16" if self.device.type == "cuda" else "fp32" if self.static else cpu_precision(self)
+            # (no CPU probe for a live model: its verdict is cached by model path)
+            self.precision = "fp16" if self.device.type == "cuda" else "fp32" if self.static or live else cpu_precision(self)
 
     def _setup_onnx(self, num_threads: int | None):
         """The int8 ONNX forward of this model (exported and cached on first use; the bundled model's

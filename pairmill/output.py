@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
@@ -29,6 +29,10 @@ PARTS = ("kept", "dropped", "rejected")
 
 class StatsMismatch(RuntimeError):
     pass
+
+
+class OtherSettings(ValueError):
+    """A rerun into a resumable job's folder whose run was started with other settings."""
 
 
 def resumable_staging(out: str | Path) -> Path:
@@ -110,6 +114,46 @@ class JobFolder:
         # A resumable job keeps its staging folder: the rerun continues from its checkpoints.
         if exc_type is not None and exc_type is not StatsMismatch and not self.resume:
             self.abort()
+
+
+def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_work: Callable[[Path], bool],
+                   in_place: bool = False, what: str = "run") -> JobFolder:
+    """The one resume guard of the jobs whose work is checkpoints (``train``, ``tune``).
+
+    ``settings`` = ``{"input": ..., "sections": {section: {key: value}}}``, saved in the job folder
+    at ``settings_file``. A staging folder with work in it (``has_work``) is resumed when the
+    settings are the same; a finished OUT with the same settings moves back into staging and is
+    resumed (nothing is redone: the job only finishes again); anything else with other settings is
+    refused with an ``OtherSettings`` naming them, and left untouched."""
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
+    final = Path(out).expanduser().resolve()
+    staging = final if in_place else resumable_staging(final)
+    if has_work(staging):
+        _refuse_other_settings(staging, settings, settings_file, what)
+    elif not in_place and not staging.exists() and is_finished(final) and has_work(final):
+        _refuse_other_settings(final, settings, settings_file, what)
+        os.rename(final, staging)
+    job = JobFolder(final, parts=(), resume=True, in_place=in_place)
+    path = job.staging / settings_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+    return job
+
+
+def _refuse_other_settings(folder: Path, settings: dict, settings_file: str, what: str) -> None:
+    from pairmill.config import changed_settings
+
+    path = folder / settings_file
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changed = changed_settings(saved.get("sections", {}), settings["sections"])
+    changed += ["input"] if saved.get("input") != settings["input"] else []
+    if changed:
+        raise OtherSettings(
+            f"{folder} holds a {what} started with other settings ({', '.join(changed)}); rerunning the same "
+            "command resumes it. Use a new -o folder, or delete this one to start over."
+        )
 
 
 def parquet_rows(folder: str | Path) -> int:

@@ -1,19 +1,26 @@
-"""``train_loop_per_worker``: what every Ray Train worker runs (see ``training.train`` for the
-design: data position, checkpoints, evaluation, refresh)."""
+"""What every Ray Train worker runs: ``train_loop_per_worker(LoopConfig)``, one ``train_step`` per
+batch (see ``training.train`` for the design: data position, checkpoints, evaluation, refresh).
+
+Read top to bottom: the typed settings the driver hands every worker, the test seam, the step
+(batch in, loss and gradients out: runs without Ray), then the loop around it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mining.refresh import current_negatives
-from training.batches import build_batch, lr_lambda, place_negatives
+from training.batches import PairBatch, build_batch, lr_lambda, place_negatives
 from training.losses import GradCache, InfoNCELoss, encode_by_length
 from training.model import (
     embed_features,
@@ -27,9 +34,10 @@ from training.model import (
     setup_optimizer,
     to_device,
 )
-from training.rounds import RefreshRounds, say
+from training.rounds import RefreshRounds, RefreshSettings, worker_logging
 
-FAIL_AT_STEP_ENV = "PAIRMILL_TRAIN_FAIL_AT_STEP"  # test hook: the last rank raises once at this step
+log = logging.getLogger(__name__)
+
 # train.length_group_overhead when empty, on CPU: tokens one extra forward is worth. 64-128 were
 # fastest on the sample (benchmarks/length_groups.py: 1.13-1.14x one padded forward per side, 256:
 # 1.12x, 384: 1.09x). Elsewhere length grouping (and GradCache's length-sorted chunks) is off: on an
@@ -45,16 +53,119 @@ LENGTH_GROUP_OVERHEAD_CPU = 128
 UNEVALUATED = -1.0
 
 
-def train_loop_per_worker(cfg: dict) -> dict:
-    import contextlib
+@dataclass(frozen=True)
+class TestHooks:
+    """The loop's test seam, handed to ``train(..., hooks=...)`` by tests only (never by a config,
+    an environment variable or the CLI)."""
 
+    __test__ = False  # not a pytest class
+    fail_at_step: int = 0  # > 0: the last rank raises once at this step of a fresh run (a worker failure)
+    # >= 0: a refresh round in flight this many steps is waited for (an event, not a sleep), so a
+    # short test run sees rounds finish, while training still steps on beside each round
+    round_overlap_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker needs, built once by ``training.train.train`` from the config sections."""
+
+    # the model and its inputs
+    model: str
+    lora: dict | None
+    query_prefix: str
+    passage_prefix: str
+    query_max_length: int
+    passage_max_length: int
+    # the objective and the optimiser (train section)
+    lr: float
+    warmup_ratio: float
+    schedule: str
+    weight_decay: float
+    max_grad_norm: float
+    temperature: float
+    symmetric: bool
+    mini_batch_size: int | None
+    length_group_overhead: int | None
+    seed: int
+    # the data plan
+    total_steps: int
+    steps_per_epoch: int
+    per_worker_batch: int
+    global_batch: int
+    shuffle_buffer: int
+    hard_negatives: int
+    # reports: metrics lines, checkpoints, rank 0's evaluation
+    metrics_path: str
+    checkpoint_every: int
+    eval_every: int
+    log_every: int
+    log_level: int  # the driver's (pairmill.log.level()): what a worker's progress lines show
+    eval_max_length: int
+    eval_query_batch: int
+    eval_uniformity_sample: int
+    eval_task: Any = None  # ObjectRef of a pairmill.evaluate task, or None
+    refresh: RefreshSettings | None = None
+    hooks: TestHooks = field(default_factory=TestHooks)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepParts:
+    """What ``train_step`` runs a batch through: the (DDP-wrapped or plain) model, its tokenizer, the loss."""
+
+    model: nn.Module
+    tokenize: Callable  # (texts, max_length) -> features
+    loss_fn: InfoNCELoss
+    query_max: int
+    passage_max: int
+    device: torch.device = torch.device("cpu")
+    autocast: Callable = contextlib.nullcontext  # () -> a context (bf16 autocast on GPU)
+    grad_cache: GradCache | None = None  # train.mini_batch_size: GradCache's chunked forward/backward
+    length_group_overhead: int = 0  # > 0: encode each side in length groups (CPU; losses.encode_by_length)
+
+    def encode(self, model: nn.Module, features: dict[str, Tensor]) -> Tensor:
+        return embed_features(model, features, self.autocast)
+
+
+def train_step(parts: StepParts, batch: PairBatch) -> Tensor:
+    """One batch's InfoNCE loss, with its gradients accumulated into the parameters' ``.grad``
+    (zeroing, clipping and the optimiser step are the caller's). No Ray: DDP's all-reduce and the
+    loss's all-gather happen inside when the model and a process group are set up."""
+    q_features = to_device(parts.tokenize(batch.queries, parts.query_max), parts.device)
+    p_features = to_device(parts.tokenize(batch.passages, parts.passage_max), parts.device)
+    n_features = to_device(parts.tokenize(batch.negatives, parts.passage_max), parts.device) if batch.negatives else None
+    mask = batch.negative_mask.to(parts.device)
+    pos_ids, neg_ids = batch.positive_ids.to(parts.device), batch.negative_ids.to(parts.device)
+
+    def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
+        # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
+        return parts.loss_fn(q, p, place_negatives(n_flat, mask, q), mask, pos_ids, neg_ids)
+
+    groups = [q_features, p_features] + ([n_features] if n_features is not None else [])
+    if parts.grad_cache is not None:
+        return parts.grad_cache.forward_backward(groups, loss_of)
+    loss = loss_of(*[encode_by_length(parts.model, g, parts.length_group_overhead, parts.encode) for g in groups])
+    loss.backward()
+    return loss
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(train_loop_config: dict) -> dict:
+    """Ray Train's entry point: ``train_loop_config`` is ``{"loop": LoopConfig}``."""
     import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
     from pairmill.cluster import model_malloc
+    from pairmill.encoder import is_static
 
+    cfg: LoopConfig = train_loop_config["loop"]
+    worker_logging(cfg.log_level)
     model_malloc()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -63,68 +174,66 @@ def train_loop_per_worker(cfg: dict) -> dict:
         share = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
         # ... less one when refresh rounds encode beside the steps: with every core taken, torch's
         # threads wait on each other at every op (measured: steps 10x slower while a round ran, 2 cores)
-        torch.set_num_threads(max(1, share - 1) if cfg["refresh"] else share)
+        torch.set_num_threads(max(1, share - 1) if cfg.refresh else share)
     # bf16 autocast on GPU (the loss itself runs in fp32), plain fp32 on CPU
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
-    torch.manual_seed(cfg["seed"])  # same LoRA init on every rank
-    st = setup_model(cfg["model"], cfg["lora"], device)
+    torch.manual_seed(cfg.seed)  # same LoRA init on every rank
+    st = setup_model(cfg.model, cfg.lora, device)
     tokenize = make_tokenize(st)
-    # The model's own limit wins: a 128-position model given max_length 256 indexes past its embeddings.
-    query_max = min(cfg["query_max_length"], st.max_seq_length or cfg["query_max_length"])
-    passage_max = min(cfg["passage_max_length"], st.max_seq_length or cfg["passage_max_length"])
     st.train()
     frozen = freeze_unused(st, tokenize, device)
-    optimizer = setup_optimizer(st, cfg["lr"], cfg["weight_decay"])
-    total = cfg["total_steps"]
-    warmup = int(cfg["warmup_ratio"] * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total, cfg["schedule"]))
+    optimizer = setup_optimizer(st, cfg.lr, cfg.weight_decay)
+    total = cfg.total_steps
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total, cfg.schedule))
     state = restore_checkpoint(ray.train.get_checkpoint(), st, optimizer, scheduler)
-    refresh = cfg["refresh"]
-    store = refresh["store"] if refresh else None  # pair id -> refreshed negatives; every rank reads it
+    store = cfg.refresh.store if cfg.refresh else None  # pair id -> refreshed negatives; every rank reads it
     rounds = None
-    if refresh and rank == 0:
-        rounds = RefreshRounds(refresh, lambda folder: save_live_model(st, folder, model=cfg["model"], lora=cfg["lora"]))
+    if cfg.refresh and rank == 0:
+        rounds = RefreshRounds(cfg.refresh, lambda folder: save_live_model(st, folder, model=cfg.model, lora=cfg.lora))
         rounds.restore(state.get("refresh"))
     start_step = step = state["step"]
     epoch, skip, pairs = state["epoch"], state["step_in_epoch"], state["pairs"]
-    torch.manual_seed(cfg["seed"] + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
+    torch.manual_seed(cfg.seed + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
     if rank == 0:
-        _truncate_metrics(Path(cfg["metrics_path"]), start_step)
-        say(f"[pairmill] train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
-             f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
+        _truncate_metrics(Path(cfg.metrics_path), start_step)
+        log.info(f"train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
+                 f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
+    if cfg.mini_batch_size and is_static(st):
+        raise ValueError("train.mini_batch_size (GradCache) splits a padded batch by rows; a static-embedding model's "
+                         "input is not one. Leave train.mini_batch_size empty: a static model's step is cheap anyway")
     # Embedding buffers (position ids) are constants, so DDP need not broadcast them every forward;
     # that also lets ranks run different numbers of forwards (ragged hard negatives, GradCache chunks).
     model = ray.train.torch.prepare_model(st, parallel_strategy_kwargs={"broadcast_buffers": False})
-    loss_fn = InfoNCELoss(cfg["temperature"], cfg["symmetric"])
-    encode = lambda m, features: embed_features(m, features, autocast)  # noqa: E731
     by_length = device.type == "cpu"  # measured faster on CPU, slower on GPU (LENGTH_GROUP_OVERHEAD_CPU)
-    from pairmill.encoder import is_static
-
-    if cfg["mini_batch_size"] and is_static(st):
-        raise ValueError("train.mini_batch_size (GradCache) splits a padded batch by rows; a static-embedding model's "
-                         "input is not one. Leave train.mini_batch_size empty: a static model's step is cheap anyway")
-    grad_cache = GradCache(model, cfg["mini_batch_size"], encode, by_length=by_length) if cfg["mini_batch_size"] else None
-    overhead = cfg["length_group_overhead"]
+    overhead = cfg.length_group_overhead
     if overhead is None:
         overhead = LENGTH_GROUP_OVERHEAD_CPU if by_length else 0
-    task = ray.get(cfg["eval_task"]) if cfg["eval_task"] is not None and rank == 0 else None
+    # The model's own limit wins: a 128-position model given max_length 256 indexes past its embeddings.
+    limit = lambda n: min(n, st.max_seq_length or n)  # noqa: E731
+    parts = StepParts(model, tokenize, InfoNCELoss(cfg.temperature, cfg.symmetric), limit(cfg.query_max_length),
+                      limit(cfg.passage_max_length), device, autocast, length_group_overhead=overhead)
+    if cfg.mini_batch_size:
+        parts.grad_cache = GradCache(model, cfg.mini_batch_size, parts.encode, by_length=by_length)
+    task = ray.get(cfg.eval_task) if cfg.eval_task is not None and rank == 0 else None
     trainable = [p for p in st.parameters() if p.requires_grad]
     shard = ray.train.get_dataset_shard("train")
+    hooks = cfg.hooks
 
     loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
     cpu_last = time.process_time()  # this worker's CPU seconds: a load-independent cost next to the wall time
     stale_sum, stale_rows, fresh_rows = 0, 0, 0  # since the last log line: staleness of the negatives used
     while step < total:
         batches = shard.iter_batches(
-            batch_size=cfg["per_worker_batch"], batch_format="pyarrow", drop_last=True,
-            local_shuffle_buffer_size=cfg["shuffle_buffer"], local_shuffle_seed=cfg["seed"] * 1000 + epoch,
+            batch_size=cfg.per_worker_batch, batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.seed * 1000 + epoch,
         )
         for i, table in enumerate(batches):
             if i < skip:  # resume: these batches were trained on before the checkpoint
                 continue
-            if cfg["step_sleep"] and rounds is not None and rounds.inflight is not None:
-                time.sleep(cfg["step_sleep"])
+            if rounds is not None and hooks.round_overlap_steps is not None:
+                rounds.wait_if_older(step, hooks.round_overlap_steps)
             t_step = time.perf_counter()
             columns = {c: table.column(c).to_pylist() for c in table.column_names}
             # The store's refreshed negatives win over the batch's own (mined at step 0 by the mine job)
@@ -133,35 +242,18 @@ def train_loop_per_worker(cfg: dict) -> dict:
             stale_sum += sum(step - s for s in mined_at)
             stale_rows += len(mined_at)
             fresh_rows += sum(s > 0 for s in mined_at)
-            batch = build_batch(
-                columns,
-                hard_negative_count=cfg["hard_negatives"], query_prefix=cfg["query_prefix"],
-                passage_prefix=cfg["passage_prefix"],
-            )
-            q_features = to_device(tokenize(batch.queries, query_max), device)
-            p_features = to_device(tokenize(batch.passages, passage_max), device)
-            n_features = to_device(tokenize(batch.negatives, passage_max), device) if batch.negatives else None
-            mask, pos_ids, neg_ids = batch.negative_mask.to(device), batch.positive_ids.to(device), batch.negative_ids.to(device)
+            batch = build_batch(columns, hard_negative_count=cfg.hard_negatives, query_prefix=cfg.query_prefix,
+                                passage_prefix=cfg.passage_prefix)
 
-            def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
-                # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
-                negatives = place_negatives(n_flat, mask, q)
-                return loss_fn(q, p, negatives, mask, pos_ids, neg_ids)
-
-            groups = [q_features, p_features] + ([n_features] if n_features is not None else [])
             optimizer.zero_grad(set_to_none=True)
-            if grad_cache is not None:
-                loss = grad_cache.forward_backward(groups, loss_of)
-            else:
-                loss = loss_of(*[encode_by_length(model, g, overhead, encode) for g in groups])
-                loss.backward()
-            if cfg["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
+            loss = train_step(parts, batch)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
             skip = 0
-            pairs += cfg["global_batch"]
+            pairs += cfg.global_batch
             loss_sum += loss.item()
             loss_steps += 1
 
@@ -172,20 +264,20 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 rounds.poll(step)
                 if rounds.due(step, last):
                     rounds.start(step, total)  # saves the model, starts the round, returns: training goes on
-            do_eval = task is not None and (last or (cfg["eval_every"] and step % cfg["eval_every"] == 0))
-            do_checkpoint = last or step % cfg["checkpoint_every"] == 0
-            do_report = do_checkpoint or (cfg["eval_every"] and step % cfg["eval_every"] == 0)
-            if step % cfg["log_every"] == 0 or do_report:
+            do_eval = task is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0))
+            do_checkpoint = last or step % cfg.checkpoint_every == 0
+            do_report = do_checkpoint or (cfg.eval_every and step % cfg.eval_every == 0)
+            if step % cfg.log_every == 0 or do_report:
                 elapsed = time.perf_counter() - t_last
                 metrics = {
                     "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                     "loss": _mean_over_ranks(loss_sum / max(1, loss_steps), device, world),
-                    "pairs_per_s": round((step - steps_last) * cfg["global_batch"] / max(elapsed, 1e-9), 2),
+                    "pairs_per_s": round((step - steps_last) * cfg.global_batch / max(elapsed, 1e-9), 2),
                     "seconds": round(elapsed, 4),  # wall time of the steps since the last line (data wait included)
                     "cpu_seconds": round(time.process_time() - cpu_last, 4),  # this worker process, all its threads
                     "pairs": pairs,
                 }
-                if refresh:
+                if cfg.refresh:
                     stale, rows, fresh = _sum_over_ranks([stale_sum, stale_rows, fresh_rows], device, world)
                     metrics["negative_staleness"] = round(stale / max(1, rows), 3)  # steps behind, mean over pairs
                     metrics["refreshed_pairs_used"] = int(fresh)
@@ -198,34 +290,35 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
                 cpu_last = time.process_time()
                 if rank == 0:
-                    say(f"[pairmill] train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
-                         f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
-            if rank == 0 and step % cfg["log_every"] == 0 and not do_report:  # a report step's line is written below
-                _append_metrics(Path(cfg["metrics_path"]), metrics)
+                    log.info(f"train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
+                             f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
+            if rank == 0 and step % cfg.log_every == 0 and not do_report:  # a report step's line is written below
+                _append_metrics(Path(cfg.metrics_path), metrics)
             if do_report:
                 if do_eval:
                     t0 = time.perf_counter()
-                    metrics.update(evaluate_on_rank0(st, tokenize, task, cfg, device, autocast))
+                    metrics.update(evaluate_on_rank0(st, task, cfg, device))
                     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
-                    say(f"[pairmill] train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
-                         f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
+                    log.info(f"train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
+                             f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
                 reported = dict(metrics)
-                if cfg["eval_task"] is not None and "ndcg@10" not in reported:
+                if cfg.eval_task is not None and "ndcg@10" not in reported:
                     reported["ndcg@10"] = UNEVALUATED  # ranks below every evaluated checkpoint
                 if rank == 0:
-                    _append_metrics(Path(cfg["metrics_path"]), metrics)
+                    _append_metrics(Path(cfg.metrics_path), metrics)
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if do_checkpoint and rank == 0:
-                        state = {"step": step, "epoch": epoch + (i + 1 == cfg["steps_per_epoch"]),
-                                 "step_in_epoch": 0 if i + 1 == cfg["steps_per_epoch"] else i + 1, "pairs": pairs}
+                        end_of_epoch = i + 1 == cfg.steps_per_epoch
+                        state = {"step": step, "epoch": epoch + end_of_epoch, "step_in_epoch": 0 if end_of_epoch else i + 1,
+                                 "pairs": pairs}
                         if rounds is not None:
                             state["refresh"] = rounds.state()
                         save_checkpoint(Path(tmp), st, optimizer, scheduler, state)
                         checkpoint = Checkpoint.from_directory(tmp)
                     ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}" if do_checkpoint else None)
-            if cfg["fail_at_step"] == step and start_step == 0 and rank == world - 1:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: test hook, this worker fails once")
+            if hooks.fail_at_step == step and start_step == 0 and rank == world - 1:
+                raise RuntimeError(f"TestHooks(fail_at_step={step}): this worker fails once")
             if last:
                 break
         if step < total:

@@ -130,35 +130,21 @@ def restore_checkpoint(checkpoint, st: nn.Module, optimizer, scheduler) -> dict:
 # ----------------------------------------------------------------------------- evaluation on rank 0
 
 
-@torch.no_grad()
-def encode_texts(st: nn.Module, tokenize, texts: Sequence[str], max_length: int, device, autocast, batch_size: int = 32):
-    """(N, D) float32 numpy embeddings, batches sorted by length as ``pairmill.encoder.Encoder`` does."""
-    import numpy as np
-
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = np.empty((len(texts), _embedding_dim(st)), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        rows = order[start : start + batch_size]
-        features = tokenize([texts[i] for i in rows], max_length)
-        with autocast():
-            out[rows] = st(to_device(features, device))["sentence_embedding"].float().cpu().numpy()
-    return out
-
-
-def _embedding_dim(st) -> int:
-    return int(st.get_embedding_dimension() if hasattr(st, "get_embedding_dimension") else st.get_sentence_embedding_dimension())
-
-
-def evaluate_on_rank0(st: nn.Module, tokenize, task, cfg: dict, device, autocast) -> dict[str, float]:
+def evaluate_on_rank0(st: nn.Module, task, cfg, device) -> dict[str, float]:
+    """The held-out metrics of the live model, encoded by ``pairmill.encoder.Encoder`` as `pairmill
+    eval` encodes (length-sorted batches, unit vectors; bf16 on GPU as the steps run), so a
+    checkpoint's score is the score its exported model gets. ``cfg`` is the loop's ``LoopConfig``."""
+    from pairmill.encoder import Encoder
     from pairmill.evaluate import evaluate_embeddings
 
     was_training = st.training
-    st.eval()
-    max_length = min(cfg["eval_max_length"], st.max_seq_length or cfg["eval_max_length"])
-    q = encode_texts(st, tokenize, [cfg["query_prefix"] + t for t in task.queries], max_length, device, autocast)
-    c = encode_texts(st, tokenize, [cfg["passage_prefix"] + t for t in task.corpus], max_length, device, autocast)
-    st.train(was_training)
-    return evaluate_embeddings(task, q, c, query_batch=cfg["eval_query_batch"], uniformity_sample=cfg["eval_uniformity_sample"])
+    try:
+        encoder = Encoder(st, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
+                          max_length=cfg.eval_max_length, precision="bf16" if device.type == "cuda" else "fp32")
+        q, c = encoder.encode(task.queries, kind="query"), encoder.encode(task.corpus, kind="passage")
+    finally:
+        st.train(was_training)
+    return evaluate_embeddings(task, q, c, query_batch=cfg.eval_query_batch, uniformity_sample=cfg.eval_uniformity_sample)
 
 
 def embed_features(model: nn.Module, features: dict[str, Tensor], autocast) -> Tensor:

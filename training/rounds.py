@@ -4,10 +4,13 @@ The rounds themselves run in ``mining.refresh``."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
 # of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
@@ -15,14 +18,32 @@ REFRESH_ACTOR_CPUS = 0.5
 REFRESH_SHARD_CPUS = 0.25
 
 
-def say(message: str) -> None:
-    """A progress line from a Train worker, shown once on the driver. Ray Train V2 patches ``print``
-    in its workers to send a line both to the worker's stdout and to a logger with a console
-    handler, so every ``print`` there reached the driver twice (Ray 2.60); writing to the process's
-    own stdout skips the patch (Ray's log monitor still forwards it)."""
-    stream = sys.__stdout__ or sys.stdout
-    stream.write(message + "\n")
-    stream.flush()
+log = logging.getLogger(__name__)
+
+
+def worker_logging(level: int) -> None:
+    """A Train worker's log lines, shown once on the driver. Ray Train V2 patches ``print`` in its
+    workers to send a line both to the worker's stdout and to a logger with a console handler, so
+    every ``print`` there reached the driver twice (Ray 2.60); a handler on the process's own
+    stdout skips the patch (Ray's log monitor still forwards it)."""
+    from pairmill.log import configure
+
+    configure(level, sys.__stdout__ or sys.stdout)
+
+
+@dataclass(frozen=True)
+class RefreshSettings:
+    """What rank 0 needs to run refresh rounds (built on the driver by ``refresh_settings``)."""
+
+    every: int  # train.refresh_every
+    slices: int  # train.refresh_slices: a round re-mines 1/slices of the pairs, in rotation
+    folder: str  # OUT/refresh: one step-N folder per round (its model, index and negatives)
+    store: Any  # mining.refresh.NegativeStore: pair id -> the newest negatives
+    pairs: str  # validated pairs (parquet) the rounds re-mine
+    index_folder: str | None  # a mine job's index to re-encode, else the pairs' own passages
+    encoder_kwargs: dict
+    mine_cfg: Any  # MineConfig: the selection rules
+    pool: Any  # pairmill.cluster.PoolSize of the encoder actors
 
 
 class RefreshRounds:
@@ -32,9 +53,9 @@ class RefreshRounds:
     and a finished round is noticed by a zero-timeout ``ray.wait`` at the next step. Its counters
     travel in the checkpoint's state.json, so a resumed run continues the slice rotation."""
 
-    def __init__(self, cfg: dict, save_model):
+    def __init__(self, cfg: RefreshSettings, save_model):
         self.cfg = cfg
-        self.folder = Path(cfg["folder"])
+        self.folder = Path(cfg.folder)
         self.save_model = save_model  # folder -> the live model saved there as a ST folder
         self.inflight: dict | None = None  # {"ref", "step", "t0", "save_seconds"}
         self.started = self.skipped = self.late_skipped = 0
@@ -53,7 +74,7 @@ class RefreshRounds:
             setattr(self, k, v)
 
     def due(self, step: int, last: bool) -> bool:
-        return step % self.cfg["every"] == 0 and not last  # a round started at the end could never be used
+        return step % self.cfg.every == 0 and not last  # a round started at the end could never be used
 
     def start(self, step: int, total: int) -> None:
         from mining.refresh import start_refresh
@@ -68,23 +89,33 @@ class RefreshRounds:
             # -> 10 s a step while a round ran)
             self.skipped += 1
             self.late_skipped += 1
-            say(f"[pairmill] train: refresh round due at step {step} skipped: the last one took "
+            log.info(f"train: refresh round due at step {step} skipped: the last one took "
                  f"{self.finished[-1]['steps_trained_meanwhile']} steps, so it would land after step {total}")
             return
         t0 = time.perf_counter()
         out = self.folder / f"step-{step}"
         model = self.save_model(out / "model")
         save_seconds = time.perf_counter() - t0
-        slices = self.cfg["slices"]
+        slices = self.cfg.slices
         ref = start_refresh(
-            str(model), step, pairs=self.cfg["pairs"], index_folder=self.cfg["index_folder"], out=str(out),
-            encoder_kwargs=self.cfg["encoder_kwargs"], mine_cfg=self.cfg["mine_cfg"],
-            slice_=(self.started % slices, slices), store=self.cfg["store"], pool=self.cfg["pool"],
+            str(model), step, pairs=self.cfg.pairs, index_folder=self.cfg.index_folder, out=str(out),
+            encoder_kwargs=self.cfg.encoder_kwargs, mine_cfg=self.cfg.mine_cfg,
+            slice_=(self.started % slices, slices), store=self.cfg.store, pool=self.cfg.pool,
         )
         self.inflight = {"ref": ref, "step": step, "t0": time.perf_counter(), "save_seconds": save_seconds, "skipped": 0}
         self.started += 1
-        say(f"[pairmill] train: refresh round {self.started} started at step {step} "
+        log.info(f"train: refresh round {self.started} started at step {step} "
              f"(slice {(self.started - 1) % slices + 1}/{slices}; model saved in {save_seconds:.1f}s)")
+
+    def wait_if_older(self, step: int, steps: int) -> dict | None:
+        """Test seam (``TestHooks.round_overlap_steps``): a round in flight for ``steps`` steps or
+        more is waited for, then polled; training has stepped on beside it until then."""
+        import ray
+
+        if self.inflight is None or step - self.inflight["step"] < steps:
+            return None
+        ray.wait([self.inflight["ref"]], num_returns=1)
+        return self.poll(step)
 
     def poll(self, step: int) -> dict | None:
         """The round's record when it finished since the last poll, else None. A failed round raises."""
@@ -105,7 +136,7 @@ class RefreshRounds:
             f.write(json.dumps(record) + "\n")
         for older in self.finished[:-1]:  # the newest finished round holds the live index; older ones are spent
             shutil.rmtree(self.folder / f"step-{older['step']}", ignore_errors=True)
-        say(f"[pairmill] train: refresh round of step {record['step']} finished at step {step}: "
+        log.info(f"train: refresh round of step {record['step']} finished at step {step}: "
              f"{record['refreshed']} pairs re-mined in {record['seconds']:.1f}s ({record['rounds_skipped_meanwhile']} due "
              "round(s) skipped meanwhile)")
         return record
@@ -127,7 +158,7 @@ class RefreshRounds:
             return
         ray.cancel(self.inflight["ref"], force=True)  # kills its worker; the round's actors go with it
         self.cancelled = {"step": self.inflight["step"], "action": "cancelled", "at_step": step}
-        say(f"[pairmill] train: refresh round of step {self.inflight['step']} cancelled at the end of training")
+        log.info(f"train: refresh round of step {self.inflight['step']} cancelled at the end of training")
         self.inflight = None
 
     def summary(self) -> dict:
@@ -135,8 +166,8 @@ class RefreshRounds:
         per_round = sum(r["seconds"] for r in rounds) / len(rounds) if rounds else None
         per_step = self.step_seconds / self.steps_timed if self.steps_timed else None
         return {
-            "every": self.cfg["every"],
-            "slices": self.cfg["slices"],
+            "every": self.cfg.every,
+            "slices": self.cfg.slices,
             "rounds_started": self.started,
             "rounds_finished": len(rounds),
             "rounds_skipped": self.skipped,
@@ -152,7 +183,7 @@ class RefreshRounds:
         }
 
 
-def refresh_config(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> dict:
+def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> RefreshSettings:
     """What a refresh round needs, sized to run beside the Train workers without taking the CPUs or
     GPUs they and the data ingest need (RAY_NOTES: small-machine deadlock)."""
     import dataclasses
@@ -177,19 +208,19 @@ def refresh_config(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, 
         pool = PoolSize(size=min(actors or 1, free_gpus), num_cpus=1, num_gpus=1)
     else:
         if train_gpus:
-            print("[pairmill] train: the Train workers hold every GPU; refresh rounds encode on CPU")
+            log.warning("train: the Train workers hold every GPU; refresh rounds encode on CPU")
         pool = PoolSize(size=actors or 1, num_cpus=REFRESH_ACTOR_CPUS, num_gpus=0)
     if mine_cfg.shard_gpus:
-        print(f"[pairmill] train: mine.shard_gpus={mine_cfg.shard_gpus} has no effect on refresh rounds (CPU shards beside training)")
-    return {
-        "every": train_cfg.refresh_every,
-        "slices": train_cfg.refresh_slices,
-        "folder": str(folder),
-        "store": store,
-        "pairs": str(pairs),
-        "index_folder": index_folder,
-        "encoder_kwargs": {**encoder_kwargs(encoder), **({} if pool.num_gpus else {"device": "cpu"})},
-        "mine_cfg": dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus or REFRESH_SHARD_CPUS, REFRESH_SHARD_CPUS),
-                                        shard_gpus=0.0),
-        "pool": pool,
-    }
+        log.warning(f"train: mine.shard_gpus={mine_cfg.shard_gpus} has no effect on refresh rounds (CPU shards beside training)")
+    return RefreshSettings(
+        every=train_cfg.refresh_every,
+        slices=train_cfg.refresh_slices,
+        folder=str(folder),
+        store=store,
+        pairs=str(pairs),
+        index_folder=index_folder,
+        encoder_kwargs={**encoder_kwargs(encoder), **({} if pool.num_gpus else {"device": "cpu"})},
+        mine_cfg=dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus or REFRESH_SHARD_CPUS, REFRESH_SHARD_CPUS),
+                                     shard_gpus=0.0),
+        pool=pool,
+    )

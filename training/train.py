@@ -60,8 +60,8 @@ the all-gather of the embeddings, DDP's all-reduce of the gradients; GradCache a
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -71,18 +71,18 @@ from mining.refresh import NegativeStore
 from pairmill.pairs import is_missing
 from training.batches import steps_per_epoch
 from training.loop import (
-    FAIL_AT_STEP_ENV,
     UNEVALUATED,
+    LoopConfig,
+    TestHooks,
     negative_counts,
     train_loop_per_worker,
 )
 from training.model import export_model
-from training.rounds import refresh_config
+from training.rounds import refresh_settings
 
+log = logging.getLogger(__name__)
 RUN_NAME = "train"
-# test hook: while a refresh round is in flight, every step also sleeps this long, as a step on an
-# accelerator leaves the CPUs to the round; steps with no round in flight run at full speed
-STEP_SLEEP_ENV = "PAIRMILL_TRAIN_STEP_SLEEP_S"
+RUN_SETTINGS = "checkpoints/run.json"  # what the checkpoints were made from: a rerun with others is refused
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
 PAIRS_PER_STORE_SHARD = 1_000_000  # NegativeStore actors: each holds its pairs' refreshed negative texts
 
@@ -106,51 +106,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_same_run(folder: Path, run: dict, run_name: str = RUN_NAME) -> None:
-    """A rerun resumes the checkpoints in ``folder``: refuse when what they were made from differs."""
-    changed = _changed_run(folder, run, run_name)
-    if changed:
-        raise ValueError(
-            f"{folder} holds checkpoints of a run with different settings ({', '.join(changed)}); a rerun into "
-            "the same folder resumes that run. Use a new -o folder, or delete this one to start over."
-        )
-    saved_path = folder / "checkpoints" / "run.json"
-    saved_path.parent.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(json.dumps(run, indent=2))
-
-
-def _changed_run(folder: Path, run: dict, run_name: str) -> list[str]:
-    """The settings (and "input") that differ from the run whose checkpoints ``folder`` holds; [] if none."""
-    from pairmill.config import changed_settings
-
-    saved_path = folder / "checkpoints" / "run.json"
-    if not saved_path.exists() or not any((folder / "checkpoints" / run_name).glob("step_*")):
-        return []
-    saved = json.loads(saved_path.read_text())
-    return changed_settings(saved, run) + (["input"] if saved.get("input") != run["input"] else [])
-
-
-def _reopen_finished(out: Path, run: dict, run_name: str) -> None:
-    """A finished OUT rerun with the same settings continues from its last checkpoint (so nothing
-    is trained again: the model is exported again): it moves back into its staging folder, where
-    its checkpoints were written, until the rerun commits. Other settings are refused, OUT kept."""
-    from pairmill.output import resumable_staging
-
-    staging = resumable_staging(out)
-    if staging.exists() or not (out / "_SUCCESS").exists() or not (out / "checkpoints").is_dir():
-        return
-    changed = _changed_run(out, run, run_name)
-    if changed:
-        raise ValueError(
-            f"{out} holds a finished run with different settings ({', '.join(changed)}); rerunning the same "
-            "command resumes it. Use a new -o folder, or delete this one to start over."
-        )
-    os.rename(out, staging)
-
-
 def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray, mine_cfg=None,
           run_name: str = RUN_NAME, callbacks: list | None = None, resources_per_worker: dict | None = None,
-          in_place: bool = False) -> dict:
+          in_place: bool = False, hooks: TestHooks | None = None) -> dict:
     """Run the train job; returns the stats written to ``OUT/stats.json``. ``mine_cfg`` (the mine
     section) holds the selection rules of refresh rounds (``train.refresh_every``). ``run_name``,
     ``callbacks`` and ``resources_per_worker`` go to Ray Train as they are (the tune job names each
@@ -159,7 +117,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     The job folder is built in ``.OUT.partial`` beside OUT (checkpoints, metrics, refresh rounds,
     the model) and renamed into place after its counts are checked: an interrupted run leaves the
     staging folder, and rerunning the same command resumes there. ``in_place`` writes OUT itself
-    (a tune trial, whose folder is inside the tune job's own staging folder)."""
+    (a tune trial, whose folder is inside the tune job's own staging folder). ``hooks`` is the
+    loop's test seam (``training.loop.TestHooks``), for tests only."""
     import dataclasses
 
     import ray as ray_lib
@@ -176,10 +135,10 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     from ray.train.torch import TorchTrainer
 
     from pairmill.cluster import init_ray
-    from pairmill.config import MineConfig, config_to_dict, read_kwargs
+    from pairmill.config import MineConfig, TrainConfig, config_to_dict, read_kwargs, resume_free_keys
     from pairmill.encoder import resolve_model
     from pairmill.evaluate import load_task
-    from pairmill.output import JobFolder, count_by
+    from pairmill.output import count_by, open_resumable
     from pairmill.pairs import REJECT_COLUMNS
     from pairmill.read import count_input_rows
     from pairmill.groups import write_validated
@@ -191,15 +150,13 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     refreshing = train_cfg.refresh_every > 0
     sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray,
                 **({"mine": mine_cfg} if refreshing else {})}
+    resume_free = resume_free_keys(TrainConfig)  # e.g. log_every: a rerun may change them and still resume
     run = {"input": str(Path(pairs_path).resolve()),
-           **{s: dataclasses.asdict(sections[s]) for s in ("encoder", "read", "train") + (("mine",) if refreshing else ())}}
-    for key in ("max_failures", "log_every", "eval_every", "checkpoint_every", "placement_strategy"):  # free to change on a resume
-        run["train"].pop(key)
-    if not in_place:
-        _reopen_finished(final_dir, _plain(run), run_name)
-    job = JobFolder(final_dir, parts=(), resume=not in_place, in_place=in_place)
+           "sections": {s: {k: v for k, v in dataclasses.asdict(sections[s]).items() if not (s == "train" and k in resume_free)}
+                        for s in ("encoder", "read", "train") + (("mine",) if refreshing else ())}}
+    job = open_resumable(final_dir, run, settings_file=RUN_SETTINGS, in_place=in_place,
+                         has_work=lambda folder: any((folder / "checkpoints" / run_name).glob("step_*")))
     out_dir = job.staging  # everything is written here; commit renames it to OUT
-    _check_same_run(out_dir, _plain(run), run_name)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
 
     # -- read and validate: rejects to OUT/rejected, counts for the step plan -------------------
@@ -230,44 +187,37 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     total_steps = train_cfg.max_steps or train_cfg.epochs * per_epoch
     hard = train_cfg.hard_negatives if with_negatives or refreshing else 0
     if train_cfg.hard_negatives and not with_negatives:
-        print(f"[pairmill] train: {pairs_path} has no `negatives`; training on in-batch negatives only"
+        log.warning(f"train: {pairs_path} has no `negatives`; training on in-batch negatives only"
               + (" until the first refresh round" if refreshing else ""))
     if refreshing and train_cfg.refresh_every >= total_steps:
-        print(f"[pairmill] train: train.refresh_every={train_cfg.refresh_every} >= {total_steps} steps: no refresh round will run")
+        log.warning(f"train: train.refresh_every={train_cfg.refresh_every} >= {total_steps} steps: no refresh round will run")
     use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray_lib.cluster_resources().get("GPU"))
     store = NegativeStore.create(max(1, math.ceil(valid_rows / PAIRS_PER_STORE_SHARD))) if refreshing else None
     task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(read)) if eval_cfg.data else None
 
-    loop_config = {
-        "model": resolve_model(encoder.model),
-        "query_prefix": encoder.query_prefix,
-        "passage_prefix": encoder.passage_prefix,
-        "eval_max_length": encoder.max_length,
-        "eval_query_batch": eval_cfg.query_batch,
-        "eval_uniformity_sample": eval_cfg.uniformity_sample,
-        "eval_task": ray_lib.put(task) if task is not None else None,
-        "lora": lora_settings(train_cfg),
-        "total_steps": total_steps,
-        "steps_per_epoch": per_epoch,
-        "per_worker_batch": per_worker,
-        "global_batch": train_cfg.batch_size,
-        "shuffle_buffer": max(1024, 8 * per_worker),
-        "hard_negatives": hard,
-        "metrics_path": str(out_dir / "metrics.jsonl"),
-        "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0")),
-        "step_sleep": float(os.environ.get(STEP_SLEEP_ENV, "0")),
-        "refresh": refresh_config(pairs_path, valid, out_dir, store, encoder, train_cfg, mine_cfg, ray.actors,
-                                   train_gpus=train_cfg.num_workers if use_gpu else 0) if refreshing else None,
-        **{k: getattr(train_cfg, k) for k in (
-            "lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature", "symmetric",
-            "mini_batch_size", "length_group_overhead", "query_max_length", "passage_max_length", "checkpoint_every", "eval_every",
-            "log_every", "seed")},
-    }
+    from pairmill.log import level as log_level
+
+    loop = LoopConfig(
+        model=resolve_model(encoder.model), lora=lora_settings(train_cfg),
+        query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
+        query_max_length=train_cfg.query_max_length, passage_max_length=train_cfg.passage_max_length,
+        **{k: getattr(train_cfg, k) for k in ("lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature",
+                                              "symmetric", "mini_batch_size", "length_group_overhead", "seed")},
+        total_steps=total_steps, steps_per_epoch=per_epoch, per_worker_batch=per_worker, global_batch=train_cfg.batch_size,
+        shuffle_buffer=max(1024, 8 * per_worker), hard_negatives=hard,
+        metrics_path=str(out_dir / "metrics.jsonl"), checkpoint_every=train_cfg.checkpoint_every,
+        eval_every=train_cfg.eval_every, log_every=train_cfg.log_every, log_level=log_level(),
+        eval_max_length=encoder.max_length, eval_query_batch=eval_cfg.query_batch,
+        eval_uniformity_sample=eval_cfg.uniformity_sample, eval_task=ray_lib.put(task) if task is not None else None,
+        refresh=refresh_settings(pairs_path, valid, out_dir, store, encoder, train_cfg, mine_cfg, ray.actors,
+                                 train_gpus=train_cfg.num_workers if use_gpu else 0) if refreshing else None,
+        hooks=hooks or TestHooks(),
+    )
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker every epoch (see the data-position rule)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=train_cfg.placement_strategy),
@@ -285,7 +235,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         datasets={"train": valid},
         dataset_config=DataConfig(execution_options=ingest),
     )
-    print(f"[pairmill] train: {valid_rows} pairs ({with_negatives} with negatives, {hard} used per pair), "
+    log.info(f"train: {valid_rows} pairs ({with_negatives} with negatives, {hard} used per pair), "
           f"{train_cfg.num_workers} worker(s) x {per_worker}, {per_epoch} steps/epoch, {total_steps} steps, "
           f"{'GPU' if use_gpu else 'CPU'}")
     t0 = time.perf_counter()

@@ -308,42 +308,17 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
-def _changed_settings(folder: Path, settings: dict) -> list[str]:
-    """What differs from the settings ``folder`` (a tune job or its staging folder) was started with."""
-    from pairmill.config import changed_settings
-
-    path = folder / SETTINGS
-    if not path.exists():
-        return []
-    saved = json.loads(path.read_text())
-    return changed_settings(saved["sections"], settings["sections"]) + (["input"] if saved["input"] != settings["input"] else [])
-
-
-def _refuse_other_settings(folder: Path, changed: list[str]) -> None:
-    if changed:
-        raise BadInput(
-            f"{folder} holds a tuning run started with other settings ({', '.join(changed)}); rerunning the same "
-            "command resumes it. Use a new -o folder, or delete this one to start over."
-        )
-
-
 def _open_job(out: Path, settings: dict):
-    """The tune job's folder (``pairmill.output.JobFolder``, staged in ``.OUT.partial``). An
-    interrupted run's staging folder is resumed; a finished OUT rerun with the same settings moves
-    back into staging and is restored (its finished trials kept, so nothing trains again); a
-    folder of a run with other settings is refused, untouched."""
-    from pairmill.output import JobFolder, resumable_staging
+    """The tune job's folder (``pairmill.output.open_resumable``, staged in ``.OUT.partial``): an
+    interrupted run's trials are resumed; a finished OUT rerun with the same settings is restored
+    (its finished trials kept, so nothing trains again); other settings are refused, untouched."""
+    from pairmill.output import OtherSettings, open_resumable
 
-    settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
-    staging = resumable_staging(out)
-    if (staging / EXPERIMENT).exists():  # an interrupted run with trials to keep
-        _refuse_other_settings(staging, _changed_settings(staging, settings))
-    elif (out / "_SUCCESS").exists() and (out / SETTINGS).exists():
-        _refuse_other_settings(out, _changed_settings(out, settings))
-        os.rename(out, staging)
-    job = JobFolder(out, parts=(), resume=True)
-    (job.staging / SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
-    return job
+    try:
+        return open_resumable(out, settings, settings_file=SETTINGS, has_work=lambda folder: (folder / EXPERIMENT).exists(),
+                              what="tuning run")
+    except OtherSettings as e:
+        raise BadInput(str(e)) from None
 
 
 def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = None) -> dict:

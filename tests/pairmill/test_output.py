@@ -4,7 +4,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pairmill.output import JobFolder, StatsMismatch, count_by, is_finished, parquet_rows
+from pairmill.output import (
+    JobFolder,
+    OtherSettings,
+    StatsMismatch,
+    count_by,
+    is_finished,
+    open_resumable,
+    parquet_rows,
+    resumable_staging,
+)
 
 
 def _stats(kept, rejected):
@@ -72,3 +81,49 @@ def test_an_in_place_job_writes_success_last_in_its_own_folder(tmp_path):
     assert job.staging == out.resolve() and not is_finished(out)  # being rewritten
     job.commit(_stats(1, {}))
     assert is_finished(out) and json.loads((out / "stats.json").read_text())["kept"] == 1
+
+
+def _settings(lr: float, input_: str = "/data/pairs.jsonl") -> dict:
+    return {"input": input_, "sections": {"train": {"lr": lr, "targets": ("query", "value")}}}
+
+
+def _work(folder):
+    return (folder / "checkpoints").is_dir()
+
+
+def _finish(job: JobFolder) -> None:
+    (job.staging / "checkpoints").mkdir(exist_ok=True)
+    job.commit({"input_rows": 0, "kept": 0, "dropped": {}, "rejected": {}})
+
+
+def test_the_resume_guard_resumes_same_settings_and_refuses_others(tmp_path):
+    """train and tune share it: staging with work resumes; a finished OUT reopens into staging with
+    the same settings; other settings (or another input) are refused and nothing is touched."""
+    out = tmp_path / "job"
+    job = open_resumable(out, _settings(1e-3), settings_file="run.json", has_work=_work)
+    assert job.staging == resumable_staging(out) and (job.staging / "run.json").exists()
+    (job.staging / "checkpoints").mkdir()  # an interrupted run: work in staging
+    with pytest.raises(OtherSettings, match=r"other settings \(train.lr\)"):
+        open_resumable(out, _settings(2e-3), settings_file="run.json", has_work=_work)
+    with pytest.raises(OtherSettings, match=r"\(input\)"):
+        open_resumable(out, _settings(1e-3, "/data/other.jsonl"), settings_file="run.json", has_work=_work)
+    job = open_resumable(out, _settings(1e-3), settings_file="run.json", has_work=_work)  # tuples read back as lists
+    _finish(job)
+    assert is_finished(out) and not resumable_staging(out).exists()
+
+    with pytest.raises(OtherSettings, match="train.lr"):
+        open_resumable(out, _settings(5e-4), settings_file="run.json", has_work=_work)
+    assert is_finished(out) and not resumable_staging(out).exists()  # a refused rerun leaves OUT as it was
+    job = open_resumable(out, _settings(1e-3), settings_file="run.json", has_work=_work)
+    assert not out.exists() and job.staging == resumable_staging(out) and (job.staging / "checkpoints").is_dir()
+    assert not (job.staging / "_SUCCESS").exists()  # back in staging until the rerun commits
+
+
+def test_the_resume_guard_in_place_checks_the_folder_itself(tmp_path):
+    out = tmp_path / "trial"
+    job = open_resumable(out, _settings(1e-3), settings_file="s/run.json", has_work=_work, in_place=True)
+    assert job.staging == out and (out / "s" / "run.json").exists()
+    (out / "checkpoints").mkdir()
+    with pytest.raises(OtherSettings):
+        open_resumable(out, _settings(2e-3), settings_file="s/run.json", has_work=_work, in_place=True)
+    assert open_resumable(out, _settings(1e-3), settings_file="s/run.json", has_work=_work, in_place=True).staging == out

@@ -15,7 +15,7 @@ from pairmill.config import EncoderConfig, EvalConfig, ConfigError, RayConfig, R
 from pairmill.pairs import text_key
 from tests.conftest import literal_pairs, write_jsonl
 from training.batches import build_batch, hard_negatives, lr_lambda, place_negatives, steps_per_epoch
-from training.loop import FAIL_AT_STEP_ENV
+from training.loop import TestHooks
 from training.model import export_model, load_trainable_state, setup_model
 from training.train import train
 
@@ -157,13 +157,14 @@ def data(tmp_path_factory):
     }
 
 
-def run_train(data, out, tiny_model, **train_kw):
+def run_train(data, out, tiny_model, hooks=None, **train_kw):
     settings = dict(num_workers=2, batch_size=8, epochs=1, lr=1e-3, checkpoint_every=4, log_every=4, max_failures=0)
     settings.update(train_kw)
     return train(
         data["pairs"], str(out),
         encoder=EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: "),
         read=ReadConfig(), train_cfg=TrainConfig(**settings), eval_cfg=EvalConfig(data=data["heldout"]), ray=RayConfig(),
+        hooks=hooks,
     )
 
 
@@ -179,7 +180,7 @@ def metric_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_model, data, tmp_path, monkeypatch):
+def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_model, data, tmp_path):
     """GradCache, ragged hard negatives, eval every 4 steps; the last worker fails at step 6, after the
     checkpoint of step 4: Ray restarts the group, which continues from step 4 (not 0) and exports."""
     from sentence_transformers import SentenceTransformer
@@ -189,8 +190,8 @@ def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_
     from pairmill.evaluate import evaluate_model, load_task
 
     out = tmp_path / "run"
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")
-    stats = run_train(data, out, tiny_model, mini_batch_size=3, hard_negatives=2, eval_every=4, max_failures=1)
+    stats = run_train(data, out, tiny_model, hooks=TestHooks(fail_at_step=6), mini_batch_size=3, hard_negatives=2,
+                      eval_every=4, max_failures=1)
 
     assert stats["train"]["resumed_from_step"] == 4
     assert (out / "_SUCCESS").exists() and (out / "config.yaml").exists()
@@ -222,8 +223,7 @@ def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_
     np.testing.assert_allclose(enc.encode(texts), exported, atol=1e-5)
 
 
-def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_session, tiny_model, data, tmp_path,
-                                                                             monkeypatch):
+def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_session, tiny_model, data, tmp_path):
     """The job folder is staged: an interrupted run leaves nothing at OUT, only ``.OUT.partial`` with
     its checkpoints, and the same command resumes there and commits; a finished OUT rerun resumes
     too (nothing left to train); other settings are refused."""
@@ -236,11 +236,9 @@ def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_se
     # length_group_overhead=4: each side encoded in several length groups, under DDP with ranks
     # running different numbers of forwards
     settings = dict(lora_rank=4, max_steps=3, hard_negatives=0, length_group_overhead=4, checkpoint_every=1)
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "2")
-    with pytest.raises(Exception, match="test hook"):
-        run_train(data, out, tiny_model, **settings)  # max_failures=0: the run dies after step 2's checkpoint
+    with pytest.raises(Exception, match="fail_at_step"):  # max_failures=0: the run dies after step 2's checkpoint
+        run_train(data, out, tiny_model, hooks=TestHooks(fail_at_step=2), **settings)
     assert not out.exists() and (resumable_staging(out) / "checkpoints" / "train" / "step_0000002").is_dir()
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
 
     stats = run_train(data, out, tiny_model, **settings)
     assert stats["train"]["steps"] == 3 and stats["train"]["resumed_from_step"] == 2 and stats["exported_merged"]
