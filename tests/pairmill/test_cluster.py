@@ -64,3 +64,56 @@ def test_parquet_reader_follows_worker_env_unless_the_environment_says_otherwise
         assert ctx.use_datasource_v2 is True
     finally:
         ctx.use_datasource_v2 = before
+
+
+
+class _Stdout:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_ray_data_console_keeps_warnings_and_errors(monkeypatch, tty):
+    """Through Ray Data's own console handler: no INFO (its per-10-second progress dumps), not the
+    no-free-CPU warning; other warnings and errors still show. Progress bars go off a terminal only."""
+    import io
+    import logging
+    import sys
+
+    from ray.data import DataContext
+
+    ctx, data_logger = DataContext.get_current(), logging.getLogger("ray.data")
+    console = next(h for h in data_logger.handlers if h.name == "console")  # Ray Data's default logging config
+    shown = io.StringIO()
+    before = (ctx.enable_progress_bars, data_logger.level, console.setStream(shown))
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "DEBUG")
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL")  # unset here, and as it was after the test
+    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys, "stdout", _Stdout(tty))
+    try:
+        ctx.enable_progress_bars = True
+        cluster.quiet_ray_console()
+        logging.getLogger("ray.data._internal.progress.logging_progress").info("Total Progress: 5/40")
+        logging.getLogger("ray.data.dataset").warning(cluster.HIDDEN_WARNINGS[0] + ". The Dataset job will hang")
+        logging.getLogger("ray.data.dataset").warning("a warning that matters")
+        logging.getLogger("ray.data._internal.execution").error("an error")
+        assert "a warning that matters" in shown.getvalue() and "an error" in shown.getvalue()
+        assert "Total Progress" not in shown.getvalue() and "will hang" not in shown.getvalue()
+        assert ctx.enable_progress_bars is tty
+        monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "INFO")  # the environment's level wins
+        cluster.quiet_ray_console()
+        logging.getLogger("ray.data._internal.progress.logging_progress").info("Total Progress: 6/40")
+        assert "Total Progress: 6/40" in shown.getvalue()
+    finally:
+        ctx.enable_progress_bars = before[0]
+        data_logger.setLevel(before[1])
+        console.setStream(before[2])

@@ -9,9 +9,14 @@ from pairmill.evaluate import (
     RetrievalTask,
     alignment,
     beir_task,
+    evaluate,
     evaluate_embeddings,
+    load_task,
+    normalize_rows,
     pairs_task,
+    query_metrics,
     ranking_metrics,
+    retrieve,
     uniformity,
 )
 from pairmill.vectors import exact_search
@@ -109,8 +114,6 @@ def test_a_messy_beir_folder_is_read_with_counted_rejections(tmp_path):
     (tmp_path / "corpus.jsonl").write_bytes(b"\n".join(corpus) + b"\n")
     (tmp_path / "queries.jsonl").write_bytes(b'{"_id": "q1", "text": "first"}\n{"_id": "q2"}\n[1]\n')
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\t2\tx\nq1\td4\t1\nbroken\nq1\t2\t0\n")
-    from pairmill.evaluate import load_task
-
     task = load_task(str(tmp_path))
     assert task.corpus == ["one", "Two"] and task.queries == ["first"] and task.qrels == [{0: 1.0}]
     counts = {Path(p).name: c for p, c in task.inputs.items()}
@@ -121,3 +124,81 @@ def test_a_messy_beir_folder_is_read_with_counted_rejections(tmp_path):
     assert counts["test.tsv"] == {"input_rows": 5, "used": 2, "rejected": {"bad_qrels_line": 2, "unknown_id": 1}}
     for c in counts.values():
         assert c["used"] + sum(c["rejected"].values()) == c["input_rows"]
+
+
+def word_set_vectors(texts, kind):
+    """Deterministic vectors of real texts, a lexical retriever: the hashed set of a text's words
+    (cosine = shared words / sqrt(product of word counts), so equal scores are common)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    hashing = HashingVectorizer(n_features=4096, binary=True, norm=None, alternate_sign=False)
+    return hashing.transform(texts).toarray().astype(np.float32)  # (len(texts), 4096)
+
+
+@pytest.fixture(scope="module")
+def sample_tasks(tmp_path_factory):
+    """The bundled held-out split as eval reads it (one relevant passage per query), and the same
+    texts as a BEIR folder with graded qrels: 2 for a term's own definitions (a term both sources
+    define is one query with two), 1 for the passages that cite it as "{term}" (FOLDOC's and the
+    Jargon File's cross-references)."""
+    from pairmill.sample import HELDOUT
+
+    pairs = load_task(str(HELDOUT))
+    folder = tmp_path_factory.mktemp("graded")
+    (folder / "qrels").mkdir()
+    terms = list(dict.fromkeys(pairs.queries))
+    own = {t: set() for t in terms}
+    for qi, d in pairs.positives:
+        own[pairs.queries[qi]].add(d)
+    lines = ["query-id\tcorpus-id\tscore"]
+    for i, term in enumerate(terms):
+        cites = {d for d, text in enumerate(pairs.corpus) if "{" + term + "}" in text} - own[term]
+        lines += [f"q{i}\td{d}\t2" for d in sorted(own[term])] + [f"q{i}\td{d}\t1" for d in sorted(cites)]
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(pairs.corpus)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(terms)))
+    return {"pairs": pairs, "graded": load_task(str(folder))}
+
+
+TREC_NAMES = {"ndcg@10": "ndcg_cut_10", "recall@1": "recall_1", "recall@10": "recall_10", "recall@100": "recall_100",
+              "mrr@10": "recip_rank"}
+
+
+@pytest.mark.parametrize("name", ["pairs", "graded"])
+def test_metrics_equal_trec_eval_per_query_on_the_sample(sample_tasks, name):
+    """Every query's nDCG@10, Recall@1/10/100 and MRR@10, and their means, equal trec_eval's
+    (pytrec_eval) on a real run: the held-out sample's texts, retrieved by pairmill."""
+    import pytrec_eval
+
+    task = sample_tasks[name]
+    q, c = normalize_rows(word_set_vectors(task.queries, "query")), normalize_rows(word_set_vectors(task.corpus, "passage"))
+    ranked, scores = retrieve(task, q, c, query_batch=64)  # several query batches
+    for ids, row in zip(ranked, scores):  # pairmill's order: score descending, ties to the smaller id
+        assert all((row[r], -ids[r]) > (row[r + 1], -ids[r + 1]) for r in range(len(ids) - 1))
+    # trec_eval sorts a run by score and equal scores by docno descending: corpus id d is docno
+    # N - d, so its order is pairmill's, ties included (the run has ties that matter; see the end).
+    assert all(g == int(g) for rel in task.qrels for g in rel.values())  # trec_eval's grades are integers
+
+    def trec_eval(docno, measures, depth=None):
+        qrels = {str(i): {docno(d): int(g) for d, g in rel.items()} for i, rel in enumerate(task.qrels)}
+        run = {str(i): {docno(d): s for d, s in list(zip(ids, row))[:depth]} for i, (ids, row) in enumerate(zip(ranked, scores))}
+        return pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+
+    n = len(task.corpus)
+    library = trec_eval(lambda d: f"{n - d:07d}", {"ndcg_cut.10", "recall.1,10,100"})
+    reciprocal = trec_eval(lambda d: f"{n - d:07d}", {"recip_rank"}, depth=10)  # trec_eval -M 10: MRR@10
+    assert set(library) == set(reciprocal) == {str(i) for i in range(len(task.qrels))}  # no query left out
+    expected = []
+    for i, (ids, rel) in enumerate(zip(ranked, task.qrels)):
+        theirs = {key: (reciprocal if key == "mrr@10" else library)[str(i)][trec] for key, trec in TREC_NAMES.items()}
+        assert query_metrics(ids, rel) == pytest.approx(theirs, abs=1e-12), f"query {i} {task.queries[i]!r}"
+        expected.append(theirs)
+    means = evaluate(task, word_set_vectors)  # end to end from the texts
+    for key in TREC_NAMES:
+        assert means[key] == pytest.approx(np.mean([e[key] for e in expected]), abs=1e-12), key
+    # What the run exercised: misses (metrics 0, still averaged in), partial nDCG, and ties that
+    # decide metrics: with docnos in the other order, trec_eval's numbers change.
+    assert 0 < sum(e["recall@100"] == 0 for e in expected) and 0 < sum(0 < e["ndcg@10"] < 1 for e in expected)
+    assert trec_eval(lambda d: f"{d:07d}", {"ndcg_cut.10", "recall.1,10,100"}) != library
+    if name == "graded":
+        assert sum(len(rel) > 1 for rel in task.qrels) >= 20 and {1.0, 2.0} <= {g for rel in task.qrels for g in rel.values()}
