@@ -30,6 +30,7 @@ Design note.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -42,6 +43,8 @@ from mining.negatives import select_negatives
 from pairmill.config import INLINE_POSITIVES, MineConfig
 from pairmill.groups import bucket_count, key_buckets
 from pairmill.pairs import text_key
+
+log = logging.getLogger(__name__)
 
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 PASSAGES_PER_SHARD = 2_000_000
@@ -277,7 +280,7 @@ def reusable_embeddings(pairs_path: str, fingerprint: str) -> Path | None:
     saved = json.loads(stats.read_text()).get("encoder_fingerprint")
     if saved != fingerprint:
         if saved:
-            print(f"[pairmill] mine: {folder} was encoded with encoder {saved}, not {fingerprint}: encoding again")
+            log.info(f"mine: {folder} was encoded with encoder {saved}, not {fingerprint}: encoding again")
         return None
     import pyarrow.parquet as pq
 
@@ -325,14 +328,14 @@ def mine(
         t0 = time.perf_counter()
         reuse = reusable_embeddings(pairs_path, fingerprint)
         if reuse is not None:
-            print(f"[pairmill] mine: reusing the embeddings in {reuse} (encoder {fingerprint})")
+            log.info(f"mine: reusing the embeddings in {reuse} (encoder {fingerprint})")
             pairs = ray_lib.data.read_parquet(str(reuse))
         else:
             parsed = ray_lib.data.read_parquet(str(write_validated(pairs_path, work / "validated", "pairs", **read_kwargs(read))))
             parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
                 job.path("rejected")
             )
-            print(f"[pairmill] mine: encoding pairs on {pool.size} actor(s)")
+            log.info(f"mine: encoding pairs on {pool.size} actor(s)")
             valid = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns("pairs"))
             pairs = valid.map_batches(
                 EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder_kwargs(encoder),
@@ -385,7 +388,7 @@ def mine(
                             {"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)})
         num_shards, shard_devices = len(index.shards), {"devices": index.devices, "warnings": index.device_warnings}
         try:
-            print(f"[pairmill] mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)")
+            log.info(f"mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)")
             job.stage("index", valid_rows, corpus_rows, time.perf_counter() - t0)
 
             # -- 3. positives per query, search, select, look up texts ------------------------

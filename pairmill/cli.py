@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import logging
 import sys
 from pathlib import Path
 from typing import get_origin, get_type_hints
 
 from pairmill.config import SECTIONS, ConfigError, describe, load_config
 from pairmill.config_text import override_text
+from pairmill.log import configure
 
 # verb -> (module with main(args), config sections it reads, one-line help)
 VERBS = {
@@ -60,6 +62,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with sections of settings (see the keys below)")
     _flag(p, "model")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. encoder.batch_size=64")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                       default=logging.INFO, help="print warnings and errors only, not progress lines")
+    shown.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                       help="print debug lines too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    configure(args.log_level)  # what the verb's log lines show; its errors and summary print regardless
     if "encoder" in args.config_sections:  # a model that cannot load fails here, before any Ray work
         from pairmill.encoder import check_model
 

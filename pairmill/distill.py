@@ -16,10 +16,13 @@ The folder is built beside DIR and renamed into place, with ``distill.json`` (wh
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import uuid
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def distill_model(model: str | None, out: str, *, pca_dims: int | None, device: str = "cpu") -> dict:
@@ -47,7 +50,7 @@ def distill_model(model: str | None, out: str, *, pca_dims: int | None, device: 
     work = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
     try:
-        print(f"[pairmill] distill: {source} -> a static model (pca_dims={pca_dims}); one forward per vocabulary token")
+        log.info(f"distill: {source} -> a static model (pca_dims={pca_dims}); one forward per vocabulary token")
         static = distill(model_name=source, pca_dims=pca_dims, device=device)
         static.save_pretrained(str(work / "model2vec"))
         st = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(work / "model2vec"))], device="cpu")

@@ -9,6 +9,7 @@ are distinct (``pairmill.groups.read_unique``: a later row with an earlier row's
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pairmill.config import EncoderConfig, RayConfig, ReadConfig, encoder_kwargs, read_kwargs
@@ -17,6 +18,8 @@ from pairmill.output import format_summary
 from pairmill.groups import write_validated
 from pairmill.pairs import REJECT_COLUMNS, Mode, output_columns
 from pairmill.read import count_input_rows
+
+log = logging.getLogger(__name__)
 
 
 def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read: ReadConfig, ray: RayConfig) -> dict:
@@ -41,7 +44,7 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
         rejected = parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS)
 
         pool = encoder_pool(ray.actors)
-        print(f"[pairmill] embed: {pool.size} encoder actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
+        log.info(f"embed: {pool.size} encoder actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
         embedded = kept.map_batches(
             EncodeBatch,
             fn_constructor_kwargs={"mode": mode, "encoder_kwargs": encoder_kwargs(encoder)},

@@ -14,6 +14,7 @@ evaluated the BEIR way, ignoring a document whose id equals the query's id.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ import numpy as np
 
 from pairmill.config import EvalConfig
 from pairmill.vectors import exact_search
+
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "alignment", "uniformity", "queries", "corpus")
 TOP_K = 100
@@ -296,8 +299,8 @@ def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = N
         task.inputs = inputs
     for path, counts in task.inputs.items():
         if counts["rejected"]:
-            print(f"[pairmill] eval: {path}: {sum(counts['rejected'].values())} of {counts['input_rows']} rows "
-                  f"left out as invalid: {counts['rejected']}")
+            log.warning(f"eval: {path}: {sum(counts['rejected'].values())} of {counts['input_rows']} rows "
+                        f"left out as invalid: {counts['rejected']}")
     return task
 
 
@@ -308,10 +311,12 @@ def evaluate_model(encoder_cfg, eval_cfg, task: RetrievalTask, keep: dict | None
     from pairmill.encoder import Encoder
 
     encoder = Encoder(**encoder_kwargs(encoder_cfg))
+    log.debug(f"eval: encoder {encoder.model_path} on {encoder.device}, backend {encoder.backend}, "
+              f"precision {encoder.precision}, batch {encoder.batch_size}")
     kept = {} if keep is None else keep
 
     def encode(texts, kind):
-        kept[kind] = encoder.encode(texts, kind, show_progress=True)
+        kept[kind] = encoder.encode(texts, kind, show_progress=log.isEnabledFor(logging.INFO))  # progress: hidden by -q
         return kept[kind]
 
     return evaluate(
@@ -331,6 +336,7 @@ def main(args) -> int:
     if not eval_cfg.data:
         raise SystemExit("pairmill eval: --data is required (a pairs file or a BEIR folder)")
     task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(cfg["read"]))
+    log.info(f"eval: {len(task.queries)} queries against {len(task.corpus)} passages")
     metrics = evaluate_model(encoder_cfg, eval_cfg, task)
     print(format_table({encoder_cfg.model or "all-MiniLM-L6-v2 (bundled)": metrics}))
     if args.json:

@@ -9,6 +9,7 @@ validation step, where a failure is a row with a ``reason``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 from pairmill.config import ReadConfig
 from pairmill.pairs import Mode, decode_line, parsed_schema, validate_records
 
+log = logging.getLogger(__name__)
 
 LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz", ".txt", ".txt.gz")
 
@@ -178,7 +180,7 @@ def _load_hf(path: str):
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"{path} is a DatasetDict with splits {list(ds)}; save the split you want on its own")
-        print(f"[pairmill] {path}: a DatasetDict; reading its 'train' split ({len(ds['train'])} rows)")
+        log.info(f"{path}: a DatasetDict; reading its 'train' split ({len(ds['train'])} rows)")
         ds = ds["train"]
     return ds
 

@@ -30,6 +30,7 @@ compute time measured inside the workers (``t_<stage>`` columns); ``passes`` hol
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 import time
@@ -62,6 +63,7 @@ from pipelines.decontaminate import CONTAMINATED, contamination
 from pipelines.dedup import EXACT_DUPLICATE, add_dedup_key, mark_exact_duplicates
 from pipelines.semdedup import SEMANTIC_DUPLICATE, assign_clusters, dedup_vectors, default_n_clusters, fit_kmeans, semdedup_cluster
 
+log = logging.getLogger(__name__)
 PAIR_COLUMNS = output_columns("pairs")  # id, query, passage, source, negatives
 EMBEDDING_COLUMNS = ["query_embedding", "passage_embedding"]
 DROPPED_COLUMNS = PAIR_COLUMNS + ["reason", "dup_of", "rank", "origin"]
@@ -283,7 +285,7 @@ def hold(ds, folder: Path, estimate: int):
     capacity = ray.cluster_resources().get("object_store_memory", 0)
     if estimate <= min(HOLD_MAX_BYTES, OBJECT_STORE_SHARE * capacity):
         return ds.materialize()
-    print(f"[pairmill] filter: a pass of ~{estimate / 2**30:.2f} GiB goes through {folder}, not memory")
+    log.info(f"filter: a pass of ~{estimate / 2**30:.2f} GiB goes through {folder}, not memory")
     ds.write_parquet(str(folder))
     return ray.data.read_parquet(str(folder))
 
@@ -411,7 +413,7 @@ def filter_pairs(
             ds = ds.groupby("id_bucket", num_partitions=partitions).map_groups(id_group, batch_format="pyarrow")
         if embedded:
             pool = encoder_pool(ray.actors)
-            print(f"[pairmill] filter: encoder pool of {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
+            log.info(f"filter: encoder pool of {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
             ds = ds.map_batches(
                 EmbedPairs,
                 fn_constructor_kwargs={"encoder_kwargs": encoder_kwargs(encoder)},
@@ -433,8 +435,8 @@ def filter_pairs(
             job.stage("unique_ids", after_dedup, unique, seconds["t_ids"])
         if embedded:
             job.stage("encode", unique, unique, seconds["t_encode"])
-        print(f"[pairmill] filter: {input_rows} rows read, {valid} valid, {unique} after exact dedup"
-              + (f" and {counts['duplicate_id']} duplicate id(s) rejected" if counts.get("duplicate_id") else ""))
+        log.info(f"filter: {input_rows} rows read, {valid} valid, {unique} after exact dedup"
+                 + (f" and {counts['duplicate_id']} duplicate id(s) rejected" if counts.get("duplicate_id") else ""))
         alive = marked.filter(expr=col("reason").is_null())
 
         # Pass 2: the consistency pool (sharded index) and the k-means sample.
@@ -442,15 +444,15 @@ def filter_pairs(
         t0 = time.perf_counter()
         if options.consistency and unique:
             index, pool_rows, sample = build_pool(alive, unique, options, min(unique, options.kmeans_sample))
-            print(f"[pairmill] filter: consistency pool of {pool_rows} passages in {len(index.shards)} index shard(s)")
+            log.info(f"filter: consistency pool of {pool_rows} passages in {len(index.shards)} index shard(s)")
             stats_extra["consistency"] = {"k": options.k, "pool": pool_rows, "near_copy_eps": options.near_copy_eps}
             if options.k == "auto":
                 auto = calibrate_k(alive, unique, index.search, options)
                 options = dataclasses.replace(options, k=auto["k"])
                 stats_extra["consistency"].update(k=auto["k"], auto=auto)
                 share = auto["curve"][str(auto["k"])]
-                print(f"[pairmill] filter: k=auto chose k={auto['k']} on {auto['clean']} rows: {auto['rule']}; there it "
-                      f"removes {share['corrupted_removed']:.1%} of {auto['corrupted']} corrupted pairs, keeps {share['clean_kept']:.1%}")
+                log.info(f"filter: k=auto chose k={auto['k']} on {auto['clean']} rows: {auto['rule']}; there it "
+                         f"removes {share['corrupted_removed']:.1%} of {auto['corrupted']} corrupted pairs, keeps {share['clean_kept']:.1%}")
         if options.semdedup and unique:
             if sample is None:
                 sample = kmeans_sample(alive, unique, options)
@@ -472,7 +474,7 @@ def filter_pairs(
             del model
             eval_ref = ray_lib.put(eval_texts)
             passes["eval_texts"] = time.perf_counter() - t0
-            print(f"[pairmill] filter: decontaminating against {len(eval_texts.exact)} texts of {list(options.decontaminate)}")
+            log.info(f"filter: decontaminating against {len(eval_texts.exact)} texts of {list(options.decontaminate)}")
 
         # Pass 3: per-row stages, then semantic dedup within clusters.
         final = None

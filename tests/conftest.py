@@ -4,6 +4,7 @@ folder (no download), and a few literal pairs."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,21 @@ from pairmill.cluster import WORKER_ENV  # noqa: E402  (imports nothing heavy)
 
 for _name, _value in WORKER_ENV.items():
     os.environ.setdefault(_name, _value)
+
+@pytest.fixture(autouse=True)
+def unconfigured_logging():
+    """Each test starts with the project's loggers as a library user has them (no handler, level
+    unset, propagating to the root and so to ``caplog``): a CLI call's ``pairmill.log.configure``
+    does not carry over into the next test."""
+    yield
+    from pairmill.log import PACKAGES
+
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
 
 WORDS = (
     "the a of to and in is for on with as by an be this that from or at are it can data "

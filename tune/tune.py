@@ -40,12 +40,15 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 import time
 from pathlib import Path
 
 from pairmill.pairs import is_missing
+
+log = logging.getLogger(__name__)
 
 TRIALS = "trials"  # OUT/trials/<trial_id>: one train job folder per trial
 EXPERIMENT = "tune"  # OUT/tune: Ray Tune's experiment state (what a rerun restores)
@@ -105,8 +108,8 @@ def with_defaults(space: dict[str, tuple[str, list]], train_cfg) -> tuple[dict, 
     out = {}
     for key, (kind, values) in space.items():
         if kind == "choice" and default[key] not in values:
-            print(f"[pairmill] tune: tune.{key}={values} does not hold train.{key}={default[key]}, the first trial's "
-                  "value: added to the choices")
+            log.warning(f"tune: tune.{key}={values} does not hold train.{key}={default[key]}, the first trial's "
+                        "value: added to the choices")
             values = [default[key], *values]
         out[key] = (kind, values)
     return out, default
@@ -162,28 +165,37 @@ def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float]
 # ----------------------------------------------------------------------------- the trial
 
 
-def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_per_worker: dict) -> None:
+def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_per_worker: dict, log_level: int) -> None:
     """The Tune function trainable: one train run with this trial's values. Its reports reach Tune
-    through ``TuneReportCallback`` (``tune.report`` is not called here: Train's workers report)."""
+    through ``TuneReportCallback`` (``tune.report`` is not called here: Train's workers report);
+    its lines show at ``log_level``, the driver's (``pairmill.log.level()``)."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from training.train import train
 
     trial_id = tune.get_context().get_trial_id()
     # The callback is made here, in the Tune session it reports to (through a queue actor); the train
     # run itself runs as a task outside the trial's placement group, which would otherwise capture
     # train's Ray Data tasks (and refuse them: the group holds 0.01 CPU). The task is owned by this
     # trial, so a trial that Tune stops takes its train run (and its Train workers) with it.
-    run = ray.remote(train).options(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)
+    run = ray.remote(_logged_train).options(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)
     ray.get(run.remote(
-        pairs, str(Path(out) / TRIALS / trial_id),
+        log_level, pairs, str(Path(out) / TRIALS / trial_id),
         encoder=sections["encoder"], read=sections["read"], train_cfg=trial_train_config(sections["train"], config),
         eval_cfg=sections["eval"], ray=sections["ray"], mine_cfg=sections["mine"],
         run_name=f"train-{trial_id}", callbacks=[TuneReportCallback()], resources_per_worker=resources_per_worker,
         in_place=True,  # the trial folder is inside the tune job's staging folder, committed with it
     ))
+
+
+def _logged_train(log_level: int, *args, **kwargs) -> dict:
+    """``training.train.train`` in a Ray task, whose process has no log handler of its own: its
+    lines (and its Train workers', which take this level) show at the driver's level."""
+    from pairmill.log import configure
+    from training.train import train
+
+    configure(log_level)
+    return train(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- results
@@ -332,6 +344,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
+    from pairmill.log import level as log_level
     from training.model import export_model
     from training.train import lora_settings
 
@@ -379,11 +392,11 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     resources_per_worker = {"CPU": tune_cfg.cpus_per_worker}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, pairs=pairs, out=str(out_dir), sections=sections,
-                             resources_per_worker=resources_per_worker),
+                             resources_per_worker=resources_per_worker, log_level=log_level()),
         {"CPU": 0.01},  # the trial function only waits on its train run ({"CPU": 0} is refused)
     )
     if restorable:
-        print(f"[pairmill] tune: resuming the interrupted tuning run in {experiment} (finished trials are kept)", flush=True)
+        log.info(f"tune: resuming the interrupted tuning run in {experiment} (finished trials are kept)")
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, param_space=search_space(space))
     else:
         if tune_cfg.search == "optuna":
@@ -406,10 +419,10 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
                                         search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), callbacks=callbacks),
         )
-    print(f"[pairmill] tune: {tune_cfg.num_samples} trial(s) ({tune_cfg.search} search, {tune_cfg.scheduler}), "
-          f"{concurrent} at a time, each {per_trial}; varying "
-          f"{', '.join(f'{k} {kind} {v}' for k, (kind, v) in space.items())}; trial 1 = the train section's values "
-          f"{default}; {metric} on {eval_cfg.data} every {eval_every} steps", flush=True)
+    log.info(f"tune: {tune_cfg.num_samples} trial(s) ({tune_cfg.search} search, {tune_cfg.scheduler}), "
+             f"{concurrent} at a time, each {per_trial}; varying "
+             f"{', '.join(f'{k} {kind} {v}' for k, (kind, v) in space.items())}; trial 1 = the train section's values "
+             f"{default}; {metric} on {eval_cfg.data} every {eval_every} steps")
     t0 = time.perf_counter()
     grid = tuner.fit()
     tune_seconds = time.perf_counter() - t0

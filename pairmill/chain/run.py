@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +42,8 @@ from typing import Callable
 from pairmill import sample
 from pairmill.config import changed_settings, config_to_dict, profile_overrides
 from pairmill.output import remove_job, resumable_staging
+
+log = logging.getLogger(__name__)
 
 # `pairmill run` with no --config on the bundled sample: these settings, under the user's key=value
 # overrides. configs/sample.yaml is the same profile with the reason for each value.
@@ -95,17 +98,17 @@ class Stages:
         (``{section: {key: value}}``, what the stage reads) name what changed when it is redone."""
         folder = self.out / name
         if not self.force and self.state.get(name) == key and (folder / "_SUCCESS").exists():
-            print(f"[pairmill] run: {name}: reusing {folder} (same input and settings; --force to redo)")
+            log.info(f"run: {name}: reusing {folder} (same input and settings; --force to redo)")
             return json.loads((folder / "stats.json").read_text())
         # A stage that started with these settings and did not finish keeps its folder, so the job
         # resumes (training from its last checkpoint); other settings, or --force, start it over.
         if self.force or self.state.get(f"{name}:started") != key:
             gone = remove_job(folder)  # the folder and a resumable job's staging folder (checkpoints)
             if gone:
-                print(f"[pairmill] run: {name}: {self._why(name, key, settings)}: redoing it; deleted "
-                      f"{', '.join(str(p) for p in gone)}")
+                log.info(f"run: {name}: {self._why(name, key, settings)}: redoing it; deleted "
+                         f"{', '.join(str(p) for p in gone)}")
         elif folder.exists() or resumable_staging(folder).exists():
-            print(f"[pairmill] run: {name}: resuming the unfinished run in {folder} (same input and settings)")
+            log.info(f"run: {name}: resuming the unfinished run in {folder} (same input and settings)")
         self.state.pop(name, None)
         self.state[f"{name}:started"] = key
         self.state[f"{name}:settings"] = json.loads(json.dumps(settings or {}, default=str))
@@ -148,7 +151,9 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     train = cfg["run"].train or str(sample.TRAIN)
     heldout = cfg["eval"].data or str(sample.HELDOUT)
-    print(f"[pairmill] run: pairs {train}\n[pairmill] run: held-out {heldout}\n[pairmill] run: output {out}")
+    log.info(f"run: pairs {train}")
+    log.info(f"run: held-out {heldout}")
+    log.info(f"run: output {out}")
     started = time.perf_counter()
     stages = Stages(out, force=getattr(args, "force", False))
     sections = config_to_dict(cfg)
@@ -223,7 +228,7 @@ def plain_stage(stages: Stages, cfg: dict, raw: str, heldout: str, train_key: st
     sections = config_to_dict({**cfg, "train": train_cfg})
     key = fingerprint("plain", train_key, input_identity(raw), sections["train"], cfg["encoder"].fingerprint(),
                       sections["read"], input_identity(heldout), sections["eval"])
-    print(f"[pairmill] run: plain arm on {raw}: {steps} steps, in-batch negatives only, no refresh")
+    log.info(f"run: plain arm on {raw}: {steps} steps, in-batch negatives only, no refresh")
 
     def job(folder: str) -> dict:
         started = time.perf_counter()
@@ -258,7 +263,7 @@ def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwa
     ci = np.array([task.positives[i][1] for i in sample_pairs], dtype=np.int64)
     metrics, arrays = {}, {}
     for name, encoder_cfg in encoders.items():
-        print(f"[pairmill] run: evaluating the {name} model on {len(task.queries)} held-out queries")
+        log.info(f"run: evaluating the {name} model on {len(task.queries)} held-out queries")
         embeddings: dict = {}
         metrics[name] = evaluate_model(encoder_cfg, eval_cfg, task, keep=embeddings)
         arrays[f"{name}_queries"], arrays[f"{name}_passages"] = embeddings["query"][qi], embeddings["passage"][ci]

@@ -4,6 +4,7 @@ report (report.md + PNGs rendered from the stage outputs alone)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -74,25 +75,28 @@ def test_changed_settings_start_over_but_an_interrupted_stage_resumes(tmp_path):
     assert (tmp_path / "train" / "checkpoint").read_text() == "from k3"
 
 
-def test_a_stage_redone_says_what_changed_and_removes_its_staging_folder(tmp_path, capsys):
+def test_a_stage_redone_says_what_changed_and_removes_its_staging_folder(tmp_path, caplog):
     """A rerun with other train settings deletes the old train folder (checkpoints included) and the
     staging folder of an interrupted run, and says which settings changed."""
     from pairmill.output import resumable_staging
 
+    caplog.set_level(logging.INFO, logger="pairmill")
     calls: list = []
     Stages(tmp_path, force=False).run("train", "k1", _job(calls), {"train": {"lr": 1e-4, "max_steps": 36}})
     resumable_staging(tmp_path / "train").mkdir()  # what an interrupted train run leaves
     (resumable_staging(tmp_path / "train") / "checkpoints").mkdir()
-    capsys.readouterr()
+    caplog.clear()
     Stages(tmp_path, force=False).run("train", "k2", _job(calls), {"train": {"lr": 5e-5, "max_steps": 36}})
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "train: train.lr changed since the last run: redoing it; deleted" in out
     assert str(tmp_path / "train") in out and str(resumable_staging(tmp_path / "train")) in out
     assert not resumable_staging(tmp_path / "train").exists() and len(calls) == 2
+    caplog.clear()
     Stages(tmp_path, force=False).run("train", "k3", _job(calls), {"train": {"lr": 5e-5, "max_steps": 36}})
-    assert "its input (a file, or an earlier stage's output) changed" in capsys.readouterr().out
+    assert "its input (a file, or an earlier stage's output) changed" in caplog.text
+    caplog.clear()
     Stages(tmp_path, force=True).run("train", "k3", _job(calls), {"train": {"lr": 5e-5, "max_steps": 36}})
-    assert "train: --force: redoing it" in capsys.readouterr().out
+    assert "train: --force: redoing it" in caplog.text
 
 
 def _metrics(ndcg: float, alignment: float) -> dict:
