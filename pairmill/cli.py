@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "command into the same OUT resumes an interrupted run.")
             p.add_argument("input", nargs="?", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job "
                            "folder; empty = the bundled sample's train split (with no --config, sized to finish in minutes: "
-                           "configs/tune-sample.yaml)")
+                           "pairmill/sample/tune.yaml)")
             p.add_argument("-o", "--output", required=True, help="output folder (best_model/, results.csv, trials.png, "
                            "trials/, stats.json)")
             _flag(p, "num_samples", "trials, the default settings included", metavar="N")
@@ -142,7 +142,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     overrides += [f"{key}={override_text(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
                   if getattr(args, flag, None) is not None]
     # A verb's module may adjust the overrides first: `run` and `tune` add their sample-sized profile
-    # when given no --config on the bundled sample (configs/sample.yaml, configs/tune-sample.yaml).
+    # when given no --config on the bundled sample (pairmill/sample/run.yaml, tune.yaml).
     hook = getattr(importlib.import_module(module), "cli_overrides", None)
     if hook is not None:
         overrides = hook(args, overrides)

@@ -95,7 +95,7 @@ def test_train_tune_and_run(ray_session, tiny_model, messy, tmp_path):
     assert stats["train"]["steps"] == 2
 
     assert main(["tune", messy["path"], "-o", str(out / "tune"), "--model", tiny_model, "--eval-data", messy["heldout"],
-                 "--num-samples", "1", *SHORT_TRAIN, "tune.grace_period=1"]) == 0
+                 "--num-samples", "1", *SHORT_TRAIN, "tune.grace_period=1", "tune.search=optuna"]) == 0
     stats = job_stats(out / "tune")
     check_counts(stats, messy["lines"], messy["bad"])
 

@@ -56,24 +56,15 @@ SETTINGS = "tune_settings.json"
 DATA_CPUS = 1.0  # room each trial leaves for its Ray Data ingest (read + split feeding the workers)
 
 
-# `pairmill tune` on the bundled sample with no --config: these settings under the user's key=value
-# overrides, so 4 trials finish in a few minutes on 2 CPUs. configs/tune-sample.yaml is the same
-# profile with the reason for each value (tests/pairmill/test_configs.py checks they are equal).
-SAMPLE_PROFILE: dict[str, dict] = {
-    "train": {"max_steps": 20, "eval_every": 5, "passage_max_length": 128},
-    "tune": {"grace_period": 5},
-}
-
-
 def sample_overrides(config_path: str | None, pairs: str | None, overrides: list[str]) -> list[str]:
     """The overrides `pairmill tune` loads its config with: the sample profile first (the user's
-    settings win) when there is no --config file and PAIRS is the bundled sample."""
+    settings win) when there is no --config file and PAIRS is the bundled sample: the settings of
+    ``pairmill/sample/tune.yaml``, sized so 4 trials finish in a few minutes on 2 CPUs."""
     from pairmill import sample
-    from pairmill.config import profile_overrides
 
     if config_path is not None or (pairs and Path(pairs).expanduser().resolve() != sample.TRAIN.resolve()):
         return list(overrides)
-    return profile_overrides(SAMPLE_PROFILE) + list(overrides)
+    return sample.profile_first("tune", overrides)
 
 
 def cli_overrides(args, overrides: list[str]) -> list[str]:

@@ -21,9 +21,9 @@ for the report's 2-D projection) are a stage too, ``OUT/eval``. ``OUT/report.md`
 ``training_curve.png`` and ``projection.png``) is rendered from the folders by ``pairmill.chain.report``.
 
 Sizes. The generic defaults of each section serve ``pairmill filter/mine/train`` at any scale.
-``pairmill run`` on the bundled sample with no ``--config`` uses ``SAMPLE_PROFILE`` instead, the
-settings ``configs/sample.yaml`` holds with the reasons for each (a test checks they are equal):
-sized to finish in under 10 minutes on 2 CPUs with the bundled model.
+``pairmill run`` on the bundled sample with no ``--config`` uses the settings of
+``pairmill/sample/run.yaml`` instead (the reason for each is in the file): sized to finish in under
+10 minutes on 2 CPUs with the bundled model.
 """
 
 from __future__ import annotations
@@ -40,23 +40,11 @@ from pathlib import Path
 from typing import Callable
 
 from pairmill import sample
-from pairmill.config import changed_settings, config_to_dict, profile_overrides
+from pairmill.config import changed_settings, config_to_dict
 from pairmill.output import remove_job, resumable_staging
 
 log = logging.getLogger(__name__)
 
-# `pairmill run` with no --config on the bundled sample: these settings, under the user's key=value
-# overrides. configs/sample.yaml is the same profile with the reason for each value.
-SAMPLE_PROFILE: dict[str, dict] = {
-    "filter": {"audit": 0.2},
-    "train": {
-        "max_steps": 36,
-        "passage_max_length": 128,
-        "refresh_every": 12,
-        "refresh_slices": 2,
-        "log_every": 1,
-    },
-}
 EVAL_SAMPLE_PAIRS = 300  # held-out pairs whose embeddings (base and trained) are kept for the report's projection
 
 
@@ -65,7 +53,7 @@ def sample_overrides(config_path: str | None, overrides: list[str]) -> list[str]
     settings win) when there is no --config file and the pairs are the bundled sample."""
     if config_path is not None or any(o.split("=", 1)[0].strip() == "run.train" for o in overrides):
         return list(overrides)
-    return profile_overrides(SAMPLE_PROFILE) + list(overrides)
+    return sample.profile_first("run", overrides)
 
 
 def cli_overrides(args, overrides: list[str]) -> list[str]:
