@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/chain.py ../shared/data/pypi_summaries.tsv.gz -o chain-out \
         [--pairs 20000] [--heldout 2000] [--steps 100] [--seeds 0 1 2] [--arms plain filtered ...]
 
-One seed of the five arms takes about 25 minutes on 2 CPUs at the defaults (filter and mine once
-more, ~10 minutes, on the first run).
+One seed of the first five arms takes about 25 minutes on 2 CPUs at the defaults (filter and mine
+once more, ~10 minutes, on the first run); ``web-inbatch`` adds a run the size of ``plain`` (5-6 min).
 
 Data (built once into OUT/data, nothing committed): the registry's (package name -> summary)
 pairs made as ``scripts/make_registry_pairs.py`` makes them. A held-out split is drawn by package
@@ -23,7 +23,9 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
 3. ``mined``: filtered + ``pairmill mine`` (one hard negative per pair);
 4. ``refresh``: mined + ANCE refresh rounds every ``--refresh-every`` steps;
 5. ``web``: ``configs/web.yaml``'s settings, which choose the filter's k from the data (k=auto),
-   then mined + refreshed as arm 4 (the same ``--refresh-every``): it differs from arm 4 in the filter.
+   then mined + refreshed as arm 4 (the same ``--refresh-every``): it differs from arm 4 in the filter;
+6. ``web-inbatch``: arm 5's filtered pairs with in-batch negatives only: the k=auto filter's own
+   effect, without the mined negatives.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
 is every finished arm: the benchmark resumes where it stopped. Each arm writes
@@ -45,7 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("plain", "filtered", "mined", "refresh", "web")
+ARMS = ("plain", "filtered", "mined", "refresh", "web", "web-inbatch")
 JUNK = re.compile(
     r"\b(todo|tbd|lorem|ipsum|placeholder|short description|description here|add a description|"
     r"example package|sample package|test package|my first|hello world|no description|test project)\b",
@@ -147,6 +149,7 @@ def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> 
         "mined": [str(out / "mine"), "train.hard_negatives=1", "train.refresh_every=0"],
         "refresh": [str(out / "mine"), "train.hard_negatives=1", f"train.refresh_every={args.refresh_every}"],
         "web": [str(out / "web-mine"), *web_settings("train"), f"train.refresh_every={args.refresh_every}"],
+        "web-inbatch": [str(out / "web-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
     }[arm]
     started = time.perf_counter()
     cli("train", settings[0], "-o", str(folder / "train"), *settings[1:], *common)
@@ -219,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             cli("filter", raw, "-o", str(out / "filter"), "--audit", "0.1")
         if set(args.arms) & {"mined", "refresh"} and not finished(out / "mine"):
             cli("mine", str(out / "filter"), "-o", str(out / "mine"))
-    if "web" in args.arms:
+    if set(args.arms) & {"web", "web-inbatch"}:
         if not finished(out / "web-filter"):
             cli("filter", raw, "-o", str(out / "web-filter"), *web_settings("encoder", "read", "filter"))
-        if not finished(out / "web-mine"):
+        if "web" in args.arms and not finished(out / "web-mine"):
             cli("mine", str(out / "web-filter"), "-o", str(out / "web-mine"), *web_settings("encoder", "read", "mine"))
     for name in ("filter", "mine", "web-filter", "web-mine"):
         if finished(out / name):

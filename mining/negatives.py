@@ -49,7 +49,11 @@ def select_negatives(
     sampling: Literal["top", "random"] = MineConfig.sampling,
     seed: int = MineConfig.seed,
 ) -> Selection:
-    """Choose ``num_negatives`` per query from ranked candidates ``cand_ids`` / ``cand_scores`` (Q, K)."""
+    """Choose ``num_negatives`` per query from ranked candidates ``cand_ids`` / ``cand_scores`` (Q, K).
+
+    Hand-written rather than sentence-transformers' ``mine_hard_negatives``: that one holds the whole
+    corpus and its index in one process; this works on one batch of a sharded search's candidates,
+    so it runs inside Ray tasks at any corpus size, with the same rules (rank window, margin, max score)."""
     if not 0 <= range_min < range_max:
         raise ValueError(f"need 0 <= range_min < range_max, got range_min={range_min}, range_max={range_max}")
     if sampling not in ("top", "random"):

@@ -290,6 +290,10 @@ class GradCache:
     Under DDP (or FSDP) pass the wrapped model: every chunk's backward but the last runs under
     ``model.no_sync()`` so gradients are all-reduced once per step; all workers must pass the
     same group sizes (so they run the same number of chunks, hence the same collectives).
+
+    Hand-written rather than sentence-transformers' CachedMultipleNegativesRankingLoss: that one
+    caches for its own fixed loss; this one takes any loss over the embeddings (false negatives
+    masked by text id, ragged hard negatives, gathered across ranks) and runs under DDP's no_sync.
     """
 
     def __init__(

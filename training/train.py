@@ -2,8 +2,9 @@
 
 Files: ``batches`` (a batch's texts and masks, the schedule; no model), ``losses`` (InfoNCE,
 GradCache, length grouping), ``model`` (setup, checkpoints, rank 0's evaluation, export),
-``rounds`` (ANCE refresh rounds from rank 0), ``loop`` (``train_loop_per_worker``) and this one,
-the job: input, Ray Train's trainer, resume, export and stats. Each imports only the ones before it.
+``rounds`` (ANCE refresh rounds from rank 0), ``loop`` (the typed ``LoopConfig``, ``train_step``: a
+batch in, loss and gradients out, no Ray; ``train_loop_per_worker`` around it) and this one, the
+job: input, Ray Train's trainer, resume, export and stats. Each imports only the ones before it.
 
 Design note
 -----------

@@ -71,7 +71,7 @@ OVERLAP = 3
 
 
 def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, tmp_path):
-    """refresh_every=20 on one worker: rounds start every 20 steps unless one is in flight (skipped);
+    """refresh_every=10 on one worker: rounds start every 10 steps unless one is in flight (skipped);
     each finishes while training steps on, then batches train on its negatives. The test seam waits
     for a round once it has been in flight OVERLAP steps, so rounds finish within this short run on
     2 cores (a sleep per step used to stand in for an accelerator's free CPUs: slower and less sure)."""
@@ -86,8 +86,8 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows + reused)
     out = tmp_path / "train"
     encoder = EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: ", batch_size=16)
-    settings = dict(num_workers=1, batch_size=8, max_steps=60, lr=1e-3, hard_negatives=2, query_max_length=16,
-                    passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=20)
+    settings = dict(num_workers=1, batch_size=8, max_steps=30, lr=1e-3, hard_negatives=2, query_max_length=16,
+                    passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=10)
     t0 = time.perf_counter()
     stats = train(str(pairs), str(out), encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
                   eval_cfg=EvalConfig(), ray=RayConfig(), mine_cfg=MineConfig(**SELECTION),
@@ -96,18 +96,18 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     print(json.dumps(stats["refresh"]))
 
     refresh = stats["refresh"]
-    assert stats["train"]["steps"] == 60 and (out / "_SUCCESS").exists()
+    assert stats["train"]["steps"] == 30 and (out / "_SUCCESS").exists()
     assert stats["rejected"] == {"duplicate_id": 2} and stats["kept"] == 40 and stats["input_rows"] == 42
     assert refresh["rounds_finished"] >= 1 and refresh["rounds_started"] >= refresh["rounds_finished"]
-    assert refresh["rounds_started"] + refresh["rounds_skipped"] == 2  # due at steps 20 and 40 (not at the last)
+    assert refresh["rounds_started"] + refresh["rounds_skipped"] == 2  # due at steps 10 and 20 (not at the last)
     assert refresh["rounds_finished"] == 2 and refresh["unfinished_at_end"] is None
     first, last = refresh["rounds"][0], refresh["rounds"][-1]
-    assert first["step"] == 20 and first["refreshed"] == 40 and first["slice"] == [0, 1]
+    assert first["step"] == 10 and first["refreshed"] == 40 and first["slice"] == [0, 1]
     # training did not wait: it stepped on while the round ran, and later batches used its negatives
     assert first["step"] + 1 < first["finished_by_step"] <= first["step"] + OVERLAP
     # every batch after a round was seen finished used its negatives; one may have used them a step
     # earlier (the store write is the swap, rank 0 notices the task's end at its next step)
-    staleness, used = expected_use(refresh["rounds"], 60, 8)
+    staleness, used = expected_use(refresh["rounds"], 30, 8)
     assert used <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
     assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness
     assert (out / "refresh" / f"step-{last['step']}" / "index" / "manifest.json").exists()
