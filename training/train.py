@@ -130,6 +130,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         CheckpointConfig,
         DataConfig,
         FailureConfig,
+        LoggingConfig,
         RunConfig,
         ScalingConfig,
     )
@@ -226,6 +227,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
             name=run_name,
             callbacks=callbacks,
             storage_path=str(out_dir / "checkpoints"),
+            # Ray Train's own INFO lines (worker group start-up, placement) only with pairmill's -v
+            logging_config=LoggingConfig(log_level="INFO" if log_level() <= logging.DEBUG else "WARNING"),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2,  # the best and the latest
