@@ -254,7 +254,7 @@ class FilterConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """`pairmill train`: contrastive fine-tuning on Ray Train (InfoNCE, in-batch + hard negatives)."""
+    """`pairmill train`: contrastive fine-tuning on Ray Train (InfoNCE, in-batch + hard negatives; or SupCon, triplet)."""
 
     epochs: int = _field(1, "passes over the pairs (max_steps, when set, wins)")
     max_steps: int | None = _field(None, "optimizer steps to run; empty = epochs x steps per epoch")
@@ -268,6 +268,17 @@ class TrainConfig:
         0.05, "InfoNCE temperature (E5 uses 0.01, sentence-transformers 0.05); 0.05 until measured on the sample"
     )
     symmetric: bool = _field(False, "add the passage->query InfoNCE term")
+    objective: Literal["infonce", "supcon", "triplet"] = _field(
+        "infonce", "infonce: each query against its own passage, in-batch and hard negatives; supcon: rows whose "
+        "queries are the same text (after normalisation) are positives of each other, not negatives (SupCon L_out, "
+        "Khosla et al. 2020); triplet: a margin loss on each pair's own hard negatives only, no in-batch negatives "
+        "(FaceNet, SBERT; pairs without a hard negative contribute nothing, counted in metrics.jsonl)"
+    )
+    tau_plus: float = _field(
+        0.0, "objective=infonce: debiased InfoNCE (Chuang et al. 2020), the expected share of false negatives among "
+        "a query's negatives, corrected for in the loss; 0 = off (plain InfoNCE)"
+    )
+    triplet_margin: float = _field(0.3, "objective=triplet: the margin in cosine distance (1 - cos, in [0, 2]); 0.3 until measured")
     hard_negatives: int = _field(1, "hard negatives per pair taken from the `negatives` column (0 = in-batch only)")
     mini_batch_size: int | None = _field(None, "GradCache mini-batch (texts per forward); empty = no GradCache")
     length_group_overhead: int | None = _field(
@@ -314,6 +325,16 @@ class TrainConfig:
             (self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm}; use >= 0 (0 = no clipping)"),
             (self.temperature > 0, f"train.temperature={self.temperature}; use > 0 (E5 0.01, sentence-transformers 0.05)"),
             (self.hard_negatives >= 0, f"train.hard_negatives={self.hard_negatives}; use >= 0"),
+            (0 <= self.tau_plus < 1,
+             f"train.tau_plus={self.tau_plus}; use 0 <= tau_plus < 1, the expected share of false negatives (0 = off; "
+             "Chuang et al. use 0.01-0.1)"),
+            (self.tau_plus == 0 or self.objective == "infonce",
+             f"train.tau_plus={self.tau_plus} with train.objective={self.objective}: tau_plus debiases InfoNCE only; "
+             "use objective=infonce, or tau_plus=0"),
+            (self.triplet_margin > 0, f"train.triplet_margin={self.triplet_margin}; use a margin > 0 (cosine distance lies in [0, 2])"),
+            (self.objective != "triplet" or self.hard_negatives >= 1,
+             "train.objective=triplet trains on hard negatives only and train.hard_negatives=0; use hard_negatives >= 1 "
+             "(pairs with a `negatives` column: pairmill mine), or another objective"),
             (self.mini_batch_size is None or self.mini_batch_size >= 1,
              f"train.mini_batch_size={self.mini_batch_size}; use >= 1, or empty for no GradCache"),
             (self.length_group_overhead is None or self.length_group_overhead >= 0,
@@ -332,6 +353,10 @@ class TrainConfig:
         _check("train", checks)
         if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets):
             warnings.warn("train.lora_alpha / train.lora_targets have no effect with train.lora_rank=0 (full fine-tuning)")
+        if self.objective != "triplet" and self.triplet_margin != TrainConfig.triplet_margin:
+            warnings.warn(f"train.triplet_margin={self.triplet_margin} has no effect with train.objective={self.objective}")
+        if self.objective == "triplet" and (self.symmetric or self.temperature != TrainConfig.temperature):
+            warnings.warn("train.symmetric / train.temperature have no effect with train.objective=triplet (a margin loss)")
         if self.refresh_every == 0 and self.refresh_slices != 1:
             warnings.warn(f"train.refresh_slices={self.refresh_slices} has no effect with train.refresh_every=0 (no refresh)")
 

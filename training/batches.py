@@ -38,6 +38,7 @@ class PairBatch:
     negative_mask: Tensor  # (B, H) bool, True = a real negative
     positive_ids: Tensor  # (B,) int64 text_key of each passage
     negative_ids: Tensor  # (B, H) int64 text_key of each negative, 0 in padded slots
+    query_ids: Tensor  # (B,) int64 text_key of each query: rows sharing it are one query (SupConLoss's positives)
 
 
 def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_prefix: str, passage_prefix: str) -> PairBatch:
@@ -57,6 +58,7 @@ def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_pre
         negative_mask=mask,
         positive_ids=torch.tensor([text_key(p) for p in columns["passage"]], dtype=torch.int64),
         negative_ids=negative_ids,
+        query_ids=torch.tensor([text_key(q) for q in columns["query"]], dtype=torch.int64),
     )
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mining.refresh import current_negatives
 from training.batches import PairBatch, build_batch, lr_lambda, place_negatives
-from training.losses import GradCache, InfoNCELoss, encode_by_length
+from training.losses import GradCache, InfoNCELoss, SupConLoss, TripletLoss, build_loss, encode_by_length, valid_triplets
 from training.model import (
     embed_features,
     evaluate_on_rank0,
@@ -84,6 +84,9 @@ class LoopConfig:
     max_grad_norm: float
     temperature: float
     symmetric: bool
+    objective: str
+    tau_plus: float
+    triplet_margin: float
     mini_batch_size: int | None
     length_group_overhead: int | None
     seed: int
@@ -117,7 +120,7 @@ class StepParts:
 
     model: nn.Module
     tokenize: Callable  # (texts, max_length) -> features
-    loss_fn: InfoNCELoss
+    loss_fn: InfoNCELoss | SupConLoss | TripletLoss  # losses.build_loss(train.objective, ...)
     query_max: int
     passage_max: int
     device: torch.device = torch.device("cpu")
@@ -130,7 +133,7 @@ class StepParts:
 
 
 def train_step(parts: StepParts, batch: PairBatch) -> Tensor:
-    """One batch's InfoNCE loss, with its gradients accumulated into the parameters' ``.grad``
+    """One batch's loss (``parts.loss_fn``), with its gradients accumulated into the parameters' ``.grad``
     (zeroing, clipping and the optimiser step are the caller's). No Ray: DDP's all-reduce and the
     loss's all-gather happen inside when the model and a process group are set up."""
     q_features = to_device(parts.tokenize(batch.queries, parts.query_max), parts.device)
@@ -138,10 +141,12 @@ def train_step(parts: StepParts, batch: PairBatch) -> Tensor:
     n_features = to_device(parts.tokenize(batch.negatives, parts.passage_max), parts.device) if batch.negatives else None
     mask = batch.negative_mask.to(parts.device)
     pos_ids, neg_ids = batch.positive_ids.to(parts.device), batch.negative_ids.to(parts.device)
+    # SupCon's positives are the rows sharing a query; the other losses take no query ids
+    query_groups = {"query_ids": batch.query_ids.to(parts.device)} if isinstance(parts.loss_fn, SupConLoss) else {}
 
     def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
         # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
-        return parts.loss_fn(q, p, place_negatives(n_flat, mask, q), mask, pos_ids, neg_ids)
+        return parts.loss_fn(q, p, place_negatives(n_flat, mask, q), mask, pos_ids, neg_ids, **query_groups)
 
     groups = [q_features, p_features] + ([n_features] if n_features is not None else [])
     if parts.grad_cache is not None:
@@ -212,8 +217,10 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
         overhead = LENGTH_GROUP_OVERHEAD_CPU if by_length else 0
     # The model's own limit wins: a 128-position model given max_length 256 indexes past its embeddings.
     limit = lambda n: min(n, st.max_seq_length or n)  # noqa: E731
-    parts = StepParts(model, tokenize, InfoNCELoss(cfg.temperature, cfg.symmetric), limit(cfg.query_max_length),
-                      limit(cfg.passage_max_length), device, autocast, length_group_overhead=overhead)
+    loss_fn = build_loss(cfg.objective, temperature=cfg.temperature, symmetric=cfg.symmetric, tau_plus=cfg.tau_plus,
+                         triplet_margin=cfg.triplet_margin)
+    parts = StepParts(model, tokenize, loss_fn, limit(cfg.query_max_length), limit(cfg.passage_max_length), device,
+                      autocast, length_group_overhead=overhead)
     if cfg.mini_batch_size:
         parts.grad_cache = GradCache(model, cfg.mini_batch_size, parts.encode, by_length=by_length)
     task = ray.get(cfg.eval_task) if cfg.eval_task is not None and rank == 0 else None
@@ -224,6 +231,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
     loss_sum, loss_steps, t_last, steps_last = 0.0, 0, time.perf_counter(), step
     cpu_last = time.process_time()  # this worker's CPU seconds: a load-independent cost next to the wall time
     stale_sum, stale_rows, fresh_rows = 0, 0, 0  # since the last log line: staleness of the negatives used
+    without_triplet = 0  # since the last log line (objective=triplet): pairs without a valid hard negative, which taught nothing
     while step < total:
         batches = shard.iter_batches(
             batch_size=cfg.per_worker_batch, batch_format="pyarrow", drop_last=True,
@@ -244,6 +252,8 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
             fresh_rows += sum(s > 0 for s in mined_at)
             batch = build_batch(columns, hard_negative_count=cfg.hard_negatives, query_prefix=cfg.query_prefix,
                                 passage_prefix=cfg.passage_prefix)
+            if cfg.objective == "triplet":
+                without_triplet += int((~valid_triplets(batch.negative_mask, batch.positive_ids, batch.negative_ids).any(1)).sum())
 
             optimizer.zero_grad(set_to_none=True)
             loss = train_step(parts, batch)
@@ -277,6 +287,9 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                     "cpu_seconds": round(time.process_time() - cpu_last, 4),  # this worker process, all its threads
                     "pairs": pairs,
                 }
+                if cfg.objective == "triplet":  # every rank takes part in the sum (a collective)
+                    metrics["pairs_without_triplet"] = int(_sum_over_ranks([without_triplet], device, world)[0])
+                    without_triplet = 0
                 if cfg.refresh:
                     stale, rows, fresh = _sum_over_ranks([stale_sum, stale_rows, fresh_rows], device, world)
                     metrics["negative_staleness"] = round(stale / max(1, rows), 3)  # steps behind, mean over pairs
@@ -291,7 +304,9 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                 cpu_last = time.process_time()
                 if rank == 0:
                     log.info(f"train: step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
-                             f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s")
+                             f"lr {metrics['lr']:.2e} {metrics['pairs_per_s']:.1f} pairs/s"
+                             + (f", {metrics['pairs_without_triplet']} pair(s) without a hard negative (no loss)"
+                                if "pairs_without_triplet" in metrics else ""))
             if rank == 0 and step % cfg.log_every == 0 and not do_report:  # a report step's line is written below
                 _append_metrics(Path(cfg.metrics_path), metrics)
             if do_report:

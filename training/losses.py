@@ -1,5 +1,5 @@
-"""Contrastive loss for pairmill training: InfoNCE over the global batch, with false-negative
-masking, cross-worker negatives and GradCache.
+"""Contrastive losses for pairmill training: InfoNCE over the global batch, with false-negative
+masking, cross-worker negatives and GradCache; its debiased form, SupCon and triplet as options.
 
 Design note
 -----------
@@ -16,6 +16,20 @@ under Memory Limited Setup"). ``encode_by_length`` encodes a batch sorted by len
 padded only to its own longest text: the same embeddings for fewer padded tokens (GradCache's
 mini-batches are length-sorted the same way unless ``by_length=False``). Faster on CPU; measured
 slower on an H100, so the training loop uses neither there.
+
+Other objectives (``train.objective``, ``build_loss``). ``InfoNCELoss(tau_plus>0)`` is debiased
+InfoNCE (Chuang et al. 2020, "Debiased Contrastive Learning"): the negatives' term is corrected for
+an expected share ``tau_plus`` of false negatives among them (their eq. 6, clamped at N e^{-1/t}),
+in both directions when symmetric; it assumes negatives drawn at random, so for mined hard
+negatives, which hold more false negatives, it under-corrects. ``SupConLoss`` is SupCon's L_out
+(Khosla et al. 2020) with queries as anchors: rows whose queries share an id (``text_key`` of the
+query) are positives of each other, and query i's loss is the mean over its positives of -log
+softmax over all its candidates; a candidate with the text of any of its positives is masked, not
+a negative. With no repeated query it is InfoNCELoss exactly. A duplicate row (same query and
+passage) is a second positive, not masked as InfoNCELoss masks it. ``TripletLoss`` is the margin
+loss on cosine distance over each pair's own hard negatives only (FaceNet, SBERT), no in-batch
+negatives: a pair without a valid hard negative contributes nothing and ``valid_triplets`` counts
+them (the training loop logs the count). All three keep InfoNCELoss's cross-worker convention below.
 
 Why not sentence-transformers' losses. ST 6.x ``MultipleNegativesRankingLoss`` has a usable
 ``compute_loss_from_embeddings`` and gathers across ranks with gradients, so it would run in our
@@ -48,6 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -134,22 +149,23 @@ class InfoNCELoss(nn.Module):
     """InfoNCE over the global batch; see the module's design note."""
 
     def __init__(self, temperature: float = TrainConfig.temperature, symmetric: bool = TrainConfig.symmetric,
-                 gather_across_workers: bool = True) -> None:
+                 gather_across_workers: bool = True, tau_plus: float = TrainConfig.tau_plus) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        _check_temperature(temperature)
+        _check_flags(symmetric=symmetric, gather_across_workers=gather_across_workers)
+        if isinstance(tau_plus, bool) or not isinstance(tau_plus, (int, float)) or not 0 <= tau_plus < 1:
             raise ValueError(
-                f"temperature={temperature!r} is invalid: it must be a finite number > 0 "
-                "(E5 uses 0.01, sentence-transformers 0.05 = scale 20)."
+                f"tau_plus={tau_plus!r} is invalid: it must be a number 0 <= tau_plus < 1, the expected share of "
+                "false negatives (0 = plain InfoNCE; Chuang et al. 2020 use 0.01-0.1)."
             )
-        for name, value in (("symmetric", symmetric), ("gather_across_workers", gather_across_workers)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
         self.temperature = float(temperature)
         self.symmetric = symmetric
         self.gather_across_workers = gather_across_workers
+        self.tau_plus = float(tau_plus)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, symmetric={self.symmetric}, gather_across_workers={self.gather_across_workers}"
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
+                f"gather_across_workers={self.gather_across_workers}, tau_plus={self.tau_plus}")
 
     def forward(
         self,
@@ -169,32 +185,79 @@ class InfoNCELoss(nn.Module):
             return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids)
 
     def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids) -> Tensor:
-        rank, world_size = _world() if self.gather_across_workers else (0, 1)
-        B, H, D = negatives.shape
-        use_ids = positive_ids is not None
-        if world_size > 1:
-            _check_same_shapes(torch.tensor([B, H, D, use_ids], device=query.device), world_size)
-        q = F.normalize(query.float(), dim=-1)  # (B, D)
-        p = F.normalize(positive.float(), dim=-1)  # (B, D)
-        n = F.normalize(negatives.float(), dim=-1)  # (B, H, D)
-
-        p_all = _gather_with_grad(p, world_size)  # (N, D), N = B * world_size
-        candidates = torch.cat([p_all, _gather_with_grad(n, world_size).reshape(-1, D)]) if H else p_all  # (N(1+H), D)
-        pos_ids_all, cand_ids, cand_valid = _gather_ids(positive_ids, negative_ids, negative_mask, world_size)
-        labels = rank * B + torch.arange(B, device=query.device)  # (B,) own positive's global index
-
-        logits = q @ candidates.T / self.temperature  # (B, N(1+H))
-        masked = _false_negatives(cand_ids, cand_valid, pos_ids_all[labels], labels, use_ids)  # (B, N(1+H))
-        loss = F.cross_entropy(logits.masked_fill(masked, float("-inf")), labels)
+        pool = _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, self.gather_across_workers)
+        labels, pos_ids_all, use_ids = pool.labels, pool.positive_ids, pool.use_ids
+        logits = pool.q @ pool.candidates.T / self.temperature  # (B, N(1+H))
+        masked = _false_negatives(pool.candidate_ids, pool.candidate_valid, pos_ids_all[labels], labels, use_ids)  # (B, N(1+H))
+        loss = self._cross_entropy(logits, masked, labels)
         if not self.symmetric:
             return loss
 
-        q_all = _gather_with_grad(q, world_size)  # (N, D)
-        logits_pq = p @ q_all.T / self.temperature  # (B, N): each local positive against all queries
+        q_all = _gather_with_grad(pool.q, pool.world_size)  # (N, D)
+        logits_pq = pool.p @ q_all.T / self.temperature  # (B, N): each local positive against all queries
         all_valid = torch.ones_like(pos_ids_all, dtype=torch.bool)
         # query j is masked for passage i when pair j's positive is the same text as pair i's
         masked_pq = _false_negatives(pos_ids_all, all_valid, pos_ids_all[labels], labels, use_ids)  # (B, N)
-        return (loss + F.cross_entropy(logits_pq.masked_fill(masked_pq, float("-inf")), labels)) / 2
+        return (loss + self._cross_entropy(logits_pq, masked_pq, labels)) / 2
+
+    def _cross_entropy(self, logits: Tensor, masked: Tensor, labels: Tensor) -> Tensor:
+        if self.tau_plus == 0:
+            return F.cross_entropy(logits.masked_fill(masked, float("-inf")), labels)
+        return _debiased_cross_entropy(logits, masked, labels, self.tau_plus, self.temperature)
+
+
+@dataclass
+class _Pool:
+    """One worker's batch and the global candidate pool it is scored against (see ``_global_pool``)."""
+
+    q: Tensor  # (B, D) local queries, unit length
+    p: Tensor  # (B, D) local positives, unit length
+    candidates: Tensor  # (C, D), C = N(1+H): the global positives, then the global hard negatives row-major
+    positive_ids: Tensor  # (N,) the global positives' text ids (zeros without ids)
+    candidate_ids: Tensor  # (C,)
+    candidate_valid: Tensor  # (C,) bool: False for padded hard-negative slots
+    labels: Tensor  # (B,) each local pair's own positive: its column in candidates
+    use_ids: bool
+    world_size: int
+
+
+def _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, gather_across_workers: bool) -> _Pool:
+    """Normalise the local embeddings and all-gather the candidates and their ids (N = B * world_size)."""
+    rank, world_size = _world() if gather_across_workers else (0, 1)
+    B, H, D = negatives.shape
+    use_ids = positive_ids is not None
+    if world_size > 1:
+        _check_same_shapes(torch.tensor([B, H, D, use_ids], device=query.device), world_size)
+    q = F.normalize(query.float(), dim=-1)  # (B, D)
+    p = F.normalize(positive.float(), dim=-1)  # (B, D)
+    n = F.normalize(negatives.float(), dim=-1)  # (B, H, D)
+
+    p_all = _gather_with_grad(p, world_size)  # (N, D), N = B * world_size
+    candidates = torch.cat([p_all, _gather_with_grad(n, world_size).reshape(-1, D)]) if H else p_all  # (N(1+H), D)
+    pos_ids_all, cand_ids, cand_valid = _gather_ids(positive_ids, negative_ids, negative_mask, world_size)
+    labels = rank * B + torch.arange(B, device=query.device)  # (B,) own positive's global index
+    return _Pool(q, p, candidates, pos_ids_all, cand_ids, cand_valid, labels, use_ids, world_size)
+
+
+def _debiased_cross_entropy(logits: Tensor, masked: Tensor, labels: Tensor, tau_plus: float, temperature: float) -> Tensor:
+    """Debiased InfoNCE (Chuang et al. 2020, eq. 6 and their code), the mean over rows of
+    ``-log(pos / (pos + Ng))`` with ``Ng = max((sum(neg) - N tau_plus pos) / (1 - tau_plus), N e^{-1/t})``:
+    pos = exp(logit of row i's own column), neg = exp of its N unmasked other columns.
+
+    Every exp is taken after subtracting the row's largest unmasked logit (a constant for the
+    gradient): at temperature 0.01 a logit reaches 100 and e^100 overflows fp32. Masked columns
+    are -inf before the exp, so neither they nor their gradient can be inf or NaN."""
+    rows = torch.arange(len(labels), device=logits.device)
+    is_negative = ~masked
+    is_negative[rows, labels] = False  # (B, C): the N_i negatives of row i
+    count = is_negative.sum(1)  # (B,) N_i
+    shift = logits.masked_fill(masked, float("-inf")).amax(1).detach()  # (B,) >= the own logit: every exp <= 1
+    own = logits[rows, labels] - shift  # (B,) log pos, shifted
+    neg = (logits.masked_fill(~is_negative, float("-inf")) - shift[:, None]).exp().sum(1)  # (B,) sum(neg), shifted
+    ng = (neg - tau_plus * count * own.exp()) / (1 - tau_plus)
+    floor = count * torch.exp(-1 / temperature - shift)  # N e^{-1/t}: e^{-1/t} is the least exp(cos / t)
+    ng = torch.maximum(ng, floor)
+    return (torch.log(own.exp() + ng) - own).mean()  # -log(pos / (pos + Ng))
 
 
 def _gather_ids(
@@ -225,6 +288,174 @@ def _false_negatives(cand_ids: Tensor, cand_valid: Tensor, own_ids: Tensor, labe
         masked = masked | (cand_ids[None, :] == own_ids[:, None])
     masked[torch.arange(len(labels), device=labels.device), labels] = False
     return masked
+
+
+# ----------------------------------------------------------------------------- SupCon and triplet
+
+
+class SupConLoss(nn.Module):
+    """Multi-positive InfoNCE over the global batch: SupCon's L_out (Khosla et al. 2020) with
+    queries as anchors and passages as candidates; see the module's design note."""
+
+    def __init__(self, temperature: float = TrainConfig.temperature, symmetric: bool = TrainConfig.symmetric,
+                 gather_across_workers: bool = True) -> None:
+        super().__init__()
+        _check_temperature(temperature)
+        _check_flags(symmetric=symmetric, gather_across_workers=gather_across_workers)
+        self.temperature = float(temperature)
+        self.symmetric = symmetric
+        self.gather_across_workers = gather_across_workers
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, symmetric={self.symmetric}, gather_across_workers={self.gather_across_workers}"
+
+    def forward(
+        self,
+        query: Tensor,  # (B, D)
+        positive: Tensor,  # (B, D)
+        negatives: Tensor | None = None,  # (B, H, D)
+        negative_mask: Tensor | None = None,  # (B, H) bool, True = a real negative
+        positive_ids: Tensor | None = None,  # (B,) int64 text ids
+        negative_ids: Tensor | None = None,  # (B, H) int64 text ids
+        query_ids: Tensor | None = None,  # (B,) int64: rows with equal ids are one query (text_key of the query)
+    ) -> Tensor:
+        if query_ids is None:
+            raise ValueError("SupConLoss needs query_ids (B,): rows sharing an id are positives of each other "
+                             "(training.batches.build_batch gives text_key of each query).")
+        negatives, negative_mask, positive_ids, negative_ids = _check_inputs(
+            query, positive, negatives, negative_mask, positive_ids, negative_ids
+        )
+        query_ids = _check_like("query_ids", query_ids, (len(query),), None).long()
+        with torch.autocast(query.device.type, enabled=False):  # fp32 logits, as InfoNCELoss
+            return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids, query_ids)
+
+    def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids, query_ids) -> Tensor:
+        pool = _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, self.gather_across_workers)
+        query_ids_all = _gather_no_grad(query_ids, pool.world_size)  # (N,)
+        same_query = query_ids_all[pool.labels][:, None] == query_ids_all[None, :]  # (B, N): each query's positives
+        B, N, C = len(pool.labels), len(query_ids_all), len(pool.candidate_ids)
+        positives = torch.cat([same_query, same_query.new_zeros(B, C - N)], 1)  # (B, C): no hard negative is one
+
+        masked = ~pool.candidate_valid[None, :].expand(B, -1)  # (B, C)
+        if pool.use_ids:  # a candidate with the text of any of row i's positives is not a negative of i
+            for ids in _group_positive_ids(same_query, pool.positive_ids, pool.labels).unbind(1):  # K x (B,)
+                masked = masked | (pool.candidate_ids[None, :] == ids[:, None])
+        masked = masked & ~positives
+        logits = pool.q @ pool.candidates.T / self.temperature  # (B, C)
+        loss = _multi_positive_cross_entropy(logits, masked, positives)
+        if not self.symmetric:
+            return loss
+
+        # passage -> query: passage i's positives are the queries of its group (the same query text);
+        # a query of another group whose positive is passage i's text is masked, as in InfoNCELoss
+        q_all = _gather_with_grad(pool.q, pool.world_size)  # (N, D)
+        logits_pq = pool.p @ q_all.T / self.temperature  # (B, N)
+        same_passage = pool.positive_ids[None, :] == pool.positive_ids[pool.labels][:, None]  # (B, N)
+        masked_pq = (same_passage if pool.use_ids else torch.zeros_like(same_query)) & ~same_query
+        return (loss + _multi_positive_cross_entropy(logits_pq, masked_pq, same_query)) / 2
+
+
+def _group_positive_ids(same_query: Tensor, positive_ids: Tensor, labels: Tensor) -> Tensor:
+    """(B, K): the text ids of each local row's positives, K = the largest group; a smaller group
+    repeats row i's own id (a set with a repeat is the same set). Columns K, not a (B, N, C) match,
+    keep the mask's memory at B x C per step."""
+    k = int(same_query.sum(1).max())
+    columns = torch.argsort((~same_query).to(torch.int8), dim=1, stable=True)[:, :k]  # (B, K): the group's columns first
+    columns = torch.where(same_query.gather(1, columns), columns, labels[:, None])
+    return positive_ids[columns]
+
+
+def _multi_positive_cross_entropy(logits: Tensor, masked: Tensor, positives: Tensor) -> Tensor:
+    """SupCon's L_out: the mean over rows of the mean over a row's positives of -log softmax, the
+    softmax over every unmasked column (positives included). One positive per row: cross-entropy."""
+    log_prob = torch.log_softmax(logits.masked_fill(masked, float("-inf")), dim=1)  # (B, C)
+    return (-torch.where(positives, log_prob, 0.0).sum(1) / positives.sum(1)).mean()
+
+
+def valid_triplets(negative_mask: Tensor, positive_ids: Tensor | None = None, negative_ids: Tensor | None = None) -> Tensor:
+    """(B, H) bool: the (query, positive, hard negative) triplets TripletLoss counts: a real slot
+    whose text (with ids) is not the pair's own positive. A row without one contributes nothing."""
+    if positive_ids is None or negative_ids is None:
+        return negative_mask.bool()
+    return negative_mask.bool() & (negative_ids != positive_ids[:, None])
+
+
+class TripletLoss(nn.Module):
+    """Triplet loss with a margin on cosine distance (FaceNet; SBERT's TripletLoss with
+    ``TripletDistanceMetric.COSINE``): the mean over valid triplets (query i, its positive, one of
+    its hard negatives) of ``max(0, d(q, p) - d(q, n) + margin)``, ``d = 1 - cos``. No in-batch
+    negatives: a pair without a valid hard negative (``valid_triplets``) contributes nothing.
+
+    Across workers the mean is over the global batch's triplets (their count is all-reduced), with
+    InfoNCELoss's gradient convention: each worker returns its triplets' sum x world_size / count."""
+
+    def __init__(self, margin: float = TrainConfig.triplet_margin, gather_across_workers: bool = True) -> None:
+        super().__init__()
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < math.inf:
+            raise ValueError(f"margin={margin!r} is invalid: it must be a finite number > 0 (cosine distance lies in [0, 2]).")
+        _check_flags(gather_across_workers=gather_across_workers)
+        self.margin = float(margin)
+        self.gather_across_workers = gather_across_workers
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, gather_across_workers={self.gather_across_workers}"
+
+    def forward(
+        self,
+        query: Tensor,  # (B, D)
+        positive: Tensor,  # (B, D)
+        negatives: Tensor | None = None,  # (B, H, D)
+        negative_mask: Tensor | None = None,  # (B, H) bool, True = a real negative
+        positive_ids: Tensor | None = None,  # (B,) int64 text ids
+        negative_ids: Tensor | None = None,  # (B, H) int64 text ids
+    ) -> Tensor:
+        negatives, negative_mask, positive_ids, negative_ids = _check_inputs(
+            query, positive, negatives, negative_mask, positive_ids, negative_ids
+        )
+        _, world_size = _world() if self.gather_across_workers else (0, 1)
+        valid = valid_triplets(negative_mask, positive_ids, negative_ids)  # (B, H)
+        with torch.autocast(query.device.type, enabled=False):
+            q = F.normalize(query.float(), dim=-1)  # (B, D)
+            p = F.normalize(positive.float(), dim=-1)  # (B, D)
+            n = F.normalize(negatives.float(), dim=-1)  # (B, H, D)
+            d_pos = 1 - (q * p).sum(-1)  # (B,)
+            d_neg = 1 - (q[:, None, :] * n).sum(-1)  # (B, H)
+            hinge = F.relu(d_pos[:, None] - d_neg + self.margin)  # (B, H)
+            total = torch.where(valid, hinge, 0.0).sum()  # stays on the graph when no triplet is valid
+            count = valid.sum().to(total.dtype)
+            if world_size > 1:
+                count = _gather_no_grad(count.view(1), world_size).sum()
+            return total * world_size / count.clamp(min=1)
+
+
+def build_loss(objective: str = TrainConfig.objective, *, temperature: float = TrainConfig.temperature,
+               symmetric: bool = TrainConfig.symmetric, tau_plus: float = TrainConfig.tau_plus,
+               triplet_margin: float = TrainConfig.triplet_margin) -> nn.Module:
+    """The train section's objective as a loss module (``train.objective``)."""
+    if objective == "infonce":
+        return InfoNCELoss(temperature, symmetric, tau_plus=tau_plus)
+    if tau_plus:
+        raise ValueError(f"tau_plus={tau_plus} is an option of objective=infonce; got objective={objective!r}. "
+                         "Use objective=infonce, or tau_plus=0.")
+    if objective == "supcon":
+        return SupConLoss(temperature, symmetric)
+    if objective == "triplet":
+        return TripletLoss(triplet_margin)
+    raise ValueError(f"objective={objective!r} is unknown; valid: infonce, supcon, triplet.")
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(
+            f"temperature={temperature!r} is invalid: it must be a finite number > 0 "
+            "(E5 uses 0.01, sentence-transformers 0.05 = scale 20)."
+        )
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
 
 
 def _check_inputs(

@@ -13,7 +13,8 @@ What. A ``TorchTrainer`` runs ``train_loop_per_worker`` on ``train.num_workers``
 (``get_dataset_shard("train").iter_batches``, the same per-worker batch on every rank, drop_last),
 tokenises queries, passages and hard negatives itself with the model's tokenizer (E5 prefixes from
 the encoder section, a max length per side), and minimises ``InfoNCELoss`` over the global batch
-(all-gather across workers, false negatives masked by ``text_key``), through ``GradCache`` when
+(all-gather across workers, false negatives masked by ``text_key``; ``train.objective`` picks
+SupCon or triplet instead, ``train.tau_plus`` debiases InfoNCE), through ``GradCache`` when
 ``train.mini_batch_size`` is set. On CPU each side's texts are encoded sorted by length, in groups
 padded to their own longest (``encode_by_length``, ``train.length_group_overhead``): the same
 embeddings for less padding (off on GPU, where it measured slower). AdamW, warmup + linear/cosine
@@ -188,6 +189,9 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         )
     total_steps = train_cfg.max_steps or train_cfg.epochs * per_epoch
     hard = train_cfg.hard_negatives if with_negatives or refreshing else 0
+    if train_cfg.objective == "triplet" and not with_negatives and not refreshing:
+        raise ValueError(f"train.objective=triplet trains on hard negatives only and {pairs_path} has no `negatives`: "
+                         "mine them first (pairmill mine), set train.refresh_every, or use another train.objective")
     if train_cfg.hard_negatives and not with_negatives:
         log.warning(f"train: {pairs_path} has no `negatives`; training on in-batch negatives only"
               + (" until the first refresh round" if refreshing else ""))
@@ -204,7 +208,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
         query_max_length=train_cfg.query_max_length, passage_max_length=train_cfg.passage_max_length,
         **{k: getattr(train_cfg, k) for k in ("lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature",
-                                              "symmetric", "mini_batch_size", "length_group_overhead", "seed")},
+                                              "symmetric", "objective", "tau_plus", "triplet_margin",
+                                              "mini_batch_size", "length_group_overhead", "seed")},
         total_steps=total_steps, steps_per_epoch=per_epoch, per_worker_batch=per_worker, global_batch=train_cfg.batch_size,
         shuffle_buffer=max(1024, 8 * per_worker), hard_negatives=hard,
         metrics_path=str(out_dir / "metrics.jsonl"), checkpoint_every=train_cfg.checkpoint_every,
