@@ -5,8 +5,6 @@ loss (for GradCache)."""
 from __future__ import annotations
 
 import math
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,10 +327,8 @@ def encoder_loss(model, x, batch, loss_fn):
     return loss_fn(q, p, n.view(rows, H, D), *(batch[k] for k in ("negative_mask", "positive_ids", "negative_ids")))
 
 
-def worker(rank: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = torch.distributed.FileStore(store_path, WORLD)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+def on_worker(rank: int) -> dict:
+    """What each of the 2 gloo workers computes (tests/training/conftest.py starts them once)."""
     batch = {k: local(v, rank) for k, v in global_batch().items()}
     out = {}
     # (1) the loss on embeddings
@@ -368,15 +364,7 @@ def worker(rank: int, store_path: str, out_dir: str) -> None:
         InfoNCELoss()(torch.randn(2 + rank, D), torch.randn(2 + rank, D))
     except ValueError as error:
         out["shape_error"] = str(error)
-    torch.save(out, f"{out_dir}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return out
 
 
 def test_two_workers_loss_and_input_grads_equal_one_process(two_workers):

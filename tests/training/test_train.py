@@ -148,6 +148,8 @@ def data(tmp_path_factory):
     rows = literal_pairs(64)
     for i, row in enumerate(rows):  # ragged hard negatives: 0, 1 or 2, one equal to the own positive
         row["negatives"] = [rows[(i + k + 1) % len(rows)]["passage"] for k in range(i % 3)]
+        # each query asked by 4 rows (objective=supcon's positives; a negative may be one of them, masked)
+        row["query"] = rows[i - i % 4]["query"]
     rows[5]["negatives"] = [rows[5]["passage"]]
     bad = ['{"query": "no passage here"}', "not json at all"]
     return {
@@ -181,8 +183,9 @@ def metric_lines(out: Path) -> list[dict]:
 
 
 def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_model, data, tmp_path):
-    """GradCache, ragged hard negatives, eval every 4 steps; the last worker fails at step 6, after the
-    checkpoint of step 4: Ray restarts the group, which continues from step 4 (not 0) and exports."""
+    """objective=supcon (repeated queries), GradCache, ragged hard negatives, eval every 4 steps; the last
+    worker fails at step 6, after the checkpoint of step 4: Ray restarts the group, which continues from
+    step 4 (not 0) and exports."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
@@ -191,7 +194,7 @@ def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_
 
     out = tmp_path / "run"
     stats = run_train(data, out, tiny_model, hooks=TestHooks(fail_at_step=6), mini_batch_size=3, hard_negatives=2,
-                      eval_every=4, max_failures=1)
+                      eval_every=4, max_failures=1, objective="supcon")
 
     assert stats["train"]["resumed_from_step"] == 4
     assert (out / "_SUCCESS").exists() and (out / "config.yaml").exists()
@@ -226,7 +229,8 @@ def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_
 def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_session, tiny_model, data, tmp_path):
     """The job folder is staged: an interrupted run leaves nothing at OUT, only ``.OUT.partial`` with
     its checkpoints, and the same command resumes there and commits; a finished OUT rerun resumes
-    too (nothing left to train); other settings are refused."""
+    too (nothing left to train); other settings are refused. objective=triplet: the pairs without a hard
+    negative are counted in every metrics line."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
@@ -235,7 +239,8 @@ def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_se
     out = tmp_path / "lora"
     # length_group_overhead=4: each side encoded in several length groups, under DDP with ranks
     # running different numbers of forwards
-    settings = dict(lora_rank=4, max_steps=3, hard_negatives=0, length_group_overhead=4, checkpoint_every=1)
+    settings = dict(lora_rank=4, max_steps=3, hard_negatives=1, length_group_overhead=4, checkpoint_every=1,
+                    objective="triplet")
     with pytest.raises(Exception, match="fail_at_step"):  # max_failures=0: the run dies after step 2's checkpoint
         run_train(data, out, tiny_model, hooks=TestHooks(fail_at_step=2), **settings)
     assert not out.exists() and (resumable_staging(out) / "checkpoints" / "train" / "step_0000002").is_dir()
@@ -244,6 +249,8 @@ def test_lora_exports_a_merged_plain_model_and_an_interrupted_run_resumes(ray_se
     assert stats["train"]["steps"] == 3 and stats["train"]["resumed_from_step"] == 2 and stats["exported_merged"]
     assert not resumable_staging(out).exists() and (out / "_SUCCESS").exists()
     assert stats == json.loads((out / "stats.json").read_text()) and stats["input_rows"] == 66
+    skipped = [m["pairs_without_triplet"] for m in metric_lines(out)]
+    assert len(skipped) == 3 and all(0 <= n <= 8 for n in skipped) and sum(skipped) > 0  # a third of the pairs have none
     assert not (out / "model" / "adapter_config.json").exists()
     hf = AutoModel.from_pretrained(out / "model")
     assert not any("lora" in name for name, _ in hf.named_parameters())
