@@ -19,7 +19,7 @@ slower on an H100, so the training loop uses neither there.
 
 Other objectives (``train.objective``, ``build_loss``). ``InfoNCELoss(tau_plus>0)`` is debiased
 InfoNCE (Chuang et al. 2020, "Debiased Contrastive Learning"): the negatives' term is corrected for
-an expected share ``tau_plus`` of false negatives among them (their eq. 6, clamped at N e^{-1/t}),
+an expected share ``tau_plus`` of false negatives among them (their estimator, clamped at N e^{-1/t}),
 in both directions when symmetric; it assumes negatives drawn at random, so for mined hard
 negatives, which hold more false negatives, it under-corrects. ``SupConLoss`` is SupCon's L_out
 (Khosla et al. 2020) with queries as anchors: rows whose queries share an id (``text_key`` of the
@@ -54,7 +54,10 @@ Cost. Per worker: one (B, D) x (D, N(1+H)) matmul where N = B * world_size is th
 and H the hard negatives per pair, plus the all-gather of N(1+H)+N embeddings (forward) and an
 all-reduce of the same size (backward). Memory is the (B, N(1+H)) logits and the gathered
 embeddings, small next to the encoder. GradCache costs one extra encoder forward (~ +1/3 of a
-step) in exchange for activation memory bounded by the mini-batch.
+step) in exchange for activation memory bounded by the mini-batch. The other objectives cost little
+next to that: SupCon adds one all-gather of N query ids and K (B, N(1+H)) comparisons (K = the
+most rows one local query has in the global batch), debiasing a few elementwise passes over the
+logits, and the triplet loss gathers nothing (one all-reduce of its triplet count).
 """
 
 from __future__ import annotations
@@ -240,7 +243,7 @@ def _global_pool(query, positive, negatives, negative_mask, positive_ids, negati
 
 
 def _debiased_cross_entropy(logits: Tensor, masked: Tensor, labels: Tensor, tau_plus: float, temperature: float) -> Tensor:
-    """Debiased InfoNCE (Chuang et al. 2020, eq. 6 and their code), the mean over rows of
+    """Debiased InfoNCE (Chuang et al. 2020, as in their code), the mean over rows of
     ``-log(pos / (pos + Ng))`` with ``Ng = max((sum(neg) - N tau_plus pos) / (1 - tau_plus), N e^{-1/t})``:
     pos = exp(logit of row i's own column), neg = exp of its N unmasked other columns.
 
