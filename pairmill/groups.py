@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from pairmill.pairs import DUPLICATE_ID, Mode, parsed_schema, raw_repr
-from pairmill.read import count_input_rows, detect_format, read_parsed
+from pairmill import storage
+from pairmill.output import is_finished
+from pairmill.read import count_input_rows, input_bytes, read_parsed
 
 
 # --- grouping rows by a key on Ray --------------------------------------------------------------
@@ -33,10 +35,7 @@ GROUP_ROWS = 4096  # rows per map_groups call, on average
 
 def default_partitions(input_path: str | Path) -> int:
     """Hash-shuffle partitions for an input: one per PARTITION_BYTES (gzip counted as 4x), at least 2."""
-    _, files = detect_format(input_path)
-    paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
-    size = sum(f.stat().st_size * (4 if f.suffix == ".gz" else 1) for f in paths)
-    return max(2, math.ceil(size / PARTITION_BYTES))
+    return max(2, math.ceil(input_bytes(input_path) / PARTITION_BYTES))
 
 
 def bucket_count(rows: int, partitions: int) -> int:
@@ -68,10 +67,10 @@ def key_buckets(keys: np.ndarray | Iterable[str], buckets: int) -> pa.Array:
 
 def ids_known_unique(path: str | Path) -> bool:
     """True for a finished pairmill job folder that checked its rows' ids when it wrote them."""
-    folder = Path(path)
-    if not (folder / "_SUCCESS").exists() or not (folder / "stats.json").exists():
+    stats = storage.join(path, "stats.json")
+    if not is_finished(path) or not storage.exists(stats):
         return False
-    return bool(json.loads((folder / "stats.json").read_text()).get("unique_ids"))
+    return bool(json.loads(storage.read_text(stats)).get("unique_ids"))
 
 
 def add_id_bucket(batch: pa.Table, buckets: int) -> pa.Table:

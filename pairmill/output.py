@@ -10,6 +10,21 @@ Jobs that resume (``train``, ``tune``: their checkpoints are the work) stage in 
 fixed name, ``.OUT.partial``, which an interrupted run leaves behind and a rerun continues in.
 Every commit checks ``input_rows == kept + sum(dropped) + sum(rejected)``, where ``input_rows`` is
 counted from the input itself (``pairmill.read.count_input_rows``), not from the outputs.
+
+Object storage (``s3://``, ``gs://``) has no rename, so there a job folder is committed by a
+manifest instead (``BucketJobFolder``; ``open_job`` picks the kind from ``OUT``):
+- each attempt writes its parts under its own prefix, ``OUT/kept/<attempt>/``, ``OUT/dropped/<attempt>/``,
+  ``OUT/rejected/<attempt>/`` (scratch passes under ``OUT/_work/<attempt>/``);
+- the commit deletes the old ``OUT/_SUCCESS``, writes ``OUT/stats.json``, then ``OUT/_SUCCESS``: JSON
+  naming the attempt and every file it vouches for with its size, and finally deletes the files of
+  other attempts;
+- a reader (``finished_files``, ``is_finished``, ``pairmill.read.detect_format``) trusts a folder
+  only when its ``_SUCCESS`` parses and every file listed is there at that size, and reads only
+  the files listed, so a half-written attempt beside a committed one is never read;
+- an attempt starts by deleting every file no trusted manifest lists (what a killed attempt left).
+Objects appear whole when their upload completes, so a manifest is either there or not. Like the
+local protocol, it assumes one writer per OUT at a time. Kept rows of a finished folder are
+``OUT/kept/**/*.parquet``, which any Parquet reader lists recursively.
 """
 
 from __future__ import annotations
@@ -22,9 +37,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pairmill import storage
+
 PARTS = ("kept", "dropped", "rejected")
+SUCCESS = "_SUCCESS"
+WORK = "_work"
 
 
 class StatsMismatch(RuntimeError):
@@ -58,7 +78,12 @@ class JobFolder:
     inside another job's staging folder, such as a tune trial's train run).
     """
 
+    filesystem = None  # Ray writes here with its default (local) filesystem
+
     def __init__(self, out: str | Path, parts: tuple[str, ...] = PARTS, *, resume: bool = False, in_place: bool = False):
+        if storage.is_remote(out):
+            raise ValueError(f"{out}: this job writes local (or NFS) folders only so far; on object storage "
+                             "pairmill filter writes its folder (open_job)")
         self.final = Path(out).expanduser().resolve()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.resume = resume or in_place
@@ -78,19 +103,20 @@ class JobFolder:
     def path(self, part: str) -> str:
         return str(self.staging / part)
 
+    def work(self, name: str) -> str:
+        """A scratch folder for a pass too big for memory, removed by ``remove_work``."""
+        return str(self.staging / "work" / name)
+
+    def remove_work(self) -> None:
+        shutil.rmtree(self.staging / "work", ignore_errors=True)
+
     def stage(self, name: str, rows_in: int, rows_out: int, seconds: float) -> None:
         self.stages.append({"name": name, "rows_in": rows_in, "rows_out": rows_out, "seconds": round(seconds, 3)})
 
     def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Check the accounting, write stats.json and _SUCCESS, and move the folder into place."""
         stats = {"stages": self.stages, **stats}
-        accounted = stats["kept"] + sum(stats["dropped"].values()) + sum(stats["rejected"].values())
-        if accounted != stats["input_rows"]:
-            raise StatsMismatch(
-                f"{stats['input_rows']} input rows but {accounted} accounted for "
-                f"(kept {stats['kept']}, dropped {stats['dropped']}, rejected {stats['rejected']}); "
-                f"partial output left in {self.staging}"
-            )
+        check_accounting(stats, f"partial output left in {self.staging}")
         (self.staging / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
         (self.staging / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if self.in_place:
@@ -114,6 +140,107 @@ class JobFolder:
         # A resumable job keeps its staging folder: the rerun continues from its checkpoints.
         if exc_type is not None and exc_type is not StatsMismatch and not self.resume:
             self.abort()
+
+
+def check_accounting(stats: dict[str, Any], left: str) -> None:
+    """StatsMismatch unless ``input_rows == kept + sum(dropped) + sum(rejected)``; ``left`` says where the output stays."""
+    accounted = stats["kept"] + sum(stats["dropped"].values()) + sum(stats["rejected"].values())
+    if accounted != stats["input_rows"]:
+        raise StatsMismatch(
+            f"{stats['input_rows']} input rows but {accounted} accounted for "
+            f"(kept {stats['kept']}, dropped {stats['dropped']}, rejected {stats['rejected']}); {left}"
+        )
+
+
+class BucketJobFolder:
+    """``JobFolder``'s interface on object storage, committed by a manifest (the module's note).
+
+    ``path(part)`` is this attempt's prefix of the part; Ray writes there with
+    ``filesystem=job.filesystem``.
+    """
+
+    def __init__(self, out: str, parts: tuple[str, ...] = PARTS):
+        self.final = out.rstrip("/")
+        self.filesystem, _ = storage.split(self.final)
+        self.parts = parts
+        self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.stages: list[dict[str, Any]] = []
+        self._remove_unlisted(finished_manifest(self.final))  # what a killed attempt left behind
+
+    def path(self, part: str) -> str:
+        return f"{self.final}/{part}/{self.attempt}"
+
+    def work(self, name: str) -> str:
+        return f"{self.final}/{WORK}/{self.attempt}/{name}"
+
+    def remove_work(self) -> None:
+        storage.remove(f"{self.final}/{WORK}/{self.attempt}")
+
+    stage = JobFolder.stage
+
+    def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Check the accounting, then stats.json and the _SUCCESS manifest; then delete other attempts."""
+        stats = {"stages": self.stages, **stats}
+        check_accounting(stats, f"partial output left under {self.final}/*/{self.attempt}")
+        files = {uri[len(self.final) + 1:]: size for part in self.parts for uri, size in storage.list_files(self.path(part))}
+        storage.remove(f"{self.final}/{SUCCESS}")  # from here until the new one, the folder is unfinished
+        files["stats.json"] = storage.write_text(f"{self.final}/stats.json", json.dumps(stats, indent=2, default=str))
+        manifest = {"attempt": self.attempt, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+        storage.write_text(f"{self.final}/{SUCCESS}", json.dumps(manifest, indent=2))
+        self._remove_unlisted(manifest)
+        return stats
+
+    def abort(self) -> None:
+        for part in (*self.parts, WORK):
+            storage.remove(f"{self.final}/{part}/{self.attempt}")
+
+    def _remove_unlisted(self, manifest: dict | None) -> None:
+        """Delete every attempt's prefix (and any stray file) under the parts that ``manifest`` does not vouch for."""
+        keep = manifest["attempt"] if manifest else None
+        fs, root = storage.split(self.final)
+        for part in (*self.parts, WORK):
+            for entry in fs.get_file_info(pafs.FileSelector(f"{root}/{part}", allow_not_found=True)):
+                if entry.base_name == keep and part != WORK:
+                    continue
+                if entry.type == pafs.FileType.Directory:
+                    fs.delete_dir(entry.path)
+                else:
+                    fs.delete_file(entry.path)
+
+    __enter__ = JobFolder.__enter__
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and exc_type is not StatsMismatch:
+            self.abort()
+
+
+def open_job(out: str | Path, parts: tuple[str, ...] = PARTS) -> JobFolder | BucketJobFolder:
+    """The job folder for ``out``: committed by rename locally, by a manifest on object storage."""
+    return BucketJobFolder(out, parts) if storage.is_remote(out) else JobFolder(out, parts)
+
+
+def finished_manifest(folder: str) -> dict | None:
+    """The ``_SUCCESS`` manifest of a job folder on object storage when every file it lists is there
+    at its size; None when there is none, it is no manifest, or a file it names is missing or changed."""
+    try:
+        manifest = json.loads(storage.read_text(f"{folder}/{SUCCESS}"))
+        listed = dict(manifest["files"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none; or not ours (a local job's _SUCCESS copied up)
+        return None
+    present = {uri[len(folder) + 1:]: size for uri, size in storage.list_files(folder)}
+    return manifest if all(present.get(name) == size for name, size in listed.items()) else None
+
+
+def finished_files(folder: str, part: str) -> list[str]:
+    """URIs of the files of ``part`` that a remote job folder's manifest vouches for."""
+    folder = folder.rstrip("/")
+    manifest = finished_manifest(folder)
+    if manifest is None:
+        raise ValueError(
+            f"{folder} is not a finished pairmill job folder: its _SUCCESS is missing or does not list the files "
+            "there (a job still running, or killed before it committed). Rerun the job that writes it"
+        )
+    return sorted(f"{folder}/{name}" for name in manifest["files"] if name.startswith(f"{part}/"))
 
 
 def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_work: Callable[[Path], bool],
@@ -156,22 +283,31 @@ def _refuse_other_settings(folder: Path, settings: dict, settings_file: str, wha
         )
 
 
+def _parquet_files(folder: str | Path) -> list:
+    if storage.is_remote(folder):
+        return [uri for uri, _ in storage.list_files(folder) if uri.endswith(".parquet")]
+    return sorted(Path(folder).glob("*.parquet"))
+
+
 def parquet_rows(folder: str | Path) -> int:
     """Rows in a folder of parquet files, from their footers (no data read)."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(folder).glob("*.parquet")))
+    return sum(pq.read_metadata(inner, filesystem=fs).num_rows for fs, inner in map(storage.split, _parquet_files(folder)))
 
 
 def count_by(folder: str | Path, column: str) -> dict[str, int]:
     """``{value: rows}`` of one column over a folder of parquet files."""
     counts: dict[str, int] = {}
-    for f in sorted(Path(folder).glob("*.parquet")):
-        for value in pq.read_table(f, columns=[column]).column(column).to_pylist():
+    for fs, inner in map(storage.split, _parquet_files(folder)):
+        for value in pq.read_table(inner, columns=[column], filesystem=fs).column(column).to_pylist():
             counts[value] = counts.get(value, 0) + 1
     return dict(sorted(counts.items()))
 
 
 def is_finished(folder: str | Path) -> bool:
-    return (Path(folder) / "_SUCCESS").exists()
+    """A local folder with ``_SUCCESS``; a remote one whose ``_SUCCESS`` vouches for what is there."""
+    if storage.is_remote(folder):
+        return finished_manifest(str(folder).rstrip("/")) is not None
+    return (Path(folder) / SUCCESS).exists()
 
 
 def format_summary(stats: dict, out: str) -> str:

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
+from pairmill import storage
 from pairmill.config import ReadConfig
 from pairmill.pairs import Mode, decode_line, parsed_schema, validate_records
 
@@ -61,11 +62,8 @@ def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def read_lines(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
-    """Lines of a local file, gunzipped when it ends in .gz (for in-process readers)."""
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
+    """Lines of a local or remote file, gunzipped when it ends in .gz (for in-process readers)."""
+    with storage.open_input(path) as f:
         yield from _split_lines(iter(lambda: f.read(chunk_bytes), b""))
 
 
@@ -81,13 +79,15 @@ def _line_datasource_class():
 
         _FILE_EXTENSIONS = [s.lstrip(".") for s in LINE_SUFFIXES] + ["gz"]
 
-        def __init__(self, paths, lines_per_block: int = 8192, **kwargs):
+        def __init__(self, paths, lines_per_block: int = 8192, scheme: str = "", **kwargs):
             super().__init__(paths, **kwargs)
             self.lines_per_block = lines_per_block
+            self.scheme = scheme  # "s3://" etc.: Ray hands _read_stream the path without it
 
         def _read_stream(self, f, path: str):
             chunks = iter(lambda: f.read(8 << 20), b"")
             raws, numbers = [], []
+            path = self.scheme + path
             for number, line in enumerate(_split_lines(chunks), start=1):
                 raws.append(line)
                 numbers.append(number)
@@ -143,10 +143,12 @@ class ParseRows:
 
 
 def detect_format(path: str | Path) -> tuple[str, list[str]]:
-    """('lines' | 'parquet' | 'hf', files) for an input path.
+    """('lines' | 'parquet' | 'hf', files) for an input path or URI (files are URIs for a URI).
 
     A pairmill job folder (with ``_SUCCESS`` and ``kept/``) reads as its ``kept/`` rows.
     """
+    if storage.is_remote(path):
+        return _detect_remote_format(path)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"input {path!s} does not exist")
@@ -157,20 +159,50 @@ def detect_format(path: str | Path) -> tuple[str, list[str]]:
             return "hf", [str(p)]
         parquet = sorted(str(f) for f in p.rglob("*.parquet"))
         lines = sorted(str(f) for f in p.rglob("*") if f.is_file() and str(f).endswith(LINE_SUFFIXES))
-        if parquet and not lines:
-            return "parquet", parquet
-        if lines and not parquet:
-            return "lines", lines
-        raise ValueError(
-            f"{path}: expected a folder of .parquet files, of JSONL files, a saved HF dataset, or a pairmill "
-            f"job folder; found {len(parquet)} parquet and {len(lines)} JSONL/text files"
-        )
-    name = str(p)
+        return _folder_format(path, parquet, lines)
+    return _file_format(str(p))
+
+
+HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def _detect_remote_format(uri: str) -> tuple[str, list[str]]:
+    """detect_format on object storage: a folder is a prefix, and a job folder is read only as far
+    as its ``_SUCCESS`` manifest vouches (``pairmill.output.finished_files``)."""
+    from pairmill.output import finished_files
+
+    uri = uri.rstrip("/")
+    files = [f for f, _ in storage.list_files(uri)]
+    if not files:
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"input {uri} does not exist")
+        return _file_format(uri)
+    names = {f[len(uri) + 1:] for f in files}
+    if "_SUCCESS" in names or any(n.startswith("kept/") for n in names):
+        return _folder_format(f"{uri}/kept", [f for f in finished_files(uri, "kept") if f.endswith(".parquet")], [])
+    if names & set(HF_MARKERS):
+        raise ValueError(f"{uri}: a saved HF dataset on object storage is not read yet; save it as Parquet "
+                         "(dataset.to_parquet(...)) and give that file or folder")
+    return _folder_format(uri, [f for f in files if f.endswith(".parquet")], [f for f in files if f.endswith(LINE_SUFFIXES)])
+
+
+def _folder_format(path, parquet: list[str], lines: list[str]) -> tuple[str, list[str]]:
+    if parquet and not lines:
+        return "parquet", parquet
+    if lines and not parquet:
+        return "lines", lines
+    raise ValueError(
+        f"{path}: expected a folder of .parquet files, of JSONL files, a saved HF dataset, or a pairmill "
+        f"job folder; found {len(parquet)} parquet and {len(lines)} JSONL/text files"
+    )
+
+
+def _file_format(name: str) -> tuple[str, list[str]]:
     if name.endswith(".parquet"):
         return "parquet", [name]
     if name.endswith(LINE_SUFFIXES):
         return "lines", [name]
-    raise ValueError(f"{path}: unknown input type; use .jsonl[.gz], .txt[.gz], .parquet, or a folder of them")
+    raise ValueError(f"{name}: unknown input type; use .jsonl[.gz], .txt[.gz], .parquet, or a folder of them")
 
 
 def _load_hf(path: str):
@@ -190,10 +222,12 @@ def read_raw(path: str | Path):
     import ray.data
 
     fmt, files = detect_format(path)
+    fs, _ = storage.split(files[0])  # None for local files: Ray's own default
     if fmt == "lines":
-        return ray.data.read_datasource(_line_datasource_class()(files)), fmt
+        scheme = files[0].split("://")[0] + "://" if fs is not None else ""
+        return ray.data.read_datasource(_line_datasource_class()(files, filesystem=fs, scheme=scheme)), fmt
     if fmt == "parquet":
-        return ray.data.read_parquet(files), fmt
+        return ray.data.read_parquet(files, filesystem=fs), fmt
     return ray.data.from_huggingface(_load_hf(files[0])), fmt
 
 
@@ -220,10 +254,20 @@ def load_parsed_local(path: str | Path, mode: Mode = "pairs", **validate_kwargs)
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
-        tables = [ParseRows(mode, f, **validate_kwargs)(pq.read_table(f)) for f in files]
+        tables = [ParseRows(mode, f, **validate_kwargs)(pq.read_table(inner, filesystem=fs))
+                  for f in files for fs, inner in [storage.split(f)]]
     else:
         tables = [ParseRows(mode, files[0], **validate_kwargs)(_load_hf(files[0]).data.table)]
     return pa.concat_tables(tables) if tables else parsed_schema(mode).empty_table()
+
+
+def input_bytes(path: str | Path) -> int:
+    """Bytes of an input's files, gzip counted as 4x (what sizes shuffle partitions and passes)."""
+    _, files = detect_format(path)
+    if storage.is_remote(path):
+        return sum(size * (4 if f.endswith(".gz") else 1) for f, size in zip(files, storage.sizes(files)))
+    paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
+    return sum(f.stat().st_size * (4 if f.suffix == ".gz" else 1) for f in paths)
 
 
 def count_input_rows(path: str | Path) -> int:
@@ -234,7 +278,7 @@ def count_input_rows(path: str | Path) -> int:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return sum(pq.read_metadata(inner, filesystem=fs).num_rows for fs, inner in map(storage.split, files))
     if fmt == "hf":
         return len(_load_hf(files[0]))
     return int(read_raw(path)[0].count())

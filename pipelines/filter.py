@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -56,7 +55,8 @@ from pairmill.groups import (
     mark_duplicate_ids,
 )
 from pairmill.pairs import REJECT_COLUMNS, REJECT_REASONS, output_columns
-from pairmill.read import count_input_rows, read_parsed
+from pairmill import storage
+from pairmill.read import count_input_rows, input_bytes, read_parsed
 from pipelines.audit import audit_from_counts, calibrate_k, corrupt_rows, rank_counts
 from pipelines.consistency import INCONSISTENT, consistency_ranks, rank_depth
 from pipelines.decontaminate import CONTAMINATED, contamination
@@ -268,31 +268,26 @@ def embedded_dim(encoder: EncoderConfig) -> int:
 
 def pass_bytes(input_path: str, rows: int, dim: int) -> int:
     """What one pass's rows weigh: the input (gzip counted as 4x) plus two float32 vectors a row."""
-    from pairmill.read import detect_format
-
-    _, files = detect_format(input_path)
-    paths = [f for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
-    text_bytes = sum(f.stat().st_size * (4 if f.suffix == ".gz" else 1) for f in paths)
-    return text_bytes + rows * 2 * dim * 4
+    return input_bytes(input_path) + rows * 2 * dim * 4
 
 
-def hold(ds, folder: Path, estimate: int):
+def hold(ds, folder: str | Path, estimate: int, filesystem=None):
     """``ds`` executed once and kept for the passes after it: materialised in the object store when
-    ``estimate`` bytes are small (see HOLD_MAX_BYTES), else written to ``folder`` (parquet) and read
-    from there."""
+    ``estimate`` bytes are small (see HOLD_MAX_BYTES), else written to ``folder`` (parquet, on
+    ``filesystem``: None for a local one) and read from there."""
     import ray
 
     capacity = ray.cluster_resources().get("object_store_memory", 0)
     if estimate <= min(HOLD_MAX_BYTES, OBJECT_STORE_SHARE * capacity):
         return ds.materialize()
     log.info(f"filter: a pass of ~{estimate / 2**30:.2f} GiB goes through {folder}, not memory")
-    ds.write_parquet(str(folder))
-    return ray.data.read_parquet(str(folder))
+    ds.write_parquet(str(folder), filesystem=filesystem)
+    return ray.data.read_parquet(str(folder), filesystem=filesystem)
 
 
 def check_eval_files(paths) -> None:
     for path in paths:
-        if not Path(path).exists():
+        if not storage.exists(path):
             hint = " (a key=value after --decontaminate is read as a file name: put settings before the flag)" if "=" in path else ""
             raise FileNotFoundError(f"filter.decontaminate: {path} does not exist{hint}")
 
@@ -383,7 +378,7 @@ def filter_pairs(
     from ray.data.expressions import col
 
     from pairmill.cluster import disk_shuffle, encoder_pool, init_ray
-    from pairmill.output import JobFolder, count_by, parquet_rows
+    from pairmill.output import count_by, open_job, parquet_rows
 
     check_eval_files(options.decontaminate)
     settings = options
@@ -392,7 +387,7 @@ def filter_pairs(
     passes: dict[str, float] = {}
     semantic_decontam = bool(options.decontaminate) and options.decontaminate_eps > 0
     embedded = options.consistency or options.semdedup or semantic_decontam
-    with JobFolder(out) as job:
+    with open_job(out) as job:
         partitions = options.partitions or default_partitions(input_path)
         t0 = time.perf_counter()
         input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
@@ -423,7 +418,7 @@ def filter_pairs(
                 batch_size=max(1024, 8 * (encoder.batch_size or 32)),  # the encoder sorts a batch by length
                 batch_format="pyarrow",
             )
-        marked = hold(ds, job.staging / "work" / "marked", estimate)
+        marked = hold(ds, job.work("marked"), estimate, job.filesystem)
         passes["read+dedup+encode"] = time.perf_counter() - t0
         counts, seconds = tally(marked, ("t_dedup", "t_ids", "t_encode", "truncated"))
         unique = counts.get(None, 0)
@@ -505,7 +500,7 @@ def filter_pairs(
                     fn_kwargs={"eps": options.eps, "on": options.on, "keep": options.keep, "seed": options.seed},
                     batch_format="pyarrow",
                 )
-            final = hold(ds, job.staging / "work" / "final", estimate)
+            final = hold(ds, job.work("final"), estimate, job.filesystem)
             passes["score+semdedup"] = time.perf_counter() - t0
             if index is not None:
                 index.close()
@@ -518,7 +513,7 @@ def filter_pairs(
         # Pass 4: the job folder.
         t0 = time.perf_counter()
         kept_columns = PAIR_COLUMNS + (EMBEDDING_COLUMNS if embedded else [])
-        (final or marked).filter(expr=col("reason").is_null()).select_columns(kept_columns).write_parquet(job.path("kept"))
+        (final or marked).filter(expr=col("reason").is_null()).select_columns(kept_columns).write_parquet(job.path("kept"), filesystem=job.filesystem)
         # Dropped rows keep their embeddings (null for exact duplicates, never encoded), so k or eps
         # can be re-tuned offline without encoding again.
         dropped_columns = DROPPED_COLUMNS + (EMBEDDING_COLUMNS if embedded else [])
@@ -526,11 +521,11 @@ def filter_pairs(
         if final is not None:
             removed = final.filter(expr=col("reason").is_in([INCONSISTENT, CONTAMINATED, SEMANTIC_DUPLICATE]))
             dropped = dropped.union(removed.select_columns(dropped_columns))
-        dropped.write_parquet(job.path("dropped"))
+        dropped.write_parquet(job.path("dropped"), filesystem=job.filesystem)
         rejects = marked.filter(expr=col("reason").is_in(list(REJECT_REASONS)))
-        rejects.select_columns(REJECT_COLUMNS).write_parquet(job.path("rejected"))
+        rejects.select_columns(REJECT_COLUMNS).write_parquet(job.path("rejected"), filesystem=job.filesystem)
         passes["write"] = time.perf_counter() - t0
-        shutil.rmtree(job.staging / "work", ignore_errors=True)
+        job.remove_work()
 
         stats = {
             "input_rows": input_rows,

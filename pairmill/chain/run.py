@@ -41,7 +41,7 @@ from typing import Callable
 
 from pairmill import sample
 from pairmill.config import changed_settings, config_to_dict
-from pairmill.output import remove_job, resumable_staging
+from pairmill.output import is_finished, remove_job, resumable_staging
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Stages:
         """``job(folder)`` unless ``OUT/name`` finished with fingerprint ``key``. ``settings``
         (``{section: {key: value}}``, what the stage reads) name what changed when it is redone."""
         folder = self.out / name
-        if not self.force and self.state.get(name) == key and (folder / "_SUCCESS").exists():
+        if not self.force and self.state.get(name) == key and is_finished(folder):
             log.info(f"run: {name}: reusing {folder} (same input and settings; --force to redo)")
             return json.loads((folder / "stats.json").read_text())
         # A stage that started with these settings and did not finish keeps its folder, so the job

@@ -1,0 +1,166 @@
+"""Object storage: URIs resolve to pyarrow filesystems without credentials from anywhere but the
+environment, inputs read from a bucket give the rows and rejections a local read gives, and job
+folders there commit by a ``_SUCCESS`` manifest that a killed attempt never fakes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from importlib import resources
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pairmill import storage
+from pairmill.output import BucketJobFolder, StatsMismatch, finished_files, is_finished, open_job, parquet_rows
+from pairmill.read import count_input_rows, detect_format, load_parsed_local, read_parsed
+from tests.pairmill.test_pairs import BAD_LINES, _bad_file
+from tests.storage.conftest import upload
+
+SAMPLE = resources.files("pairmill") / "sample" / "train.jsonl.gz"
+
+
+def test_uris_resolve_to_filesystems_that_carry_the_endpoint_but_no_credentials(bucket, s3_server, tmp_path):
+    fs, path = storage.split(f"{bucket}/a/b.jsonl")
+    assert fs.type_name == "s3" and path == f"{bucket[5:]}/a/b.jsonl"
+    assert storage.split(str(tmp_path)) == (None, str(tmp_path)) and storage.split(tmp_path)[0] is None
+    options = pickle.loads(pickle.dumps(fs)).__reduce__()[1][0]  # what a Ray worker receives
+    assert options["endpoint_override"] == s3_server and options["access_key"] is None
+    for uri in ("s3://AKIDKEY:S3CR3T@bucket/x.jsonl", "s3://bucket/x.jsonl?access_key=AKIDKEY&secret_key=S3CR3T"):
+        with pytest.raises(ValueError, match="credentials") as refused:
+            storage.split(uri)
+        assert "S3CR3T" not in str(refused.value) and "AKIDKEY" not in str(refused.value)
+    assert storage.join(bucket, "out", "kept") == f"{bucket}/out/kept"
+
+
+def _without_origin(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "origin"} for r in rows]
+
+
+def test_reading_from_a_bucket_gives_the_local_rows_and_rejections(ray_session, bucket, tmp_path):
+    """The bundled sample and a file of bad lines, read in-process and on Ray (whose workers reach
+    the bucket with the filesystem they are sent), Parquet from its footers, a folder as a prefix."""
+    bad = _bad_file(tmp_path / "bad.jsonl", gz=False)
+    sample_uri = upload(SAMPLE, f"{bucket}/in/train.jsonl.gz")
+    bad_uri = upload(bad, f"{bucket}/in/bad.jsonl")
+    assert detect_format(f"{bucket}/in") == ("lines", [bad_uri, sample_uri])
+    assert count_input_rows(sample_uri) == count_input_rows(str(SAMPLE)) == 2050
+
+    local = load_parsed_local(bad).to_pylist()
+    remote = load_parsed_local(bad_uri).to_pylist()
+    assert _without_origin(remote) == _without_origin(local) and remote[4]["origin"] == f"{bad_uri}:5"
+    on_ray = sorted(read_parsed(bad_uri).take_all(), key=lambda r: int(r["origin"].rsplit(":", 1)[1]))
+    assert _without_origin(on_ray) == _without_origin(local)
+    assert sorted(r["reason"] for r in on_ray if r["reason"]) == sorted(reason for _, reason in BAD_LINES)
+
+    table = load_parsed_local(SAMPLE)
+    pq.write_table(table.select(["id", "query", "passage"]), tmp_path / "sample.parquet")
+    parquet_uri = upload(tmp_path / "sample.parquet", f"{bucket}/pq/sample.parquet")
+    assert count_input_rows(parquet_uri) == table.num_rows
+    assert load_parsed_local(f"{bucket}/pq")["id"].to_pylist() == table["id"].to_pylist()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        detect_format(f"{bucket}/nothing.jsonl")
+
+
+def _stats(kept: int) -> dict:
+    return {"input_rows": kept, "kept": kept, "dropped": {}, "rejected": {}}
+
+
+def _write_part(job, part: str, ids: list[str]) -> None:
+    pq.write_table(pa.table({"id": ids}), f"{storage.split(job.path(part))[1]}/0.parquet", filesystem=job.filesystem)
+
+
+def _kept_ids(out: str) -> list[str]:
+    ids = []
+    for uri in finished_files(out, "kept"):
+        fs, path = storage.split(uri)
+        ids += pq.read_table(path, filesystem=fs)["id"].to_pylist()
+    return ids
+
+
+def test_a_job_killed_before_success_is_not_finished_and_a_rerun_cleans_it(bucket, monkeypatch):
+    out = f"{bucket}/job"
+    job = open_job(out)
+    assert isinstance(job, BucketJobFolder)
+    _write_part(job, "kept", ["a", "b"])
+    job.commit(_stats(2))
+    assert is_finished(out) and _kept_ids(out) == ["a", "b"]
+    manifest = json.loads(storage.read_text(f"{out}/_SUCCESS"))
+    assert set(manifest["files"]) == {f"kept/{job.attempt}/0.parquet", "stats.json"}
+
+    # A rerun killed after its parts and stats.json, before _SUCCESS (no abort runs on a kill).
+    killed = open_job(out)
+    _write_part(killed, "kept", ["c"])
+    _write_part(killed, "rejected", ["x"])
+    assert is_finished(out) and _kept_ids(out) == ["a", "b"]  # the last commit still stands meanwhile
+    real_write = storage.write_text
+
+    def die_at_success(path, text):
+        if path.endswith("/_SUCCESS"):
+            raise SystemExit("killed")
+        return real_write(path, text)
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(storage, "write_text", die_at_success)
+        killed.commit(_stats(1))
+    assert storage.exists(f"{out}/stats.json") and storage.exists(killed.path("kept"))
+    assert not is_finished(out)
+    with pytest.raises(ValueError, match="not a finished pairmill job folder"):
+        detect_format(out)
+
+    rerun = open_job(out)  # cleans what no manifest vouches for, before writing
+    assert not storage.exists(killed.path("kept")) and not storage.exists(killed.path("rejected"))
+    _write_part(rerun, "kept", ["d", "e", "f"])
+    rerun.commit(_stats(3))
+    assert is_finished(out) and _kept_ids(out) == ["d", "e", "f"] and parquet_rows(rerun.path("kept")) == 3
+    assert [u[len(out) + 1:] for u, _ in storage.list_files(out)] == ["_SUCCESS", f"kept/{rerun.attempt}/0.parquet", "stats.json"]
+    assert detect_format(out) == ("parquet", [f"{rerun.path('kept')}/0.parquet"])
+
+    # A manifest names sizes: a listed file changed or gone is not trusted either.
+    fs, inner = storage.split(f"{rerun.path('kept')}/0.parquet")
+    fs.delete_file(inner)
+    assert not is_finished(out)
+
+
+def test_a_failed_or_mismatched_job_leaves_no_parts(bucket):
+    out = f"{bucket}/job"
+    with pytest.raises(RuntimeError):
+        with open_job(out) as job:
+            _write_part(job, "kept", ["a"])
+            raise RuntimeError("boom")
+    assert storage.list_files(out) == []
+    with pytest.raises(StatsMismatch, match="partial output left under"):
+        with open_job(out) as job:
+            _write_part(job, "kept", ["a"])
+            job.commit({"input_rows": 2, "kept": 1, "dropped": {}, "rejected": {}})
+    assert not is_finished(out) and storage.exists(job.path("kept"))  # kept to look at, cleaned by the next run
+
+
+def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_session, tiny_model, bucket, tmp_path):
+    """``pairmill filter s3://.../pairs.jsonl -o s3://.../filtered``: the same counts as on local
+    files, a manifest-committed folder that the next job reads, and no credential in stats.json.
+    The embedding stages are off: they touch no storage, and they would double the test's time."""
+    from pairmill.cli import main as cli
+    from tests.conftest import literal_pairs, write_jsonl
+
+    rows = literal_pairs(40)
+    lines = [json.dumps(r) for r in rows + rows[:3]] + [line.decode("utf-8", "replace") for line, _ in BAD_LINES[:6]]
+    local_in = write_jsonl(tmp_path / "pairs.jsonl", lines)
+    remote_in = upload(local_in, f"{bucket}/pairs.jsonl")
+    settings = ["--model", tiny_model, "filter.consistency=false", "filter.semdedup=false"]
+    assert cli(["filter", str(local_in), "-o", str(tmp_path / "filtered"), *settings]) == 0
+    assert cli(["filter", remote_in, "-o", f"{bucket}/filtered", *settings]) == 0
+
+    local = json.loads((tmp_path / "filtered" / "stats.json").read_text())
+    text = storage.read_text(f"{bucket}/filtered/stats.json")
+    remote = json.loads(text)
+    for key in ("input_rows", "kept", "dropped", "rejected"):
+        assert remote[key] == local[key], key
+    assert local["input_rows"] == 49 and local["dropped"]["exact_duplicate"] == 3 and sum(local["rejected"].values()) == 6
+    assert [(s["name"], s["rows_in"], s["rows_out"]) for s in remote["stages"]] == [(s["name"], s["rows_in"], s["rows_out"]) for s in local["stages"]]
+    from tests.storage.conftest import TEST_CREDENTIALS
+
+    assert not any(value in text for value in TEST_CREDENTIALS.values())
+    assert is_finished(f"{bucket}/filtered") and count_input_rows(f"{bucket}/filtered") == remote["kept"]
+    assert not storage.list_files(f"{bucket}/filtered/_work")
