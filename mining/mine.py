@@ -268,25 +268,32 @@ def selection_kwargs(mine_cfg) -> dict:
     }
 
 
-def reusable_embeddings(pairs_path: str, fingerprint: str) -> Path | None:
-    """The ``kept/`` folder of a finished pairmill job whose rows carry embeddings made with
-    this encoder fingerprint, else None."""
+def reusable_embeddings(pairs_path: str, fingerprint: str) -> str | list[str] | None:
+    """The ``kept/`` rows of a finished pairmill job whose rows carry embeddings made with this
+    encoder fingerprint (the folder; on object storage the files its manifest lists), else None."""
     import json
 
-    folder = Path(pairs_path)
-    stats = folder / "stats.json"
-    if not (folder / "_SUCCESS").exists() or not stats.exists():
-        return None
-    saved = json.loads(stats.read_text()).get("encoder_fingerprint")
-    if saved != fingerprint:
-        if saved:
-            log.info(f"mine: {folder} was encoded with encoder {saved}, not {fingerprint}: encoding again")
-        return None
     import pyarrow.parquet as pq
 
-    files = sorted((folder / "kept").glob("*.parquet"))
-    names = set(pq.read_schema(files[0]).names) if files else set()
-    return folder / "kept" if {"query_embedding", "passage_embedding"} <= names else None
+    from pairmill import storage
+    from pairmill.output import finished_files, is_finished
+
+    stats = storage.join(pairs_path, "stats.json")
+    if not is_finished(pairs_path) or not storage.exists(stats):
+        return None
+    saved = json.loads(storage.read_text(stats)).get("encoder_fingerprint")
+    if saved != fingerprint:
+        if saved:
+            log.info(f"mine: {pairs_path} was encoded with encoder {saved}, not {fingerprint}: encoding again")
+        return None
+    remote = storage.is_remote(pairs_path)
+    files = finished_files(pairs_path, "kept") if remote else sorted((Path(pairs_path) / "kept").glob("*.parquet"))
+    if not files:
+        return None
+    fs, first = storage.split(files[0])
+    if not {"query_embedding", "passage_embedding"} <= set(pq.read_schema(first, filesystem=fs).names):
+        return None
+    return files if remote else str(Path(pairs_path) / "kept")
 
 
 def partitions(rows: int) -> int:
@@ -312,6 +319,7 @@ def mine(
     from pairmill.cluster import disk_shuffle, encoder_pool, init_ray
     from pairmill.encoder import EncodeBatch
     from pairmill.config import encoder_kwargs, read_kwargs
+    from pairmill import storage
     from pairmill.output import JobFolder, count_by, parquet_rows
     from pairmill.pairs import REJECT_COLUMNS, output_columns
     from pairmill.read import count_input_rows, read_parsed
@@ -328,8 +336,8 @@ def mine(
         t0 = time.perf_counter()
         reuse = reusable_embeddings(pairs_path, fingerprint)
         if reuse is not None:
-            log.info(f"mine: reusing the embeddings in {reuse} (encoder {fingerprint})")
-            pairs = ray_lib.data.read_parquet(str(reuse))
+            log.info(f"mine: reusing the embeddings in {pairs_path}/kept (encoder {fingerprint})")
+            pairs = ray_lib.data.read_parquet(reuse, filesystem=storage.split(reuse[0])[0] if isinstance(reuse, list) else None)
         else:
             parsed = ray_lib.data.read_parquet(str(write_validated(pairs_path, work / "validated", "pairs", **read_kwargs(read))))
             parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(

@@ -55,6 +55,13 @@ class OtherSettings(ValueError):
     """A rerun into a resumable job's folder whose run was started with other settings."""
 
 
+def refuse_remote(out: str | Path) -> None:
+    """Jobs other than ``filter`` write local (or NFS) folders only so far (issue #16)."""
+    if storage.is_remote(out):
+        raise ValueError(f"{out}: this job writes its folder on a local or shared filesystem only, so far; "
+                         "on object storage, `pairmill filter` writes its folder (open_job)")
+
+
 def resumable_staging(out: str | Path) -> Path:
     """The fixed staging folder of a resumable job writing ``out``."""
     final = Path(out).expanduser().resolve()
@@ -81,9 +88,7 @@ class JobFolder:
     filesystem = None  # Ray writes here with its default (local) filesystem
 
     def __init__(self, out: str | Path, parts: tuple[str, ...] = PARTS, *, resume: bool = False, in_place: bool = False):
-        if storage.is_remote(out):
-            raise ValueError(f"{out}: this job writes local (or NFS) folders only so far; on object storage "
-                             "pairmill filter writes its folder (open_job)")
+        refuse_remote(out)
         self.final = Path(out).expanduser().resolve()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.resume = resume or in_place
@@ -252,6 +257,7 @@ def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_w
     settings are the same; a finished OUT with the same settings moves back into staging and is
     resumed (nothing is redone: the job only finishes again); anything else with other settings is
     refused with an ``OtherSettings`` naming them, and left untouched."""
+    refuse_remote(out)
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
     final = Path(out).expanduser().resolve()
     staging = final if in_place else resumable_staging(final)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pairmill import storage
-from pairmill.output import BucketJobFolder, StatsMismatch, finished_files, is_finished, open_job, parquet_rows
+from pairmill.output import BucketJobFolder, JobFolder, StatsMismatch, finished_files, is_finished, open_job, parquet_rows
 from pairmill.read import count_input_rows, detect_format, load_parsed_local, read_parsed
 from tests.pairmill.test_pairs import BAD_LINES, _bad_file
 from tests.storage.conftest import upload
@@ -123,6 +123,19 @@ def test_a_job_killed_before_success_is_not_finished_and_a_rerun_cleans_it(bucke
     assert not is_finished(out)
 
 
+def test_mine_reuses_the_embeddings_of_a_bucket_job_folder_its_manifest_lists(bucket):
+    from mining.mine import reusable_embeddings
+
+    job = open_job(f"{bucket}/filtered")
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array([0.6, 0.8], pa.float32()), 2)
+    pq.write_table(pa.table({"id": ["a"], "query_embedding": vectors, "passage_embedding": vectors}),
+                   f"{storage.split(job.path('kept'))[1]}/0.parquet", filesystem=job.filesystem)
+    job.commit({**_stats(1), "encoder_fingerprint": "e1"})
+    assert reusable_embeddings(f"{bucket}/filtered", "e1") == [f"{job.path('kept')}/0.parquet"]
+    assert reusable_embeddings(f"{bucket}/filtered", "e2") is None  # another encoder: encode again
+    assert reusable_embeddings(f"{bucket}/nothing", "e1") is None
+
+
 def test_a_failed_or_mismatched_job_leaves_no_parts(bucket):
     out = f"{bucket}/job"
     with pytest.raises(RuntimeError):
@@ -135,6 +148,8 @@ def test_a_failed_or_mismatched_job_leaves_no_parts(bucket):
             _write_part(job, "kept", ["a"])
             job.commit({"input_rows": 2, "kept": 1, "dropped": {}, "rejected": {}})
     assert not is_finished(out) and storage.exists(job.path("kept"))  # kept to look at, cleaned by the next run
+    with pytest.raises(ValueError, match="local or shared filesystem only"):
+        JobFolder(f"{bucket}/train")  # jobs not yet on object storage say so, and write nothing
 
 
 def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_session, tiny_model, bucket, tmp_path):
@@ -164,3 +179,8 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
     assert not any(value in text for value in TEST_CREDENTIALS.values())
     assert is_finished(f"{bucket}/filtered") and count_input_rows(f"{bucket}/filtered") == remote["kept"]
     assert not storage.list_files(f"{bucket}/filtered/_work")
+
+    # The next stage reads the bucket's job folder (its output stays local, so far).
+    assert cli(["mine", f"{bucket}/filtered", "-o", str(tmp_path / "mined"), "--model", tiny_model]) == 0
+    mined = json.loads((tmp_path / "mined" / "stats.json").read_text())
+    assert mined["input_rows"] == mined["kept"] == remote["kept"] and mined["negatives"]["total"] > 0
