@@ -97,6 +97,8 @@ def ray_session():
     """One local Ray for the whole test session (4 logical CPUs avoid small-machine deadlocks)."""
     import ray
 
+    from pairmill.cluster import LOCAL_RAY_SYSTEM_CONFIG
+
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
@@ -108,6 +110,7 @@ def ray_session():
             object_store_memory=256 * 2**20,
             log_to_driver=False,
             configure_logging=False,
+            _system_config=LOCAL_RAY_SYSTEM_CONFIG,  # workers reused across operators and tests
         )
     yield ray
     ray.shutdown()

@@ -38,6 +38,8 @@ class LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
+        from pairmill.cluster import LOCAL_RAY_SYSTEM_CONFIG
+
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -49,6 +51,7 @@ class LocalCluster:
                 "dashboard_host": "127.0.0.1",
                 "dashboard_port": free_port(),
                 "object_store_memory": 150 << 20,
+                "_system_config": LOCAL_RAY_SYSTEM_CONFIG,  # cluster-wide: every node keeps its idle workers
             },
         )
         self.workers = [

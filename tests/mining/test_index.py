@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import faiss
 import numpy as np
@@ -202,6 +203,13 @@ def test_killed_shard_without_file_raises_instead_of_answering_short(make_index,
     index = make_index(2, DIM, "Flat")
     index.add_batches(blocks(corpus[:500]))
     ray_session.kill(index.shards[0], no_restart=False)
+    # ray.kill returns before the process dies: a call sent at once can still be answered by the old
+    # actor. Wait until the shard answers as a restarted one (without its rows: there is no file).
+    restarted = lambda shard: ray_session.get_runtime_context().was_current_actor_reconstructed  # noqa: E731
+    deadline = time.monotonic() + 60
+    while not ray_session.get(index.shards[0].__ray_call__.remote(restarted)):
+        assert time.monotonic() < deadline, "the killed shard did not restart in 60 s"
+        time.sleep(0.2)
     with pytest.raises(ValueError, match="restarted"):
         index.search(queries, 10)
 
