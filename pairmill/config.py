@@ -519,11 +519,22 @@ def load_config(
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """The ``section.key`` names whose value differs between two ``{section: {key: value}}`` dicts
-    (non-dict entries of ``current`` are left out), sorted: what a rerun into a job's folder changed."""
+    (non-dict entries of ``current`` are left out), sorted: what a rerun into a job's folder changed.
+
+    A key that ``saved`` lacks counts as its default there: the job was saved by a pairmill without
+    that setting, which behaved as the default does (so a run started before a setting existed
+    still resumes). A key without a known default counts as empty (None)."""
+
+    def default_of(section: str, key: str):
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else {}
+        if key not in fields or fields[key].default is dataclasses.MISSING:
+            return None
+        return json.loads(json.dumps(fields[key].default, default=str))  # as saved settings read back
+
     return sorted(
         f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
         for key in set(values) | set(saved.get(section, {}))
-        if values.get(key) != saved.get(section, {}).get(key)
+        if values.get(key) != saved.get(section, {}).get(key, default_of(section, key))
     )
 
 

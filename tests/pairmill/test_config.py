@@ -191,3 +191,14 @@ def test_functions_default_to_the_config():
         params = inspect.signature(fn).parameters
         shared = [f for f in dataclasses.fields(cls) if f.name in params]
         assert shared and all(params[f.name].default == f.default for f in shared), fn.__name__
+
+
+def test_a_setting_missing_from_a_saved_run_is_unchanged_at_its_default():
+    from pairmill.config import changed_settings
+
+    saved = {"train": {"lr": 5e-5}}  # saved by a pairmill that had no train.objective yet
+    assert changed_settings(saved, {"train": {"lr": 5e-5, "objective": "infonce", "lora_targets": []}}) == []
+    assert changed_settings(saved, {"train": {"lr": 5e-5, "objective": "supcon"}}) == ["train.objective"]
+    assert changed_settings(saved, {"train": {"lr": 1e-4}}) == ["train.lr"]
+    assert changed_settings({"train": {"lr": 5e-5, "gone": 1}}, {"train": {"lr": 5e-5}}) == ["train.gone"]
+    assert changed_settings({}, {"nosuch": {"key": None}}) == []  # no default known: empty
