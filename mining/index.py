@@ -21,6 +21,9 @@ Design note.
   as of the last save. The client counts the rows it sent each shard and every search carries
   that count: a shard that came back from an older file (or none) raises instead of answering
   without its rows. A search never returns a result that silently misses a shard.
+- Home folder on object storage (``s3://...``): a shard gets its file as (pyarrow filesystem,
+  path), so the actor needs the node's credentials but not the endpoint; objects appear whole
+  when their upload completes, so there is no temporary file to rename.
 - Cost: Flat search is q x n x d multiply-adds over all shards (IVF about nprobe/nlist of that,
   plus q x nlist x d for the coarse step); the driver merges q x (shards x k) candidates with a
   lexsort, O(q x S log S) for S = shards x k. Memory per shard: n x d x 4 bytes of vectors plus
@@ -42,6 +45,7 @@ import numpy as np
 import ray
 
 from mining.shard import RemoteIndexShard, default_index_spec, ivf_nlist, merge_topk
+from pairmill import storage
 from pairmill.vectors import to_matrix
 
 METRIC = "inner_product"  # vectors are L2-normalised embeddings: inner product == cosine
@@ -122,7 +126,7 @@ class ShardedIndex:
         extra = check_extra(manifest_extra)
         if folder is not None:
             check_no_index(folder)  # a shard would silently load an old file found there
-        paths = [str(Path(folder) / shard_file(i)) if folder else None for i in range(num_shards)]
+        paths = [storage.join(folder, shard_file(i)) if folder else None for i in range(num_shards)]
         shards = [start_shard(dim, spec, path, num_cpus, num_gpus) for path in paths]
         counts = [0] * num_shards
         index = cls(shards, dim=dim, spec=spec, counts=counts, folder=folder, nprobe=nprobe, manifest_extra=extra)
@@ -138,12 +142,12 @@ class ShardedIndex:
         """
         manifest = read_manifest(folder)
         check_expect(manifest, expect, folder)
-        files = [Path(folder) / entry["file"] for entry in manifest["shards"]]
-        missing = [str(f) for f in files if not f.exists()]
+        files = [storage.join(folder, entry["file"]) for entry in manifest["shards"]]
+        missing = [f for f in files if not storage.exists(f)]
         if missing:
             raise FileNotFoundError(f"{folder}/{MANIFEST} lists shard files that are missing: {missing}")
         dim, spec = manifest["dim"], manifest["spec"]
-        shards = [start_shard(dim, spec, str(f), num_cpus, num_gpus) for f in files]
+        shards = [start_shard(dim, spec, f, num_cpus, num_gpus) for f in files]
         extra = {key: value for key, value in manifest.items() if key not in RESERVED_KEYS}
         counts = [int(entry["ntotal"]) for entry in manifest["shards"]]
         nprobe = manifest["nprobe"]
@@ -228,9 +232,10 @@ class ShardedIndex:
         folder = folder or self.folder
         if not folder:
             raise ValueError("this index has no home folder: pass save(folder)")
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         files = [shard_file(i) for i in range(len(self.shards))]
-        saved = self._gather(lambda i, shard: shard.save.remote(str(Path(folder) / files[i])), "save")
+        saved = self._gather(lambda i, shard: shard.save.remote(storage.split(storage.join(folder, files[i]))[1]), "save")
         self._check_saved(saved)
         manifest = {
             "dim": self.dim,
@@ -243,6 +248,9 @@ class ShardedIndex:
             "faiss_version": faiss.__version__,
             **self.manifest_extra,
         }
+        if storage.is_remote(folder):  # an object appears whole when its upload completes
+            storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+            return manifest
         tmp = Path(folder) / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, Path(folder) / MANIFEST)
@@ -456,15 +464,20 @@ def check_expect(manifest: dict, expect: dict | None, folder: str) -> None:
 
 
 def check_no_index(folder: str) -> None:
-    if (Path(folder) / MANIFEST).exists() or any(Path(folder).glob("shard-*.faiss")):
+    if storage.is_remote(folder):
+        names = [uri.rsplit("/", 1)[1] for uri, _ in storage.list_files(folder)]
+        held = MANIFEST in names or any(n.startswith("shard-") and n.endswith(".faiss") for n in names)
+    else:
+        held = (Path(folder) / MANIFEST).exists() or any(Path(folder).glob("shard-*.faiss"))
+    if held:
         raise ValueError(f"folder {folder} already holds an index: ShardedIndex.load({folder!r}) it, or use an empty folder")
 
 
 def read_manifest(folder: str) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
+    path = storage.join(folder, MANIFEST)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a saved ShardedIndex (or its save never finished)")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(storage.read_text(path))
     if manifest.get("metric") != METRIC:
         raise ValueError(f"{path} has metric={manifest.get('metric')!r}; this code reads {METRIC!r} indexes only")
     return manifest
@@ -472,11 +485,13 @@ def read_manifest(folder: str) -> dict:
 
 def start_shard(dim: int, spec: str, path: str | None, num_cpus: float, num_gpus: float):
     """One shard actor. Ray restarts it forever and retries its calls after a restart; its
-    constructor reloads ``path``, so it comes back with its last saved data."""
+    constructor reloads ``path``, so it comes back with its last saved data. A path on object
+    storage reaches the actor as (filesystem, path in it): the filesystem carries the endpoint."""
+    filesystem, path = storage.split(path) if path else (None, None)
     return RemoteIndexShard.options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         scheduling_strategy="SPREAD",
         max_restarts=-1,
         max_task_retries=-1,
-    ).remote(dim, spec, path)
+    ).remote(dim, spec, path, filesystem)

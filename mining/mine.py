@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -320,7 +319,7 @@ def mine(
     from pairmill.encoder import EncodeBatch
     from pairmill.config import encoder_kwargs, read_kwargs
     from pairmill import storage
-    from pairmill.output import JobFolder, count_by, parquet_rows
+    from pairmill.output import PARTS, count_by, open_job, parquet_bytes, parquet_rows
     from pairmill.pairs import REJECT_COLUMNS, output_columns
     from pairmill.read import count_input_rows, read_parsed
     from pairmill.groups import write_validated
@@ -330,8 +329,8 @@ def mine(
     fingerprint = encoder.fingerprint()
     pool = encoder_pool(ray.actors)
     encode_args = encode_pool_args(pool, encoder.batch_size)
-    with JobFolder(out) as job:
-        work = Path(job.path("work"))
+    with open_job(out, PARTS + ("index",)) as job:  # on object storage the index is part of the attempt
+        fs, work = job.filesystem, job.work  # work("pairs"): the job's scratch folders
         # -- 1. pairs with embeddings, written once to work/pairs -----------------------------
         t0 = time.perf_counter()
         reuse = reusable_embeddings(pairs_path, fingerprint)
@@ -339,9 +338,10 @@ def mine(
             log.info(f"mine: reusing the embeddings in {pairs_path}/kept (encoder {fingerprint})")
             pairs = ray_lib.data.read_parquet(reuse, filesystem=storage.split(reuse[0])[0] if isinstance(reuse, list) else None)
         else:
-            parsed = ray_lib.data.read_parquet(str(write_validated(pairs_path, work / "validated", "pairs", **read_kwargs(read))))
+            validated = write_validated(pairs_path, work("validated"), "pairs", **read_kwargs(read))
+            parsed = ray_lib.data.read_parquet(str(validated), filesystem=fs)
             parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
-                job.path("rejected")
+                job.path("rejected"), filesystem=fs
             )
             log.info(f"mine: encoding pairs on {pool.size} actor(s)")
             valid = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns("pairs"))
@@ -349,21 +349,21 @@ def mine(
                 EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder_kwargs(encoder),
                                                     "keep_columns": True}, **encode_args
             )
-        pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(str(work / "pairs"))
-        valid_rows = parquet_rows(work / "pairs")
-        disk_shuffle(sum(f.stat().st_size for f in (work / "pairs").glob("*.parquet")))
+        pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(work("pairs"), filesystem=fs)
+        valid_rows = parquet_rows(work("pairs"))
+        disk_shuffle(parquet_bytes(work("pairs")))
         rejected = count_by(job.path("rejected"), "reason")
         input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the outputs against it
         job.stage("read+encode", input_rows, valid_rows, time.perf_counter() - t0)
 
         # -- 2. the corpus: distinct passages (+ the extra corpus) into the sharded index -------
         t0 = time.perf_counter()
-        corpus = ray_lib.data.read_parquet(str(work / "pairs")).select_columns(["passage_key", "passage", "passage_embedding"])
+        corpus = ray_lib.data.read_parquet(work("pairs"), filesystem=fs).select_columns(["passage_key", "passage", "passage_embedding"])
         extra_stats = None
         if corpus_path:
             extra_parsed = read_parsed(corpus_path, "text", **read_kwargs(read))
             extra_parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
-                str(work / "corpus_rejected")
+                work("corpus_rejected"), filesystem=fs
             )
             extra = (
                 extra_parsed.filter(expr=col("reason").is_null())
@@ -376,13 +376,13 @@ def mine(
                 )
                 .map_batches(_as_corpus_rows, batch_format="pyarrow")
             )
-            extra.write_parquet(str(work / "corpus"))
+            extra.write_parquet(work("corpus"), filesystem=fs)
             extra_stats = {
                 "path": str(corpus_path),
-                "rows": parquet_rows(work / "corpus"),
-                "rejected": count_by(work / "corpus_rejected", "reason"),
+                "rows": parquet_rows(work("corpus")),
+                "rejected": count_by(work("corpus_rejected"), "reason"),
             }
-            corpus = corpus.union(ray_lib.data.read_parquet(str(work / "corpus")))
+            corpus = corpus.union(ray_lib.data.read_parquet(work("corpus"), filesystem=fs))
         distinct = (
             corpus.map_batches(with_bucket, fn_kwargs={"column": "passage_key",
                                                         "buckets": bucket_count(valid_rows, partitions(valid_rows))},
@@ -390,9 +390,9 @@ def mine(
             .groupby("bucket", num_partitions=partitions(valid_rows))
             .map_groups(first_passage, batch_format="pyarrow")
         )
-        distinct.write_parquet(str(work / "distinct"))
-        corpus_rows = parquet_rows(work / "distinct")
-        index = build_index(work / "distinct", corpus_rows, mine_cfg, Path(job.staging) / "index",
+        distinct.write_parquet(work("distinct"), filesystem=fs)
+        corpus_rows = parquet_rows(work("distinct"))
+        index = build_index(work("distinct"), corpus_rows, mine_cfg, job.path("index"),
                             {"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)})
         num_shards, shard_devices = len(index.shards), {"devices": index.devices, "warnings": index.device_warnings}
         try:
@@ -401,11 +401,11 @@ def mine(
 
             # -- 3. positives per query, search, select, look up texts ------------------------
             t0 = time.perf_counter()
-            write_mined(work / "pairs", valid_rows, index, mine_cfg, job.path("kept"))
+            write_mined(work("pairs"), valid_rows, index, mine_cfg, job.path("kept"))
         finally:
             index.close()
         totals = (  # from kept/ itself: small columns only, one read
-            ray_lib.data.read_parquet(job.path("kept"))
+            ray_lib.data.read_parquet(job.path("kept"), filesystem=fs)
             .select_columns(["negative_ids", "positive_score", "negative_scores", "padded_negatives", "margin_filtered",
                              "near_duplicate_negatives"])
             .map_batches(_row_counts, batch_format="pyarrow", fn_kwargs={"asked": mine_cfg.num_negatives})
@@ -414,7 +414,7 @@ def mine(
         )
         kept_rows = parquet_rows(job.path("kept"))
         job.stage("mine", valid_rows, kept_rows, time.perf_counter() - t0)
-        shutil.rmtree(work)
+        job.remove_work()
         negatives = int(totals["sum(n)"] or 0)
         stats = job.commit(
             {
@@ -462,13 +462,14 @@ def encode_pool_args(pool, batch_size: int | None) -> dict:
     }
 
 
-def build_index(distinct: Path, rows: int, mine_cfg, folder: Path, manifest_extra: dict):
+def build_index(distinct: str | Path, rows: int, mine_cfg, folder: str | Path, manifest_extra: dict):
     """A ShardedIndex (home ``folder``) over a parquet folder of distinct passages
     (``passage_key``, ``passage``, ``passage_embedding``), trained first when IVF."""
     import ray
 
     from mining.index import ShardedIndex
 
+    from pairmill import storage
     from pairmill.cluster import search_cpus
 
     shards = mine_cfg.shards or max(1, math.ceil(rows / PASSAGES_PER_SHARD))
@@ -484,7 +485,7 @@ def build_index(distinct: Path, rows: int, mine_cfg, folder: Path, manifest_extr
         manifest_extra=manifest_extra,
     )
     try:
-        ds = ray.data.read_parquet(str(distinct))
+        ds = ray.data.read_parquet(str(distinct), filesystem=storage.split(distinct)[0])
         if index.nlist is not None:
             index.train(_training_sample(ds, rows, index.nlist))
         index.add_dataset(ds, "passage_key", "passage_embedding", text_column="passage")
@@ -494,16 +495,18 @@ def build_index(distinct: Path, rows: int, mine_cfg, folder: Path, manifest_extr
     return index
 
 
-def write_mined(pairs: Path, rows: int, index, mine_cfg, out: str, columns: list[str] | None = None) -> None:
+def write_mined(pairs: str | Path, rows: int, index, mine_cfg, out: str, columns: list[str] | None = None) -> None:
     """Encoded pairs with keys (a parquet folder) -> their mined rows (see ``mine_pairs``; only
     ``columns`` when given) written to the parquet folder ``out``. The positives of repeated
     queries live in a ``PositiveStore`` for the length of the write."""
     import ray
 
+    from pairmill import storage
+
     store = PositiveStore.create(max(1, math.ceil(rows / 10_000_000)))
     try:
         with_positives = (
-            ray.data.read_parquet(str(pairs))
+            ray.data.read_parquet(str(pairs), filesystem=storage.split(pairs)[0])
             .map_batches(with_bucket, fn_kwargs={"column": "query_key", "buckets": bucket_count(rows, partitions(rows))},
                          batch_format="pyarrow")
             .groupby("bucket", num_partitions=partitions(rows))
@@ -511,7 +514,7 @@ def write_mined(pairs: Path, rows: int, index, mine_cfg, out: str, columns: list
         )
         mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch,
                            pad=mine_cfg.pad, store=store)
-        (mined.select_columns(columns) if columns else mined).write_parquet(out)
+        (mined.select_columns(columns) if columns else mined).write_parquet(out, filesystem=storage.split(out)[0])
     finally:
         store.close()
 
@@ -545,13 +548,17 @@ def _row_counts(batch: pa.Table, asked: int) -> pa.Table:
     )
 
 
-def _dimension(folder: Path) -> int:
+def _dimension(folder: str | Path) -> int:
     import pyarrow.parquet as pq
 
-    files = sorted(folder.glob("*.parquet"))
+    from pairmill import storage
+    from pairmill.output import parquet_files
+
+    files = parquet_files(folder)
     if not files:
         raise ValueError("the corpus is empty: no valid pairs (see rejected/) and no extra corpus")
-    return pq.read_schema(files[0]).field("passage_embedding").type.list_size
+    fs, first = storage.split(files[0])
+    return pq.read_schema(first, filesystem=fs).field("passage_embedding").type.list_size
 
 
 def _training_sample(ds, rows: int, nlist: int) -> np.ndarray:

@@ -125,13 +125,15 @@ class IndexShard:
     ``RemoteIndexShard`` (what ``ShardedIndex`` does) or in-process.
 
     ``path`` is the shard's file: loaded here when it exists, so an actor that Ray restarts
-    comes back with the data of its last ``save``.
+    comes back with the data of its last ``save``. ``filesystem``: the ``pyarrow.fs`` filesystem
+    ``path`` is on (object storage: ``pairmill.storage.split``); None for a local file.
     """
 
-    def __init__(self, dim: int, spec: str, path: str | None = None):
+    def __init__(self, dim: int, spec: str, path: str | None = None, filesystem=None):
         faiss.omp_set_num_threads(actor_threads())
         self.path = path
-        index = faiss.read_index(path) if path and os.path.exists(path) else new_index(dim, spec)
+        self.filesystem = filesystem
+        index = read_index(path, filesystem) if path and exists(path, filesystem) else new_index(dim, spec)
         if index.d != dim:
             raise ValueError(f"shard file {path} holds dim={index.d} vectors, expected dim={dim}")
         self.spec = spec
@@ -146,7 +148,8 @@ class IndexShard:
         self.index = index
         # id -> text of the rows added with texts: the job that mines negatives needs them back,
         # and each shard holding its own rows' texts keeps that lookup sharded like the vectors.
-        self.texts: dict[int, str] = read_texts(texts_file(path)) if path and os.path.exists(texts_file(path)) else {}
+        self.texts: dict[int, str] = (read_texts(texts_file(path), filesystem)
+                                      if path and exists(texts_file(path), filesystem) else {})
         self._id_array: np.ndarray | None = None
 
     def ntotal(self) -> int:
@@ -260,9 +263,13 @@ class IndexShard:
         if not path:
             raise ValueError("this shard has no file: pass save(path)")
         cpu_index = faiss.index_gpu_to_cpu(self.index) if self.gpu_resources is not None else self.index
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if self.texts:
-            write_texts(self.texts, texts_file(path))
+            write_texts(self.texts, texts_file(path), self.filesystem)
+        if self.filesystem is not None:  # an object appears whole when its upload completes
+            with self.filesystem.open_output_stream(path, compression=None) as f:
+                f.write(faiss.serialize_index(cpu_index).tobytes())
+            return int(self.index.ntotal)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         faiss.write_index(cpu_index, path + ".tmp")
         os.replace(path + ".tmp", path)  # a reader (or a restart) never sees a half-written file
         return int(self.index.ntotal)
@@ -275,17 +282,36 @@ def texts_file(path: str) -> str:
     return path + ".texts.parquet"
 
 
-def write_texts(texts: dict[int, str], path: str) -> None:
+def write_texts(texts: dict[int, str], path: str, filesystem=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({"id": pa.array(list(texts), pa.int64()), "text": pa.array(list(texts.values()), pa.string())})
+    if filesystem is not None:
+        pq.write_table(table, path, filesystem=filesystem)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(table, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def read_texts(path: str) -> dict[int, str]:
+def read_texts(path: str, filesystem=None) -> dict[int, str]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = pq.read_table(path, filesystem=filesystem)
     return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+
+
+def exists(path: str, filesystem=None) -> bool:
+    if filesystem is None:
+        return os.path.exists(path)
+    import pyarrow.fs as pafs
+
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_index(path: str, filesystem=None):
+    if filesystem is None:
+        return faiss.read_index(path)
+    with filesystem.open_input_stream(path, compression=None) as f:
+        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))

@@ -135,12 +135,18 @@ def read_unique(path: str | Path, mode: Mode = "pairs", **validate_kwargs):
     return unique_ids(parsed, default_partitions(path), count_input_rows(path))
 
 
-def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", **validate_kwargs) -> Path:
+def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", **validate_kwargs) -> Path | str:
     """``read_unique`` once into a parquet folder (``parsed_schema(mode)``, every input row): the
     passes of a job (rejects, counts, the work) read it back instead of parsing and shuffling the
     input again. An input without rows leaves one empty file, so the folder always reads."""
     import pyarrow.parquet as pq
 
+    if storage.is_remote(folder):  # a prefix on object storage: returned as given
+        fs, inner = storage.split(folder)
+        read_unique(path, mode, **validate_kwargs).write_parquet(str(folder), filesystem=fs)
+        if not storage.list_files(str(folder)):
+            pq.write_table(parsed_schema(mode).empty_table(), f"{inner}/empty.parquet", filesystem=fs)
+        return folder
     folder = Path(folder)
     read_unique(path, mode, **validate_kwargs).write_parquet(str(folder))
     if not any(folder.glob("*.parquet")):

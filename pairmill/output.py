@@ -289,7 +289,8 @@ def _refuse_other_settings(folder: Path, settings: dict, settings_file: str, wha
         )
 
 
-def _parquet_files(folder: str | Path) -> list:
+def parquet_files(folder: str | Path) -> list:
+    """The parquet files of a folder (Paths), or of a remote prefix (URIs), sorted."""
     if storage.is_remote(folder):
         return [uri for uri, _ in storage.list_files(folder) if uri.endswith(".parquet")]
     return sorted(Path(folder).glob("*.parquet"))
@@ -297,13 +298,19 @@ def _parquet_files(folder: str | Path) -> list:
 
 def parquet_rows(folder: str | Path) -> int:
     """Rows in a folder of parquet files, from their footers (no data read)."""
-    return sum(pq.read_metadata(inner, filesystem=fs).num_rows for fs, inner in map(storage.split, _parquet_files(folder)))
+    return sum(pq.read_metadata(inner, filesystem=fs).num_rows for fs, inner in map(storage.split, parquet_files(folder)))
+
+
+def parquet_bytes(folder: str | Path) -> int:
+    if storage.is_remote(folder):
+        return sum(size for uri, size in storage.list_files(folder) if uri.endswith(".parquet"))
+    return sum(f.stat().st_size for f in parquet_files(folder))
 
 
 def count_by(folder: str | Path, column: str) -> dict[str, int]:
     """``{value: rows}`` of one column over a folder of parquet files."""
     counts: dict[str, int] = {}
-    for fs, inner in map(storage.split, _parquet_files(folder)):
+    for fs, inner in map(storage.split, parquet_files(folder)):
         for value in pq.read_table(inner, columns=[column], filesystem=fs).column(column).to_pylist():
             counts[value] = counts.get(value, 0) + 1
     return dict(sorted(counts.items()))

@@ -180,7 +180,14 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
     assert is_finished(f"{bucket}/filtered") and count_input_rows(f"{bucket}/filtered") == remote["kept"]
     assert not storage.list_files(f"{bucket}/filtered/_work")
 
-    # The next stage reads the bucket's job folder (its output stays local, so far).
-    assert cli(["mine", f"{bucket}/filtered", "-o", str(tmp_path / "mined"), "--model", tiny_model]) == 0
-    mined = json.loads((tmp_path / "mined" / "stats.json").read_text())
-    assert mined["input_rows"] == mined["kept"] == remote["kept"] and mined["negatives"]["total"] > 0
+    # mine, bucket to bucket: the same counts as from the local folder; its index is part of the attempt.
+    assert cli(["mine", str(tmp_path / "filtered"), "-o", str(tmp_path / "mined"), "--model", tiny_model]) == 0
+    assert cli(["mine", f"{bucket}/filtered", "-o", f"{bucket}/mined", "--model", tiny_model]) == 0
+    local = json.loads((tmp_path / "mined" / "stats.json").read_text())
+    remote = json.loads(storage.read_text(f"{bucket}/mined/stats.json"))
+    for key in ("input_rows", "kept", "dropped", "rejected"):
+        assert remote[key] == local[key], key
+    assert remote["input_rows"] == remote["kept"] == 40 and remote["negatives"]["total"] == local["negatives"]["total"] > 0
+    index_files = finished_files(f"{bucket}/mined", "index")
+    assert any(f.endswith("manifest.json") for f in index_files) and any(f.endswith(".faiss") for f in index_files)
+    assert not storage.list_files(f"{bucket}/mined/_work")
