@@ -55,6 +55,7 @@ def test_reading_from_a_bucket_gives_the_local_rows_and_rejections(ray_session, 
     assert sorted(r["reason"] for r in on_ray if r["reason"]) == sorted(reason for _, reason in BAD_LINES)
 
     table = load_parsed_local(SAMPLE)
+    assert _without_origin(load_parsed_local(sample_uri).to_pylist()) == _without_origin(table.to_pylist())
     pq.write_table(table.select(["id", "query", "passage"]), tmp_path / "sample.parquet")
     parquet_uri = upload(tmp_path / "sample.parquet", f"{bucket}/pq/sample.parquet")
     assert count_input_rows(parquet_uri) == table.num_rows
