@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
             _flag(p, "decontaminate", metavar="FILE")
             _flag(p, "audit", metavar="FRACTION")
         if verb == "train":
-            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder (e.g. mine's)")
+            p.add_argument("input", help="pairs: JSONL(.gz), Parquet, a saved HF dataset, or a pairmill job folder (e.g. mine's); "
+                           "with train.simcse=true plain texts: a .txt file (one a line) or rows with a `text` column")
             p.add_argument("-o", "--output", required=True, help="output folder (model/, config.yaml, metrics.jsonl, checkpoints/, stats.json)")
             _flag(p, "eval_data", "held-out pairs file or BEIR folder evaluated during training")
             _flag(p, "refresh_every", "re-mine hard negatives with the current model every N steps, beside training", metavar="N")

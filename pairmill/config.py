@@ -254,7 +254,8 @@ class FilterConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """`pairmill train`: contrastive fine-tuning on Ray Train (InfoNCE, in-batch + hard negatives; or SupCon, triplet)."""
+    """`pairmill train`: contrastive fine-tuning on Ray Train (InfoNCE, in-batch + hard negatives + a queue of past
+    passages; or SupCon, triplet; or unsupervised SimCSE on plain texts)."""
 
     epochs: int = _field(1, "passes over the pairs (max_steps, when set, wins)")
     max_steps: int | None = _field(None, "optimizer steps to run; empty = epochs x steps per epoch")
@@ -279,6 +280,28 @@ class TrainConfig:
         "a query's negatives, corrected for in the loss; 0 = off (plain InfoNCE)"
     )
     triplet_margin: float = _field(0.3, "objective=triplet: the margin in cosine distance (1 - cos, in [0, 2]); 0.3 until measured")
+    queue_size: int = _field(
+        0, "objective=infonce or supcon: the positive passages of the last steps, this many (detached, from all "
+        "workers), are extra negatives of every query (cross-batch memory, Wang et al. 2020; MoCo's queue without a "
+        "momentum encoder); a queued copy of a query's own positive is masked; their mean age in steps is "
+        "queue_staleness in metrics.jsonl; 0 = off. Not checkpointed: a resumed run refills it in "
+        "queue_size / batch_size steps"
+    )
+    simcse: bool = _field(
+        False, "unsupervised SimCSE (Gao et al. 2021): the input is plain texts (a .txt file, one text a line, or rows "
+        "with a read.text_field column, read as `pairmill embed --text-field` reads them) and each text is its own "
+        "positive under two dropout masks (both views get the passage prefix and passage_max_length); in-batch "
+        "negatives (and train.queue_size), objective infonce or supcon"
+    )
+    collapse_sample: int = _field(
+        256, "collapse alarm: rank 0 logs collapse_mean_cosine and collapse_uniformity of this many fixed held-out "
+        "texts (eval.data's passages, else the first training passages) at every report into metrics.jsonl, and "
+        "warns when they move towards collapse; 0 = off", resume_free=True
+    )
+    collapse_cosine: float = _field(
+        0.5, "collapse alarm: warn when the sample's mean pairwise cosine is at least this, has closed a quarter of "
+        "its distance to 1 since the start, and uniformity rose too", resume_free=True
+    )
     hard_negatives: int = _field(1, "hard negatives per pair taken from the `negatives` column (0 = in-batch only)")
     mini_batch_size: int | None = _field(None, "GradCache mini-batch (texts per forward); empty = no GradCache")
     length_group_overhead: int | None = _field(
@@ -335,6 +358,20 @@ class TrainConfig:
             (self.objective != "triplet" or self.hard_negatives >= 1,
              "train.objective=triplet trains on hard negatives only and train.hard_negatives=0; use hard_negatives >= 1 "
              "(pairs with a `negatives` column: pairmill mine), or another objective"),
+            (self.queue_size >= 0, f"train.queue_size={self.queue_size}; use >= 0 passages (0 = no queue), e.g. 4096"),
+            (self.queue_size == 0 or self.objective != "triplet",
+             f"train.queue_size={self.queue_size} with train.objective=triplet: the triplet loss scores each pair's own "
+             "hard negatives only, so queued passages would never be used; use objective=infonce or supcon, or queue_size=0"),
+            (not self.simcse or self.objective != "triplet",
+             "train.simcse=true with train.objective=triplet: plain texts have no hard negatives to make triplets of; "
+             "use objective=infonce (SimCSE's own loss) or supcon"),
+            (not self.simcse or self.refresh_every == 0,
+             f"train.simcse=true with train.refresh_every={self.refresh_every}: refresh rounds re-mine negatives for "
+             "queries against passages, and plain texts have neither; use refresh_every=0"),
+            (self.collapse_sample == 0 or self.collapse_sample >= 2,
+             f"train.collapse_sample={self.collapse_sample}; use >= 2 texts (it scores pairs), or 0 for no collapse alarm"),
+            (-1 <= self.collapse_cosine <= 1,
+             f"train.collapse_cosine={self.collapse_cosine}; use a cosine in [-1, 1], e.g. 0.5"),
             (self.mini_batch_size is None or self.mini_batch_size >= 1,
              f"train.mini_batch_size={self.mini_batch_size}; use >= 1, or empty for no GradCache"),
             (self.length_group_overhead is None or self.length_group_overhead >= 0,
@@ -357,6 +394,11 @@ class TrainConfig:
             warnings.warn(f"train.triplet_margin={self.triplet_margin} has no effect with train.objective={self.objective}")
         if self.objective == "triplet" and (self.symmetric or self.temperature != TrainConfig.temperature):
             warnings.warn("train.symmetric / train.temperature have no effect with train.objective=triplet (a margin loss)")
+        if self.simcse and self.hard_negatives != TrainConfig.hard_negatives:
+            warnings.warn(f"train.hard_negatives={self.hard_negatives} has no effect with train.simcse=true (plain texts "
+                          "have no hard negatives; the other texts of the batch are the negatives)")
+        if self.collapse_sample == 0 and self.collapse_cosine != TrainConfig.collapse_cosine:
+            warnings.warn(f"train.collapse_cosine={self.collapse_cosine} has no effect with train.collapse_sample=0 (no alarm)")
         if self.refresh_every == 0 and self.refresh_slices != 1:
             warnings.warn(f"train.refresh_slices={self.refresh_slices} has no effect with train.refresh_every=0 (no refresh)")
 

@@ -62,6 +62,15 @@ def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_pre
     )
 
 
+def simcse_columns(columns: dict[str, list]) -> dict[str, list]:
+    """Plain-text rows (``id``, ``text``) as pairs for unsupervised SimCSE (Gao et al. 2021): each
+    text is its own query and its own passage, without hard negatives. Encoded in two forwards with
+    dropout on, the two views differ by their dropout masks only; the other texts of the batch are
+    the negatives, and a repeated text is masked by its id as any duplicate passage is."""
+    texts = list(columns["text"])
+    return {"id": list(columns["id"]), "query": texts, "passage": list(texts), "negatives": [None] * len(texts)}
+
+
 def place_negatives(flat: Tensor | None, mask: Tensor, query: Tensor) -> Tensor:
     """(M, D) embeddings of the valid slots -> (B, H, D), zeros in padded slots (masked in the loss).
 

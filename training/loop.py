@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from mining.refresh import current_negatives
-from training.batches import PairBatch, build_batch, lr_lambda, place_negatives
+from training.batches import PairBatch, build_batch, lr_lambda, place_negatives, simcse_columns
 from training.losses import GradCache, InfoNCELoss, SupConLoss, TripletLoss, build_loss, encode_by_length, valid_triplets
 from training.model import (
     embed_features,
+    encode_on_rank0,
     evaluate_on_rank0,
     freeze_unused,
     make_tokenize,
@@ -34,6 +35,8 @@ from training.model import (
     setup_optimizer,
     to_device,
 )
+from training.collapse import collapse_metrics, collapse_warning
+from training.queue import PassageQueue
 from training.rounds import RefreshRounds, RefreshSettings, worker_logging
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,8 @@ class LoopConfig:
     objective: str
     tau_plus: float
     triplet_margin: float
+    queue_size: int  # > 0: a PassageQueue of that many past positives, extra negatives of every query
+    simcse: bool  # rows are plain texts (id, text): each text is its own query and passage (training.batches.simcse_columns)
     mini_batch_size: int | None
     length_group_overhead: int | None
     seed: int
@@ -108,6 +113,10 @@ class LoopConfig:
     eval_uniformity_sample: int
     eval_task: Any = None  # ObjectRef of a pairmill.evaluate task, or None
     refresh: RefreshSettings | None = None
+    # the collapse alarm (rank 0): the texts it encodes at each report (empty = the eval task's passages), and its threshold
+    collapse_texts: tuple[str, ...] = ()
+    collapse_sample: int = 0
+    collapse_cosine: float = 0.5
     hooks: TestHooks = field(default_factory=TestHooks)
 
 
@@ -127,6 +136,7 @@ class StepParts:
     autocast: Callable = contextlib.nullcontext  # () -> a context (bf16 autocast on GPU)
     grad_cache: GradCache | None = None  # train.mini_batch_size: GradCache's chunked forward/backward
     length_group_overhead: int = 0  # > 0: encode each side in length groups (CPU; losses.encode_by_length)
+    queue: PassageQueue | None = None  # train.queue_size: past positives as extra negatives; train_step pushes each batch's
 
     def encode(self, model: nn.Module, features: dict[str, Tensor]) -> Tensor:
         return embed_features(model, features, self.autocast)
@@ -143,16 +153,22 @@ def train_step(parts: StepParts, batch: PairBatch) -> Tensor:
     pos_ids, neg_ids = batch.positive_ids.to(parts.device), batch.negative_ids.to(parts.device)
     # SupCon's positives are the rows sharing a query; the other losses take no query ids
     query_groups = {"query_ids": batch.query_ids.to(parts.device)} if isinstance(parts.loss_fn, SupConLoss) else {}
+    queued = {"queue": parts.queue.embeddings(), "queue_ids": parts.queue.ids()} if parts.queue is not None else {}
+    seen = {}
 
     def loss_of(q: Tensor, p: Tensor, n_flat: Tensor | None = None) -> Tensor:
         # q, p: (B, D); n_flat: (M, D) -> negatives (B, H, D)
-        return parts.loss_fn(q, p, place_negatives(n_flat, mask, q), mask, pos_ids, neg_ids, **query_groups)
+        seen["positive"] = p
+        return parts.loss_fn(q, p, place_negatives(n_flat, mask, q), mask, pos_ids, neg_ids, **query_groups, **queued)
 
     groups = [q_features, p_features] + ([n_features] if n_features is not None else [])
     if parts.grad_cache is not None:
-        return parts.grad_cache.forward_backward(groups, loss_of)
-    loss = loss_of(*[encode_by_length(parts.model, g, parts.length_group_overhead, parts.encode) for g in groups])
-    loss.backward()
+        loss = parts.grad_cache.forward_backward(groups, loss_of)
+    else:
+        loss = loss_of(*[encode_by_length(parts.model, g, parts.length_group_overhead, parts.encode) for g in groups])
+        loss.backward()
+    if parts.queue is not None:  # after the loss: this batch's positives are negatives from the next step on
+        parts.queue.push(seen["positive"], pos_ids)
     return loss
 
 
@@ -219,11 +235,25 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
     limit = lambda n: min(n, st.max_seq_length or n)  # noqa: E731
     loss_fn = build_loss(cfg.objective, temperature=cfg.temperature, symmetric=cfg.symmetric, tau_plus=cfg.tau_plus,
                          triplet_margin=cfg.triplet_margin)
-    parts = StepParts(model, tokenize, loss_fn, limit(cfg.query_max_length), limit(cfg.passage_max_length), device,
+    if cfg.simcse and is_static(st):
+        raise ValueError("train.simcse needs dropout to make a text's two views differ; a static-embedding model has none, "
+                         "so its views would be identical. Use a transformer model, or train on pairs")
+    # SimCSE: both views of a text are the same input (passage prefix and length): dropout is the only augmentation
+    query_max = cfg.passage_max_length if cfg.simcse else cfg.query_max_length
+    parts = StepParts(model, tokenize, loss_fn, limit(query_max), limit(cfg.passage_max_length), device,
                       autocast, length_group_overhead=overhead)
+    if cfg.queue_size:
+        parts.queue = PassageQueue(cfg.queue_size, st.get_embedding_dimension(), device)
     if cfg.mini_batch_size:
         parts.grad_cache = GradCache(model, cfg.mini_batch_size, parts.encode, by_length=by_length)
     task = ray.get(cfg.eval_task) if cfg.eval_task is not None and rank == 0 else None
+    # the collapse alarm's fixed sample: the eval set's first passages, else the driver's sample of the training passages
+    collapse_texts = list(task.corpus[: cfg.collapse_sample]) if task is not None else list(cfg.collapse_texts)
+    collapse_start = state.get("collapse_start")  # the base model's numbers, kept in the checkpoints
+    if rank == 0 and cfg.collapse_sample and len(collapse_texts) >= 2 and collapse_start is None:
+        collapse_start = collapse_metrics(encode_on_rank0(st, collapse_texts, cfg, device))
+        log.info(f"train: collapse alarm on {len(collapse_texts)} texts: mean cosine {collapse_start['mean_cosine']:.4f}, "
+                 f"uniformity {collapse_start['uniformity']:.4f} at step {step}")
     trainable = [p for p in st.parameters() if p.requires_grad]
     shard = ray.train.get_dataset_shard("train")
     hooks = cfg.hooks
@@ -232,6 +262,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
     cpu_last = time.process_time()  # this worker's CPU seconds: a load-independent cost next to the wall time
     stale_sum, stale_rows, fresh_rows = 0, 0, 0  # since the last log line: staleness of the negatives used
     without_triplet = 0  # since the last log line (objective=triplet): pairs without a valid hard negative, which taught nothing
+    queue_stale_sum, queue_steps = 0.0, 0  # since the last log line: the queue's mean staleness at each step that used it
     while step < total:
         batches = shard.iter_batches(
             batch_size=cfg.per_worker_batch, batch_format="pyarrow", drop_last=True,
@@ -244,17 +275,23 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                 rounds.wait_if_older(step, hooks.round_overlap_steps)
             t_step = time.perf_counter()
             columns = {c: table.column(c).to_pylist() for c in table.column_names}
+            if cfg.simcse:  # (id, text) rows: each text is its own query and passage
+                columns = simcse_columns(columns)
             # The store's refreshed negatives win over the batch's own (mined at step 0 by the mine job)
             columns["negatives"], columns["negative_ids"], mined_at = current_negatives(
                 columns["id"], columns["negatives"], columns.get("negative_ids") or [None] * len(columns["id"]), store)
             stale_sum += sum(step - s for s in mined_at)
             stale_rows += len(mined_at)
             fresh_rows += sum(s > 0 for s in mined_at)
-            batch = build_batch(columns, hard_negative_count=cfg.hard_negatives, query_prefix=cfg.query_prefix,
+            batch = build_batch(columns, hard_negative_count=cfg.hard_negatives,
+                                query_prefix=cfg.passage_prefix if cfg.simcse else cfg.query_prefix,
                                 passage_prefix=cfg.passage_prefix)
             if cfg.objective == "triplet":
                 without_triplet += int((~valid_triplets(batch.negative_mask, batch.positive_ids, batch.negative_ids).any(1)).sum())
 
+            if parts.queue is not None and len(parts.queue):
+                queue_stale_sum += parts.queue.staleness()
+                queue_steps += 1
             optimizer.zero_grad(set_to_none=True)
             loss = train_step(parts, batch)
             if cfg.max_grad_norm > 0:
@@ -290,6 +327,11 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                 if cfg.objective == "triplet":  # every rank takes part in the sum (a collective)
                     metrics["pairs_without_triplet"] = int(_sum_over_ranks([without_triplet], device, world)[0])
                     without_triplet = 0
+                if parts.queue is not None:  # the same queue on every rank: rank 0's numbers are everyone's
+                    if queue_steps:  # mean steps since the queued entries were encoded, as the steps saw them
+                        metrics["queue_staleness"] = round(queue_stale_sum / queue_steps, 3)
+                    metrics["queue_entries"] = len(parts.queue)
+                    queue_stale_sum, queue_steps = 0.0, 0
                 if cfg.refresh:
                     stale, rows, fresh = _sum_over_ranks([stale_sum, stale_rows, fresh_rows], device, world)
                     metrics["negative_staleness"] = round(stale / max(1, rows), 3)  # steps behind, mean over pairs
@@ -316,6 +358,15 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
                     log.info(f"train: step {step} eval ndcg@10 {metrics['ndcg@10']:.4f} "
                              f"recall@10 {metrics['recall@10']:.4f} mrr@10 {metrics['mrr@10']:.4f}")
+                if rank == 0 and collapse_start is not None:
+                    t0 = time.perf_counter()
+                    now = collapse_metrics(encode_on_rank0(st, collapse_texts, cfg, device))
+                    metrics.update({f"collapse_{k}": v for k, v in now.items()})
+                    metrics["collapse_seconds"] = round(time.perf_counter() - t0, 2)
+                    t_last += metrics["collapse_seconds"]  # the next line's seconds time the steps, not the alarm
+                    warning = collapse_warning(collapse_start, now, cfg.collapse_cosine)
+                    if warning:
+                        log.warning(f"train: step {step}: {warning}")
                 reported = dict(metrics)
                 if cfg.eval_task is not None and "ndcg@10" not in reported:
                     reported["ndcg@10"] = UNEVALUATED  # ranks below every evaluated checkpoint
@@ -326,7 +377,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                     if do_checkpoint and rank == 0:
                         end_of_epoch = i + 1 == cfg.steps_per_epoch
                         state = {"step": step, "epoch": epoch + end_of_epoch, "step_in_epoch": 0 if end_of_epoch else i + 1,
-                                 "pairs": pairs}
+                                 "pairs": pairs, "collapse_start": collapse_start}
                         if rounds is not None:
                             state["refresh"] = rounds.state()
                         save_checkpoint(Path(tmp), st, optimizer, scheduler, state)

@@ -30,6 +30,9 @@ passage) is a second positive, not masked as InfoNCELoss masks it. ``TripletLoss
 loss on cosine distance over each pair's own hard negatives only (FaceNet, SBERT), no in-batch
 negatives: a pair without a valid hard negative contributes nothing and ``valid_triplets`` counts
 them (the training loop logs the count). All three keep InfoNCELoss's cross-worker convention below.
+``InfoNCELoss`` and ``SupConLoss`` take an optional ``queue`` (Q, D) of past positives with their
+ids (``training.queue.PassageQueue``, ``train.queue_size``): appended to the candidates as extra
+negatives, without gradient and the same on every rank, masked by id like any other candidate.
 
 Why not sentence-transformers' losses. ST 6.x ``MultipleNegativesRankingLoss`` has a usable
 ``compute_loss_from_embeddings`` and gathers across ranks with gradients, so it would run in our
@@ -55,7 +58,7 @@ and H the hard negatives per pair, plus the all-gather of N(1+H)+N embeddings (f
 all-reduce of the same size (backward). Memory is the (B, N(1+H)) logits and the gathered
 embeddings, small next to the encoder. GradCache costs one extra encoder forward (~ +1/3 of a
 step) in exchange for activation memory bounded by the mini-batch. The other objectives cost little
-next to that: SupCon adds one all-gather of N query ids and K (B, N(1+H)) comparisons (K = the
+next to that: a queue adds a (B, Q) block to the logits and nothing to the gathers; SupCon adds one all-gather of N query ids and K (B, N(1+H)) comparisons (K = the
 most rows one local query has in the global batch), debiasing a few elementwise passes over the
 logits, and the triplet loss gathers nothing (one all-reduce of its triplet count).
 """
@@ -178,17 +181,21 @@ class InfoNCELoss(nn.Module):
         negative_mask: Tensor | None = None,  # (B, H) bool, True = a real negative
         positive_ids: Tensor | None = None,  # (B,) int64 text ids
         negative_ids: Tensor | None = None,  # (B, H) int64 text ids
+        queue: Tensor | None = None,  # (Q, D) past positives (training.queue.PassageQueue), the same on every rank
+        queue_ids: Tensor | None = None,  # (Q,) int64 their text ids
     ) -> Tensor:
         negatives, negative_mask, positive_ids, negative_ids = _check_inputs(
             query, positive, negatives, negative_mask, positive_ids, negative_ids
         )
+        queue, queue_ids = _check_queue(query, queue, queue_ids, positive_ids)
         # fp32 logits even under bf16 autocast: at temperature 0.01 logits reach 100, where bf16's
         # 8-bit mantissa would round them by up to 0.5
         with torch.autocast(query.device.type, enabled=False):
-            return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids)
+            return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids, queue, queue_ids)
 
-    def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids) -> Tensor:
-        pool = _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, self.gather_across_workers)
+    def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids, queue, queue_ids) -> Tensor:
+        pool = _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, self.gather_across_workers,
+                            queue, queue_ids)
         labels, pos_ids_all, use_ids = pool.labels, pool.positive_ids, pool.use_ids
         logits = pool.q @ pool.candidates.T / self.temperature  # (B, N(1+H))
         masked = _false_negatives(pool.candidate_ids, pool.candidate_valid, pos_ids_all[labels], labels, use_ids)  # (B, N(1+H))
@@ -215,7 +222,7 @@ class _Pool:
 
     q: Tensor  # (B, D) local queries, unit length
     p: Tensor  # (B, D) local positives, unit length
-    candidates: Tensor  # (C, D), C = N(1+H): the global positives, then the global hard negatives row-major
+    candidates: Tensor  # (C, D), C = N(1+H)+Q: the global positives, the global hard negatives row-major, the queue
     positive_ids: Tensor  # (N,) the global positives' text ids (zeros without ids)
     candidate_ids: Tensor  # (C,)
     candidate_valid: Tensor  # (C,) bool: False for padded hard-negative slots
@@ -224,8 +231,11 @@ class _Pool:
     world_size: int
 
 
-def _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, gather_across_workers: bool) -> _Pool:
-    """Normalise the local embeddings and all-gather the candidates and their ids (N = B * world_size)."""
+def _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, gather_across_workers: bool,
+                 queue: Tensor | None = None, queue_ids: Tensor | None = None) -> _Pool:
+    """Normalise the local embeddings and all-gather the candidates and their ids (N = B * world_size).
+    A queue of past positives (Q, D), already the same on every rank, is appended to the candidates
+    unchanged: it is not gathered and has no gradient; its ids mask it like any other candidate."""
     rank, world_size = _world() if gather_across_workers else (0, 1)
     B, H, D = negatives.shape
     use_ids = positive_ids is not None
@@ -239,7 +249,28 @@ def _global_pool(query, positive, negatives, negative_mask, positive_ids, negati
     candidates = torch.cat([p_all, _gather_with_grad(n, world_size).reshape(-1, D)]) if H else p_all  # (N(1+H), D)
     pos_ids_all, cand_ids, cand_valid = _gather_ids(positive_ids, negative_ids, negative_mask, world_size)
     labels = rank * B + torch.arange(B, device=query.device)  # (B,) own positive's global index
+    if queue is not None and len(queue):
+        candidates = torch.cat([candidates, F.normalize(queue.detach().float(), dim=-1)])  # (N(1+H)+Q, D)
+        cand_ids = torch.cat([cand_ids, queue_ids if use_ids else torch.zeros_like(queue_ids)])
+        cand_valid = torch.cat([cand_valid, torch.ones_like(queue_ids, dtype=torch.bool)])
     return _Pool(q, p, candidates, pos_ids_all, cand_ids, cand_valid, labels, use_ids, world_size)
+
+
+def _check_queue(query: Tensor, queue: Tensor | None, queue_ids: Tensor | None, positive_ids: Tensor | None):
+    """The queue's embeddings must be (Q, D) beside (Q,) ids; without positive_ids nothing is masked by id,
+    so the ids are only required when the batch has them (a queued copy of a pair's positive is then masked)."""
+    if queue is None:
+        if queue_ids is not None:
+            raise ValueError("queue_ids was given without queue; pass the queue's embeddings (Q, D) too.")
+        return None, None
+    if queue.ndim != 2 or queue.shape[1] != query.shape[1]:
+        raise ValueError(f"queue must be (Q, D={query.shape[1]}); got {tuple(queue.shape)}.")
+    if queue_ids is None:
+        if positive_ids is not None:
+            raise ValueError("queue_ids is required when positive_ids and queue are given: without it a queued copy "
+                             "of a pair's own positive would be counted as a negative.")
+        return queue, queue.new_zeros(len(queue), dtype=torch.int64)
+    return queue, _check_like("queue_ids", queue_ids, (len(queue),), None).long()
 
 
 def _debiased_cross_entropy(logits: Tensor, masked: Tensor, labels: Tensor, tau_plus: float, temperature: float) -> Tensor:
@@ -321,6 +352,8 @@ class SupConLoss(nn.Module):
         positive_ids: Tensor | None = None,  # (B,) int64 text ids
         negative_ids: Tensor | None = None,  # (B, H) int64 text ids
         query_ids: Tensor | None = None,  # (B,) int64: rows with equal ids are one query (text_key of the query)
+        queue: Tensor | None = None,  # (Q, D) past positives, negatives unless their text is one of a row's positives
+        queue_ids: Tensor | None = None,  # (Q,) int64 their text ids
     ) -> Tensor:
         if query_ids is None:
             raise ValueError("SupConLoss needs query_ids (B,): rows sharing an id are positives of each other "
@@ -329,15 +362,17 @@ class SupConLoss(nn.Module):
             query, positive, negatives, negative_mask, positive_ids, negative_ids
         )
         query_ids = _check_like("query_ids", query_ids, (len(query),), None).long()
+        queue, queue_ids = _check_queue(query, queue, queue_ids, positive_ids)
         with torch.autocast(query.device.type, enabled=False):  # fp32 logits, as InfoNCELoss
-            return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids, query_ids)
+            return self._loss(query, positive, negatives, negative_mask, positive_ids, negative_ids, query_ids, queue, queue_ids)
 
-    def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids, query_ids) -> Tensor:
-        pool = _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, self.gather_across_workers)
+    def _loss(self, query, positive, negatives, negative_mask, positive_ids, negative_ids, query_ids, queue, queue_ids) -> Tensor:
+        pool = _global_pool(query, positive, negatives, negative_mask, positive_ids, negative_ids, self.gather_across_workers,
+                            queue, queue_ids)
         query_ids_all = _gather_no_grad(query_ids, pool.world_size)  # (N,)
         same_query = query_ids_all[pool.labels][:, None] == query_ids_all[None, :]  # (B, N): each query's positives
         B, N, C = len(pool.labels), len(query_ids_all), len(pool.candidate_ids)
-        positives = torch.cat([same_query, same_query.new_zeros(B, C - N)], 1)  # (B, C): no hard negative is one
+        positives = torch.cat([same_query, same_query.new_zeros(B, C - N)], 1)  # (B, C): no hard negative or queued passage is one
 
         masked = ~pool.candidate_valid[None, :].expand(B, -1)  # (B, C)
         if pool.use_ids:  # a candidate with the text of any of row i's positives is not a negative of i

@@ -147,6 +147,20 @@ def evaluate_on_rank0(st: nn.Module, task, cfg, device) -> dict[str, float]:
     return evaluate_embeddings(task, q, c, query_batch=cfg.eval_query_batch, uniformity_sample=cfg.eval_uniformity_sample)
 
 
+def encode_on_rank0(st: nn.Module, texts: Sequence[str], cfg, device) -> Tensor:
+    """(len(texts), D) unit embeddings of passages by the live model, encoded as ``evaluate_on_rank0``
+    encodes (dropout off meanwhile); for the collapse alarm's fixed sample."""
+    from pairmill.encoder import Encoder
+
+    was_training = st.training
+    try:
+        encoder = Encoder(st, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
+                          max_length=cfg.eval_max_length, precision="bf16" if device.type == "cuda" else "fp32")
+        return torch.as_tensor(encoder.encode(list(texts), kind="passage"))
+    finally:
+        st.train(was_training)
+
+
 def embed_features(model: nn.Module, features: dict[str, Tensor], autocast) -> Tensor:
     with autocast():
         return model(features)["sentence_embedding"]  # (rows, D)

@@ -15,7 +15,9 @@ tokenises queries, passages and hard negatives itself with the model's tokenizer
 the encoder section, a max length per side), and minimises ``InfoNCELoss`` over the global batch
 (all-gather across workers, false negatives masked by ``text_key``; ``train.objective`` picks
 SupCon or triplet instead, ``train.tau_plus`` debiases InfoNCE), through ``GradCache`` when
-``train.mini_batch_size`` is set. On CPU each side's texts are encoded sorted by length, in groups
+``train.mini_batch_size`` is set; ``train.queue_size`` adds the positives of past steps as
+negatives (``training.queue``). ``train.simcse`` reads plain texts instead of pairs (text mode, as
+``pairmill embed --text-field``) and makes each its own query and passage (two dropout masks). On CPU each side's texts are encoded sorted by length, in groups
 padded to their own longest (``encode_by_length``, ``train.length_group_overhead``): the same
 embeddings for less padding (off on GPU, where it measured slower). AdamW, warmup + linear/cosine
 decay, gradient clipping, bf16 autocast on GPU and fp32 on CPU; LoRA (peft) optional and merged on
@@ -44,6 +46,8 @@ Evaluation runs on rank 0 at the steps of ``eval_every`` and at the end (the oth
 Rank 0 appends a line to ``OUT/metrics.jsonl`` every ``log_every`` steps and at every report: loss,
 lr, pairs/s, the wall ``seconds`` since the previous line (data wait included) and the worker's
 ``cpu_seconds`` meanwhile; with ``log_every=1`` these are per-step timings (``benchmarks/train.py``).
+At every report rank 0 also encodes a fixed sample of held-out passages for the collapse alarm
+(``training.collapse``: mean pairwise cosine and uniformity against their values at the start).
 The export is built on the driver from the final checkpoint, so the exported folder holds exactly
 the checkpointed weights.
 
@@ -86,6 +90,7 @@ log = logging.getLogger(__name__)
 RUN_NAME = "train"
 RUN_SETTINGS = "checkpoints/run.json"  # what the checkpoints were made from: a rerun with others is refused
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
+TEXT_COLUMNS = ["id", "text"]  # train.simcse: plain texts, each its own query and passage (training.batches.simcse_columns)
 PAIRS_PER_STORE_SHARD = 1_000_000  # NegativeStore actors: each holds its pairs' refreshed negative texts
 
 
@@ -167,15 +172,18 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     validated = out_dir / "work" / "validated"
     if not (validated / "_DONE").exists():  # a resumed run reads the rows, in the order, the first one did
         shutil.rmtree(validated, ignore_errors=True)
-        write_validated(pairs_path, validated, "pairs", **read_kwargs(read))
+        write_validated(pairs_path, validated, "text" if train_cfg.simcse else "pairs", **read_kwargs(read))
         (validated / "_DONE").write_text("")
     parsed = ray_lib.data.read_parquet(str(validated), file_extensions=["parquet"])
     shutil.rmtree(out_dir / "rejected", ignore_errors=True)
     (out_dir / "rejected").mkdir()
     parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(str(out_dir / "rejected"))
-    valid = parsed.filter(expr=col("reason").is_null()).select_columns(BATCH_COLUMNS)
-    totals = valid.map_batches(negative_counts, batch_format="pyarrow").aggregate(Count(), Sum("has_negatives"))
-    valid_rows, with_negatives = int(totals["count()"]), int(totals["sum(has_negatives)"] or 0)
+    valid = parsed.filter(expr=col("reason").is_null()).select_columns(TEXT_COLUMNS if train_cfg.simcse else BATCH_COLUMNS)
+    if train_cfg.simcse:  # plain texts: no negatives column
+        valid_rows, with_negatives = valid.count(), 0
+    else:
+        totals = valid.map_batches(negative_counts, batch_format="pyarrow").aggregate(Count(), Sum("has_negatives"))
+        valid_rows, with_negatives = int(totals["count()"]), int(totals["sum(has_negatives)"] or 0)
     rejected = count_by(out_dir / "rejected", "reason")
     input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the counts against it
     read_seconds = time.perf_counter() - t0
@@ -192,7 +200,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     if train_cfg.objective == "triplet" and not with_negatives and not refreshing:
         raise ValueError(f"train.objective=triplet trains on hard negatives only and {pairs_path} has no `negatives`: "
                          "mine them first (pairmill mine), set train.refresh_every, or use another train.objective")
-    if train_cfg.hard_negatives and not with_negatives:
+    if train_cfg.hard_negatives and not with_negatives and not train_cfg.simcse:
         log.warning(f"train: {pairs_path} has no `negatives`; training on in-batch negatives only"
               + (" until the first refresh round" if refreshing else ""))
     if refreshing and train_cfg.refresh_every >= total_steps:
@@ -208,7 +216,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
         query_max_length=train_cfg.query_max_length, passage_max_length=train_cfg.passage_max_length,
         **{k: getattr(train_cfg, k) for k in ("lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature",
-                                              "symmetric", "objective", "tau_plus", "triplet_margin",
+                                              "symmetric", "objective", "tau_plus", "triplet_margin", "queue_size", "simcse",
                                               "mini_batch_size", "length_group_overhead", "seed")},
         total_steps=total_steps, steps_per_epoch=per_epoch, per_worker_batch=per_worker, global_batch=train_cfg.batch_size,
         shuffle_buffer=max(1024, 8 * per_worker), hard_negatives=hard,
@@ -218,6 +226,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         eval_uniformity_sample=eval_cfg.uniformity_sample, eval_task=ray_lib.put(task) if task is not None else None,
         refresh=refresh_settings(pairs_path, valid, out_dir, store, encoder, train_cfg, mine_cfg, ray.actors,
                                  train_gpus=train_cfg.num_workers if use_gpu else 0) if refreshing else None,
+        collapse_texts=() if task is not None else _first_passages(validated, train_cfg.collapse_sample, train_cfg.simcse),
+        collapse_sample=train_cfg.collapse_sample, collapse_cosine=train_cfg.collapse_cosine,
         hooks=hooks or TestHooks(),
     )
     ingest = DataConfig.default_ingest_options()
@@ -297,6 +307,18 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return job.commit(stats)
+
+
+def _first_passages(validated: Path, n: int, texts: bool) -> tuple[str, ...]:
+    """The collapse alarm's fixed sample without an eval set: the first ``n`` valid training passages
+    (texts under train.simcse) of the validated folder, the same on a resumed run."""
+    if n == 0:
+        return ()
+    import pyarrow.dataset as pads
+
+    column = "text" if texts else "passage"
+    rows = pads.dataset(str(validated), format="parquet").head(n, columns=[column], filter=pads.field("reason").is_null())
+    return tuple(rows.column(column).to_pylist())
 
 
 def _score(metrics: dict) -> float:
