@@ -6,6 +6,7 @@ tests/training/conftest.py starts once for test_losses too); and the config that
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -248,11 +249,17 @@ def test_triplet_without_any_valid_negative_is_zero_and_still_backpropagates():
 
 def objective_cases() -> dict[str, tuple]:
     """name -> (loss module, global batch): what each worker runs on its half, and the test on the whole."""
+    from tests.training.test_queue_simcse import queue_entries
+
+    queue, queue_ids = queue_entries()
     return {
         "supcon": (SupConLoss(0.05), supcon_batch()),
         "supcon_symmetric": (SupConLoss(0.05, symmetric=True), supcon_batch()),
         "debiased_symmetric": (InfoNCELoss(0.1, symmetric=True, tau_plus=0.3), near_batch()),
         "triplet": (TripletLoss(0.3), triplet_batch()),  # rank 0 has fewer valid triplets than rank 1
+        # train.queue_size: the same queue on every rank (PassageQueue gathers it), appended, not split
+        "infonce_queue_symmetric": (partial(InfoNCELoss(0.05, symmetric=True), queue=queue, queue_ids=queue_ids), global_batch()),
+        "supcon_queue": (partial(SupConLoss(0.05), queue=queue, queue_ids=queue_ids), supcon_batch()),
     }
 
 
