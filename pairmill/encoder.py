@@ -56,13 +56,20 @@ def bundled_model_path() -> Path:
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
-    """A local folder (absolute path), the bundled model's folder, or a hub name unchanged.
+    """A local folder (absolute path), the bundled model's folder, a local copy of a model on object
+    storage (``pairmill.output.local_model``), or a hub name unchanged.
 
     The sentence-transformers hub name of the bundled model maps to the bundled folder, so the
     default works offline; any other name is looked up on the hub when the model is loaded.
     """
     if model is None or str(model) in BUNDLED_MODEL_NAMES:
         return str(bundled_model_path())
+    from pairmill import storage
+
+    if storage.is_remote(model):  # a train job's model on object storage: a local copy, fetched once
+        from pairmill.output import local_model
+
+        return local_model(str(model))
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

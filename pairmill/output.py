@@ -68,8 +68,13 @@ def resumable_staging(out: str | Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
-def remove_job(out: str | Path) -> list[Path]:
-    """Delete a job's folder and its resumable staging folder; returns what existed."""
+def remove_job(out: str | Path) -> list:
+    """Delete a job's folder and its resumable staging folder; returns what existed. On object
+    storage the folder is its own staging (``BucketJobFolder``): the prefix goes."""
+    if storage.is_remote(out):
+        gone = [str(out)] if storage.list_files(str(out)) else []
+        storage.remove(str(out))
+        return gone
     gone = [p for p in (Path(out).expanduser().resolve(), resumable_staging(out)) if p.exists()]
     for path in gone:
         shutil.rmtree(path)
@@ -161,13 +166,16 @@ class BucketJobFolder:
     """``JobFolder``'s interface on object storage, committed by a manifest (the module's note).
 
     ``path(part)`` is this attempt's prefix of the part; Ray writes there with
-    ``filesystem=job.filesystem``.
+    ``filesystem=job.filesystem``. ``files``: top-level files the manifest lists too, when there
+    (a train run's metrics.jsonl and config.yaml, which a resumed run continues in place).
+    ``staging`` is ``final``: the folder is written where it stays.
     """
 
-    def __init__(self, out: str, parts: tuple[str, ...] = PARTS):
-        self.final = out.rstrip("/")
+    def __init__(self, out: str, parts: tuple[str, ...] = PARTS, files: tuple[str, ...] = ()):
+        self.final = self.staging = out.rstrip("/")
         self.filesystem, _ = storage.split(self.final)
         self.parts = parts
+        self.files = files
         self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.stages: list[dict[str, Any]] = []
         self._remove_unlisted(finished_manifest(self.final))  # what a killed attempt left behind
@@ -188,6 +196,7 @@ class BucketJobFolder:
         stats = {"stages": self.stages, **stats}
         check_accounting(stats, f"partial output left under {self.final}/*/{self.attempt}")
         files = {uri[len(self.final) + 1:]: size for part in self.parts for uri, size in storage.list_files(self.path(part))}
+        files.update(_top_level_sizes(self.final, self.files))
         storage.remove(f"{self.final}/{SUCCESS}")  # from here until the new one, the folder is unfinished
         files["stats.json"] = storage.write_text(f"{self.final}/stats.json", json.dumps(stats, indent=2, default=str))
         manifest = {"attempt": self.attempt, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
@@ -217,6 +226,21 @@ class BucketJobFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and exc_type is not StatsMismatch:
             self.abort()
+
+
+def _top_level_sizes(folder: str, names: tuple[str, ...]) -> dict[str, int]:
+    fs, inner = storage.split(folder)
+    infos = fs.get_file_info([f"{inner}/{name}" for name in names]) if names else []
+    return {name: info.size for name, info in zip(names, infos) if info.type == pafs.FileType.File}
+
+
+def write_manifest(folder: str, names: list[str]) -> None:
+    """Commit a remote folder whose files are written in place (``pairmill run``'s eval and plain
+    stages: no parts, no row counts): a ``_SUCCESS`` manifest naming them with their sizes."""
+    folder = folder.rstrip("/")
+    files = _top_level_sizes(folder, tuple(names))
+    manifest = {"attempt": None, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    storage.write_text(f"{folder}/{SUCCESS}", json.dumps(manifest, indent=2))
 
 
 def open_job(out: str | Path, parts: tuple[str, ...] = PARTS) -> JobFolder | BucketJobFolder:
@@ -249,16 +273,30 @@ def finished_files(folder: str, part: str) -> list[str]:
 
 
 def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_work: Callable[[Path], bool],
-                   in_place: bool = False, what: str = "run") -> JobFolder:
+                   in_place: bool = False, what: str = "run", parts: tuple[str, ...] = (),
+                   files: tuple[str, ...] = ()) -> JobFolder | BucketJobFolder:
     """The one resume guard of the jobs whose work is checkpoints (``train``, ``tune``).
 
     ``settings`` = ``{"input": ..., "sections": {section: {key: value}}}``, saved in the job folder
     at ``settings_file``. A staging folder with work in it (``has_work``) is resumed when the
     settings are the same; a finished OUT with the same settings moves back into staging and is
     resumed (nothing is redone: the job only finishes again); anything else with other settings is
-    refused with an ``OtherSettings`` naming them, and left untouched."""
-    refuse_remote(out)
+    refused with an ``OtherSettings`` naming them, and left untouched.
+
+    On object storage (not ``in_place``) OUT is its own staging: ``has_work`` gets OUT's URI, the
+    settings file is saved there, and the job is a ``BucketJobFolder`` whose manifest lists
+    ``parts`` (under the attempt's prefix) and the top-level ``files``; what the run resumes from
+    (checkpoints, the settings file) stays outside the manifest, so a rerun neither needs a rename
+    nor breaks the last commit until it commits again."""
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
+    if storage.is_remote(out) and not in_place:
+        final = str(out).rstrip("/")
+        if has_work(final):
+            _refuse_other_settings(final, settings, settings_file, what)
+        bucket_job = BucketJobFolder(final, parts, files)
+        storage.write_text(f"{final}/{settings_file}", json.dumps(settings, indent=2))
+        return bucket_job
+    refuse_remote(out)
     final = Path(out).expanduser().resolve()
     staging = final if in_place else resumable_staging(final)
     if has_work(staging):
@@ -276,10 +314,10 @@ def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_w
 def _refuse_other_settings(folder: Path, settings: dict, settings_file: str, what: str) -> None:
     from pairmill.config import changed_settings
 
-    path = folder / settings_file
-    if not path.exists():
+    path = storage.join(folder, settings_file)
+    if not storage.exists(path):
         return
-    saved = json.loads(path.read_text())
+    saved = json.loads(storage.read_text(path))
     changed = changed_settings(saved.get("sections", {}), settings["sections"])
     changed += ["input"] if saved.get("input") != settings["input"] else []
     if changed:
@@ -334,3 +372,34 @@ def format_summary(stats: dict, out: str) -> str:
     for stage in stats["stages"]:
         lines.append(f"    stage {stage['name']:<15} {stage['rows_in']} -> {stage['rows_out']} rows in {stage['seconds']:.1f}s")
     return "\n".join(lines)
+
+
+def local_model(uri: str, cache: str | Path | None = None) -> str:
+    """A model folder on object storage as a local folder, downloaded once into ``cache``
+    (default ``~/.cache/pairmill/models``): a train job folder or its ``model`` (the files its
+    ``_SUCCESS`` lists under ``model/<attempt>/``), or any other prefix (every file under it).
+    The copy is named by the URI and what was listed, so a recommitted model is fetched again."""
+    import hashlib
+    import tempfile
+
+    uri = uri.rstrip("/")
+    job, name = (uri.rsplit("/", 1)[0], "model") if uri.endswith("/model") else (uri, "model")
+    manifest = finished_manifest(job)
+    listed = sorted(f for f in (manifest or {}).get("files", {}) if f.startswith(f"{name}/"))
+    if listed:  # model/<attempt>/<file>: the attempt's prefix is not part of the folder
+        files = [(f"{job}/{f}", f.split("/", 2)[2], manifest["files"][f]) for f in listed]
+    else:
+        files = [(u, u[len(uri) + 1:], size) for u, size in storage.list_files(uri)]
+    if not files:
+        raise FileNotFoundError(f"--model {uri}: no model there (neither a finished train job folder nor a prefix with files)")
+    key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:16]
+    root = Path(cache or Path.home() / ".cache" / "pairmill" / "models")
+    folder = root / f"{uri.rsplit('/', 1)[-1]}-{key}"
+    if not folder.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            for remote, relative, _ in files:
+                storage.download(remote, Path(tmp) / relative)
+            os.rename(tmp, folder)
+            os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+    return str(folder)

@@ -138,3 +138,36 @@ def remove(path: str) -> None:
         fs.delete_file(inner)
     elif kind == pafs.FileType.Directory:
         fs.delete_dir(inner)
+
+
+def file_infos(path: str) -> list[tuple[str, int, int]]:
+    """(name relative to ``path``, bytes, mtime in ns) of a remote file, or of every file under a
+    remote folder, sorted; what ``pairmill run`` fingerprints a stage's input by."""
+    fs, inner = split(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.File:
+        found = [info]
+    else:
+        found = [f for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+                 if f.type == pafs.FileType.File]
+    return sorted((posixpath.relpath(f.path, inner) if f.path != inner else f.base_name, f.size, f.mtime_ns or 0)
+                  for f in found)
+
+
+def upload_folder(local: str | Path, uri: str) -> None:
+    """Copy a local folder's files (recursively) under ``uri``."""
+    fs, inner = split(uri)
+    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(uri: str, local: str | Path) -> None:
+    """Copy one remote file to a local path."""
+    fs, inner = split(uri)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(inner, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, inner = split(uri)
+    with fs.open_output_stream(inner, compression=None) as f:
+        f.write(data)

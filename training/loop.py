@@ -118,6 +118,8 @@ class LoopConfig:
     collapse_sample: int = 0
     collapse_cosine: float = 0.5
     hooks: TestHooks = field(default_factory=TestHooks)
+    # metrics_path on object storage: the pyarrow filesystem it is in (metrics_path is then the path in it)
+    metrics_filesystem: Any = None
 
 
 # ----------------------------------------------------------------------------- one step
@@ -218,7 +220,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
     epoch, skip, pairs = state["epoch"], state["step_in_epoch"], state["pairs"]
     torch.manual_seed(cfg.seed + 1_000_003 * start_step + rank)  # dropout differs per rank and per resume
     if rank == 0:
-        _truncate_metrics(Path(cfg.metrics_path), start_step)
+        _truncate_metrics(cfg.metrics_path, start_step, cfg.metrics_filesystem)
         log.info(f"train: {world} worker(s) on {device}, {total} steps, starting at step {step} "
                  f"(epoch {epoch}, batch {skip}); {len(frozen)} unused parameter(s) frozen")
     if cfg.mini_batch_size and is_static(st):
@@ -350,7 +352,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                              + (f", {metrics['pairs_without_triplet']} pair(s) without a hard negative (no loss)"
                                 if "pairs_without_triplet" in metrics else ""))
             if rank == 0 and step % cfg.log_every == 0 and not do_report:  # a report step's line is written below
-                _append_metrics(Path(cfg.metrics_path), metrics)
+                _append_metrics(cfg.metrics_path, metrics, cfg.metrics_filesystem, upload=False)
             if do_report:
                 if do_eval:
                     t0 = time.perf_counter()
@@ -371,7 +373,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                 if cfg.eval_task is not None and "ndcg@10" not in reported:
                     reported["ndcg@10"] = UNEVALUATED  # ranks below every evaluated checkpoint
                 if rank == 0:
-                    _append_metrics(Path(cfg.metrics_path), metrics)
+                    _append_metrics(cfg.metrics_path, metrics, cfg.metrics_filesystem)
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if do_checkpoint and rank == 0:
@@ -415,17 +417,47 @@ def _sum_over_ranks(values: list[float], device, world: int) -> list[float]:
     return t.tolist()
 
 
-def _append_metrics(path: Path, metrics: dict) -> None:
-    with open(path, "a") as f:
+def _metrics_copy(path: str) -> Path:
+    """Rank 0's local copy of a metrics.jsonl on object storage (which has no append)."""
+    import hashlib
+
+    return Path(tempfile.gettempdir()) / f"pairmill-metrics-{hashlib.sha256(path.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _append_metrics(path: str, metrics: dict, filesystem=None, *, upload: bool = True) -> None:
+    """One line onto ``path``. On object storage (``filesystem``: the worker gets it with its
+    endpoint, not from its own environment) the line goes onto a local copy, uploaded whole when
+    ``upload`` (at every report): a resume drops the lines after its checkpoint anyway, and every
+    run ends with a report."""
+    local = Path(path) if filesystem is None else _metrics_copy(path)
+    with open(local, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    if upload and filesystem is not None:
+        with filesystem.open_output_stream(path, compression=None) as f:
+            f.write(local.read_bytes())
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines up to the checkpoint we resume from: later ones are reported again."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+def _truncate_metrics(path: str, step: int, filesystem=None) -> None:
+    """Keep the lines up to the checkpoint we resume from: later ones are reported again. On object
+    storage the kept lines also start the local copy (rank 0 may be on another node than before)."""
+    import pyarrow.fs as pafs
+
+    if filesystem is None:
+        text = Path(path).read_text() if Path(path).exists() else ""
+    elif filesystem.get_file_info(path).type == pafs.FileType.File:
+        with filesystem.open_input_stream(path, compression=None) as f:
+            text = f.read().decode("utf-8")
+    else:
+        text = ""
+    kept = "".join(line + "\n" for line in text.splitlines() if line.strip() and json.loads(line)["step"] <= step)
+    if filesystem is not None:
+        _metrics_copy(path).write_text(kept)
+    if text:
+        if filesystem is None:
+            Path(path).write_text(kept)
+        else:
+            with filesystem.open_output_stream(path, compression=None) as f:
+                f.write(kept.encode("utf-8"))
 
 
 def negative_counts(batch):

@@ -31,7 +31,11 @@ A killed worker group restarts from the latest checkpoint (``FailureConfig``); r
 command into the same OUT resumes too: the job is staged in ``.OUT.partial`` (``RunConfig(name=
 "train", storage_path=.OUT.partial/checkpoints)``), renamed to OUT when it is done; the validated
 input is written there once (``work/validated``), so a resumed run reads the same rows in the same
-order. Checkpoint files are read with ``weights_only=True`` (``load_tensors``).
+order. Checkpoint files are read with ``weights_only=True`` (``load_tensors``). With OUT on object
+storage (``s3://``, ``gs://``) there is no rename: OUT is written in place, Ray Train writes the
+checkpoints there itself (``RunConfig(storage_filesystem=...)``), the model is exported locally and
+uploaded under the attempt's prefix, and the ``_SUCCESS`` manifest lists it with the rejects,
+config.yaml and metrics.jsonl (``BUCKET_PARTS``; rank 0 uploads metrics.jsonl whole at each report).
 
 Data position. The order of an epoch is a function of (input, world size, seed, epoch): Ray Data
 runs with ``preserve_order`` so the equal split hands every worker the same rows each time, and
@@ -68,12 +72,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from mining.refresh import NegativeStore
+from pairmill import storage
 from pairmill.pairs import is_missing
 from training.batches import steps_per_epoch
 from training.loop import (
@@ -91,6 +97,11 @@ RUN_NAME = "train"
 RUN_SETTINGS = "checkpoints/run.json"  # what the checkpoints were made from: a rerun with others is refused
 BATCH_COLUMNS = ["id", "query", "passage", "negatives"]
 TEXT_COLUMNS = ["id", "text"]  # train.simcse: plain texts, each its own query and passage (training.batches.simcse_columns)
+# On object storage (OUT = s3://...) the job folder is committed by a _SUCCESS manifest
+# (pairmill.output.BucketJobFolder) listing the model and rejects under the attempt's prefix and
+# these top-level files; checkpoints/ (Ray Train's, with run.json) and work/ are what a rerun resumes from.
+BUCKET_PARTS = ("model", "rejected")
+BUCKET_FILES = ("config.yaml", "metrics.jsonl")
 PAIRS_PER_STORE_SHARD = 1_000_000  # NegativeStore actors: each holds its pairs' refreshed negative texts
 
 
@@ -153,38 +164,46 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
-    final_dir = Path(out).expanduser().resolve()
+    remote = storage.is_remote(out)  # a bucket: written in place, committed by a manifest (BUCKET_PARTS)
+    final_dir = out.rstrip("/") if remote else Path(out).expanduser().resolve()
     mine_cfg = mine_cfg or MineConfig()
     refreshing = train_cfg.refresh_every > 0
+    if remote and refreshing:
+        raise ValueError(f"{out}: train.refresh_every writes its rounds (models, indexes) on a local or shared "
+                         "filesystem only, so far; use a local -o, or train.refresh_every=0")
     sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray,
                 **({"mine": mine_cfg} if refreshing else {})}
     resume_free = resume_free_keys(TrainConfig)  # e.g. log_every: a rerun may change them and still resume
-    run = {"input": str(Path(pairs_path).resolve()),
+    run = {"input": pairs_path if storage.is_remote(pairs_path) else str(Path(pairs_path).resolve()),
            "sections": {s: {k: v for k, v in dataclasses.asdict(sections[s]).items() if not (s == "train" and k in resume_free)}
                         for s in ("encoder", "read", "train") + (("mine",) if refreshing else ())}}
-    job = open_resumable(final_dir, run, settings_file=RUN_SETTINGS, in_place=in_place,
-                         has_work=lambda folder: any((folder / "checkpoints" / run_name).glob("step_*")))
-    out_dir = job.staging  # everything is written here; commit renames it to OUT
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
+    job = open_resumable(final_dir, run, settings_file=RUN_SETTINGS, in_place=in_place, parts=BUCKET_PARTS, files=BUCKET_FILES,
+                         has_work=lambda folder: _has_checkpoints(storage.join(folder, "checkpoints", run_name)))
+    out_dir = job.staging  # everything is written here; commit renames it to OUT (on a bucket: OUT itself)
+    storage.write_text(storage.join(out_dir, "config.yaml"), yaml.safe_dump(_plain(config_to_dict(sections)), sort_keys=False))
 
     # -- read and validate: rejects to OUT/rejected, counts for the step plan -------------------
     t0 = time.perf_counter()
-    validated = out_dir / "work" / "validated"
-    if not (validated / "_DONE").exists():  # a resumed run reads the rows, in the order, the first one did
-        shutil.rmtree(validated, ignore_errors=True)
+    validated = storage.join(out_dir, "work", "validated")
+    if not storage.exists(storage.join(validated, "_DONE")):  # a resumed run reads the rows, in the order, the first one did
+        _remove(validated)
         write_validated(pairs_path, validated, "text" if train_cfg.simcse else "pairs", **read_kwargs(read))
-        (validated / "_DONE").write_text("")
-    parsed = ray_lib.data.read_parquet(str(validated), file_extensions=["parquet"])
-    shutil.rmtree(out_dir / "rejected", ignore_errors=True)
-    (out_dir / "rejected").mkdir()
-    parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(str(out_dir / "rejected"))
+        storage.write_text(storage.join(validated, "_DONE"), "")
+    fs, validated_path = storage.split(validated)  # fs None: local
+    parsed = ray_lib.data.read_parquet(validated_path, filesystem=fs, file_extensions=["parquet"])
+    rejected_dir = job.path("rejected")  # on a bucket: this attempt's prefix, new
+    if not remote:
+        shutil.rmtree(rejected_dir, ignore_errors=True)
+        Path(rejected_dir).mkdir()
+    parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
+        storage.split(rejected_dir)[1], filesystem=fs)
     valid = parsed.filter(expr=col("reason").is_null()).select_columns(TEXT_COLUMNS if train_cfg.simcse else BATCH_COLUMNS)
     if train_cfg.simcse:  # plain texts: no negatives column
         valid_rows, with_negatives = valid.count(), 0
     else:
         totals = valid.map_batches(negative_counts, batch_format="pyarrow").aggregate(Count(), Sum("has_negatives"))
         valid_rows, with_negatives = int(totals["count()"]), int(totals["sum(has_negatives)"] or 0)
-    rejected = count_by(out_dir / "rejected", "reason")
+    rejected = count_by(rejected_dir, "reason")
     input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the counts against it
     read_seconds = time.perf_counter() - t0
 
@@ -211,6 +230,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
 
     from pairmill.log import level as log_level
 
+    metrics_fs, metrics_path = storage.split(storage.join(out_dir, "metrics.jsonl"))  # fs None: local
     loop = LoopConfig(
         model=resolve_model(encoder.model), lora=lora_settings(train_cfg),
         query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
@@ -220,7 +240,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
                                               "mini_batch_size", "length_group_overhead", "seed")},
         total_steps=total_steps, steps_per_epoch=per_epoch, per_worker_batch=per_worker, global_batch=train_cfg.batch_size,
         shuffle_buffer=max(1024, 8 * per_worker), hard_negatives=hard,
-        metrics_path=str(out_dir / "metrics.jsonl"), checkpoint_every=train_cfg.checkpoint_every,
+        metrics_path=metrics_path, metrics_filesystem=metrics_fs, checkpoint_every=train_cfg.checkpoint_every,
         eval_every=train_cfg.eval_every, log_every=train_cfg.log_every, log_level=log_level(),
         eval_max_length=encoder.max_length, eval_query_batch=eval_cfg.query_batch,
         eval_uniformity_sample=eval_cfg.uniformity_sample, eval_task=ray_lib.put(task) if task is not None else None,
@@ -230,6 +250,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         collapse_sample=train_cfg.collapse_sample, collapse_cosine=train_cfg.collapse_cosine,
         hooks=hooks or TestHooks(),
     )
+    checkpoints_fs, checkpoints_path = storage.split(storage.join(out_dir, "checkpoints"))
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker every epoch (see the data-position rule)
     trainer = TorchTrainer(
@@ -241,7 +262,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         run_config=RunConfig(
             name=run_name,
             callbacks=callbacks,
-            storage_path=str(out_dir / "checkpoints"),
+            storage_path=checkpoints_path, storage_filesystem=checkpoints_fs,  # a bucket's: Ray Train writes there itself
             # Ray Train's own INFO lines (worker group start-up, placement) only with pairmill's -v
             logging_config=LoggingConfig(log_level="INFO" if log_level() <= logging.DEBUG else "WARNING"),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
@@ -268,15 +289,15 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     t0 = time.perf_counter()
     with result.checkpoint.as_directory() as folder:
         final_state = json.loads((Path(folder) / "state.json").read_text())
-        export_model(folder, out_dir / "model", model=encoder.model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
+        _export(folder, job.path("model"), encoder.model, train_cfg)
     export_seconds = time.perf_counter() - t0
     best = None
     if task is not None and result.best_checkpoints:
         checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
         # where the checkpoint will be once the staging folder is OUT
-        path = str(final_dir / Path(checkpoint.path).relative_to(out_dir))
+        path = storage.join(final_dir, posixpath.relpath(checkpoint.path, storage.split(out_dir)[1]))
         best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": path}
-    shutil.rmtree(out_dir / "work")
+    _remove(storage.join(out_dir, "work"))
     job.stage("read+validate", input_rows, valid_rows, read_seconds)
     job.stage("train", valid_rows, final_state["pairs"], train_seconds)
     job.stage("export", 1, 1, export_seconds)
@@ -309,7 +330,34 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     return job.commit(stats)
 
 
-def _first_passages(validated: Path, n: int, texts: bool) -> tuple[str, ...]:
+def _has_checkpoints(folder: str) -> bool:
+    """A Ray Train run folder (local or on a bucket) with a checkpoint in it."""
+    if storage.is_remote(folder):
+        return any("/step_" in uri[len(folder):] for uri, _ in storage.list_files(folder))
+    return any(Path(folder).glob("step_*"))
+
+
+def _remove(path: str) -> None:
+    if storage.is_remote(path):
+        storage.remove(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _export(checkpoint_dir: str, model_dir: str, model: str | None, train_cfg) -> None:
+    """The sentence-transformers folder of a checkpoint into ``model_dir``; for a bucket, built in a
+    local temporary folder and uploaded (a model is written by libraries that want a local path)."""
+    if not storage.is_remote(model_dir):
+        export_model(checkpoint_dir, model_dir, model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(checkpoint_dir, Path(tmp) / "model", model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
+        storage.upload_folder(Path(tmp) / "model", model_dir)
+
+
+def _first_passages(validated: str, n: int, texts: bool) -> tuple[str, ...]:
     """The collapse alarm's fixed sample without an eval set: the first ``n`` valid training passages
     (texts under train.simcse) of the validated folder, the same on a resumed run."""
     if n == 0:
@@ -317,7 +365,8 @@ def _first_passages(validated: Path, n: int, texts: bool) -> tuple[str, ...]:
     import pyarrow.dataset as pads
 
     column = "text" if texts else "passage"
-    rows = pads.dataset(str(validated), format="parquet").head(n, columns=[column], filter=pads.field("reason").is_null())
+    fs, path = storage.split(validated)
+    rows = pads.dataset(path, format="parquet", filesystem=fs).head(n, columns=[column], filter=pads.field("reason").is_null())
     return tuple(rows.column(column).to_pylist())
 
 
@@ -340,7 +389,7 @@ def format_summary(stats: dict, out: str) -> str:
         lines.append(f"    held-out            ndcg@10 {m['ndcg@10']:.4f}  recall@10 {m['recall@10']:.4f}  mrr@10 {m['mrr@10']:.4f}")
     if stats["best_checkpoint"]:
         lines.append(f"    best checkpoint     step {stats['best_checkpoint']['step']} ndcg@10 {stats['best_checkpoint']['ndcg@10']:.4f}")
-    lines.append(f"    model               {Path(out) / 'model'}")
+    lines.append(f"    model               {storage.join(out, 'model')}")
     return "\n".join(lines)
 
 

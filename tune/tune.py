@@ -336,6 +336,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
     from pairmill.log import level as log_level
+    from pairmill.output import refuse_remote
     from training.model import export_model
     from training.train import lora_settings
 
@@ -364,6 +365,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     if not Path(pairs).exists():
         raise BadInput(f"{pairs}: no such file or folder (PAIRS: JSONL(.gz), Parquet, an HF dataset or a job folder)")
 
+    refuse_remote(out)  # its trials' folders are local or shared (NFS) so far (issue #16)
     init_ray(sections["ray"].address, sections["ray"].num_cpus)
     final_dir = Path(out).expanduser().resolve()
     job = _open_job(final_dir, {"input": pairs, "sections": config_to_dict({k: v for k, v in sections.items() if k != "ray"})})
