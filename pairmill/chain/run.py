@@ -35,13 +35,14 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from pairmill import sample
+from pairmill import sample, storage
 from pairmill.config import changed_settings, config_to_dict
-from pairmill.output import is_finished, remove_job, resumable_staging
+from pairmill.output import is_finished, remove_job, resumable_staging, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def cli_overrides(args, overrides: list[str]) -> list[str]:
 
 def input_identity(path: str) -> list:
     """What a stage's input is, cheaply: every file's relative path, size and mtime."""
+    if storage.is_remote(path):  # a job folder's listing names its attempt: a recommit changes it
+        return [list(info) for info in storage.file_infos(path)]
     root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return [[str(f.relative_to(root) if f != root else f.name), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
@@ -73,21 +76,22 @@ def fingerprint(*parts) -> str:
 
 
 class Stages:
-    """Runs the chain's stages, skipping those whose finished folder has the same fingerprint."""
+    """Runs the chain's stages, skipping those whose finished folder has the same fingerprint.
+    ``out`` is a local folder or a URI on object storage (stages.json is then one object, replaced whole)."""
 
-    def __init__(self, out: Path, force: bool):
+    def __init__(self, out: Path | str, force: bool):
         self.out = out
         self.force = force
-        self.state_file = out / "stages.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.state_file = storage.join(out, "stages.json")
+        self.state = json.loads(storage.read_text(self.state_file)) if storage.exists(self.state_file) else {}
 
     def run(self, name: str, key: str, job: Callable[[str], dict], settings: dict | None = None) -> dict:
         """``job(folder)`` unless ``OUT/name`` finished with fingerprint ``key``. ``settings``
         (``{section: {key: value}}``, what the stage reads) name what changed when it is redone."""
-        folder = self.out / name
+        folder = storage.join(self.out, name)
         if not self.force and self.state.get(name) == key and is_finished(folder):
             log.info(f"run: {name}: reusing {folder} (same input and settings; --force to redo)")
-            return json.loads((folder / "stats.json").read_text())
+            return json.loads(storage.read_text(storage.join(folder, "stats.json")))
         # A stage that started with these settings and did not finish keeps its folder, so the job
         # resumes (training from its last checkpoint); other settings, or --force, start it over.
         if self.force or self.state.get(f"{name}:started") != key:
@@ -95,13 +99,13 @@ class Stages:
             if gone:
                 log.info(f"run: {name}: {self._why(name, key, settings)}: redoing it; deleted "
                          f"{', '.join(str(p) for p in gone)}")
-        elif folder.exists() or resumable_staging(folder).exists():
+        elif storage.exists(folder) or (not storage.is_remote(folder) and resumable_staging(folder).exists()):
             log.info(f"run: {name}: resuming the unfinished run in {folder} (same input and settings)")
         self.state.pop(name, None)
         self.state[f"{name}:started"] = key
         self.state[f"{name}:settings"] = json.loads(json.dumps(settings or {}, default=str))
         self._save()
-        stats = job(str(folder))
+        stats = job(folder)
         self.state[name] = key
         self._save()
         return stats
@@ -118,7 +122,10 @@ class Stages:
         return "its input (a file, or an earlier stage's output) changed since the last run"
 
     def _save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
+        if storage.is_remote(self.state_file):  # an object appears whole when its upload completes
+            storage.write_text(self.state_file, json.dumps(self.state, indent=2))
+            return
+        tmp = Path(self.state_file).with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         os.replace(tmp, self.state_file)
 
@@ -135,8 +142,9 @@ def main(args) -> int:
     from training.train import train as train_model
 
     cfg = args.config_sections
-    out = Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.output.rstrip("/") if storage.is_remote(args.output) else Path(args.output).resolve()
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     train = cfg["run"].train or str(sample.TRAIN)
     heldout = cfg["eval"].data or str(sample.HELDOUT)
     log.info(f"run: pairs {train}")
@@ -155,28 +163,28 @@ def main(args) -> int:
     filter_stats = stages.run("filter", filter_key, lambda folder: filter_pairs(
         train, folder, options=filter_cfg, encoder=cfg["encoder"], read=cfg["read"], ray=cfg["ray"]),
         {"filter": dataclasses.asdict(filter_cfg), "encoder": sections["encoder"], "read": sections["read"]})
-    print(format_summary(filter_stats, str(out / "filter")))
+    print(format_summary(filter_stats, storage.join(out, "filter")))
     if not filter_stats["kept"]:
-        print(f"pairmill run: the filter kept no pairs (see {out / 'filter' / 'stats.json'} and dropped/); "
+        print(f"pairmill run: the filter kept no pairs (see {storage.join(out, 'filter', 'stats.json')} and dropped/); "
               "nothing to mine or train on. Loosen filter.k / filter.eps or switch stages off.", file=sys.stderr)
         return 1
 
     mine_key = fingerprint("mine", filter_key, sections["mine"], encoder_key, sections["read"])
     mine_stats = stages.run("mine", mine_key, lambda folder: mine(
-        str(out / "filter"), folder, corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
+        storage.join(out, "filter"), folder, corpus_path=None, encoder=cfg["encoder"], read=cfg["read"],
         mine_cfg=cfg["mine"], ray=cfg["ray"]), {s: sections[s] for s in ("mine", "encoder", "read")})
-    print(mine_summary(mine_stats, str(out / "mine")))
+    print(mine_summary(mine_stats, storage.join(out, "mine")))
 
     train_key = fingerprint("train", mine_key, sections["train"], encoder_key, sections["read"])
     no_eval = dataclasses.replace(cfg["eval"], data=None)  # held-out data is for the report only
     train_stats = stages.run("train", train_key, lambda folder: train_model(
-        str(out / "mine"), folder, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
+        storage.join(out, "mine"), folder, encoder=cfg["encoder"], read=cfg["read"], train_cfg=cfg["train"],
         eval_cfg=no_eval, ray=cfg["ray"], mine_cfg=cfg["mine"]), {s: sections[s] for s in ("train", "encoder", "read")})
-    print(train_summary(train_stats, str(out / "train")))
+    print(train_summary(train_stats, storage.join(out, "train")))
 
     eval_key = fingerprint("eval", train_key, input_identity(heldout), sections["eval"], sections["encoder"],
                            sections["read"], EVAL_SAMPLE_PAIRS)
-    trained_encoder = dataclasses.replace(cfg["encoder"], model=str(out / "train" / "model"))
+    trained_encoder = dataclasses.replace(cfg["encoder"], model=storage.join(out, "train", "model"))
     scores = stages.run("eval", eval_key, lambda folder: evaluate_stage(
         heldout, folder, {"base": cfg["encoder"], "trained": trained_encoder}, cfg["eval"], read_kwargs(cfg["read"])),
         {s: sections[s] for s in ("eval", "encoder", "read")})
@@ -195,14 +203,14 @@ def main(args) -> int:
         "config": sections,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=2, default=str))
     columns = {"base": base, "trained": trained}
     if cfg["run"].plain:
         plain = plain_stage(stages, cfg, train, heldout, train_key, train_stats["train"]["steps"])
         columns["plain"] = plain["plain"]
-    report_md = render_report(out)
+    report_md = render_report(out) if not storage.is_remote(out) else render_remote_report(out)
     print(format_table(columns))
-    print(f"[pairmill] report: {report_md} and {out / 'report.json'} ({report['seconds']}s)")
+    print(f"[pairmill] report: {report_md} and {storage.join(out, 'report.json')} ({report['seconds']}s)")
     return 0
 
 
@@ -220,17 +228,18 @@ def plain_stage(stages: Stages, cfg: dict, raw: str, heldout: str, train_key: st
 
     def job(folder: str) -> dict:
         started = time.perf_counter()
-        os.makedirs(folder, exist_ok=True)
-        train_stats = train_model(raw, str(Path(folder) / "train"), encoder=cfg["encoder"], read=cfg["read"],
+        if not storage.is_remote(folder):
+            os.makedirs(folder, exist_ok=True)
+        train_stats = train_model(raw, storage.join(folder, "train"), encoder=cfg["encoder"], read=cfg["read"],
                                   train_cfg=train_cfg, eval_cfg=dataclasses.replace(cfg["eval"], data=None), ray=cfg["ray"])
-        plain_encoder = dataclasses.replace(cfg["encoder"], model=str(Path(folder) / "train" / "model"))
-        scores = evaluate_stage(heldout, str(Path(folder) / "eval"), {"plain": plain_encoder}, cfg["eval"],
+        plain_encoder = dataclasses.replace(cfg["encoder"], model=storage.join(folder, "train", "model"))
+        scores = evaluate_stage(heldout, storage.join(folder, "eval"), {"plain": plain_encoder}, cfg["eval"],
                                 read_kwargs(cfg["read"]))
         result = {"plain": scores["plain"], "steps": train_stats["train"]["steps"], "pairs": train_stats["kept"],
                   "train_seconds": train_stats["seconds"], "seconds": round(time.perf_counter() - started, 1)}
         for name in ("report.json", "stats.json"):
-            (Path(folder) / name).write_text(json.dumps(result, indent=2))
-        (Path(folder) / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            storage.write_text(storage.join(folder, name), json.dumps(result, indent=2))
+        _mark_finished(folder, ["report.json", "stats.json"])
         return result
 
     return stages.run("plain", key, job, {"train": sections["train"]})
@@ -255,10 +264,41 @@ def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwa
         embeddings: dict = {}
         metrics[name] = evaluate_model(encoder_cfg, eval_cfg, task, keep=embeddings)
         arrays[f"{name}_queries"], arrays[f"{name}_passages"] = embeddings["query"][qi], embeddings["passage"][ci]
-    path = Path(folder)
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    np.savez(path / "embeddings.npz", **arrays)
-    (path / "stats.json").write_text(json.dumps(metrics, indent=2))
-    (path / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if storage.is_remote(folder):
+        storage.remove(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            np.savez(Path(tmp) / "embeddings.npz", **arrays)
+            storage.upload_folder(tmp, folder)
+    else:
+        path = Path(folder)
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        np.savez(path / "embeddings.npz", **arrays)
+    storage.write_text(storage.join(folder, "stats.json"), json.dumps(metrics, indent=2))
+    _mark_finished(folder, ["embeddings.npz", "stats.json"])
     return metrics
+
+
+def _mark_finished(folder: str, names: list[str]) -> None:
+    """A stage folder without rows is finished by its _SUCCESS: a time stamp locally, a manifest of
+    ``names`` on object storage (``pairmill.output.write_manifest``)."""
+    if storage.is_remote(folder):
+        write_manifest(folder, names)
+    else:
+        (Path(folder) / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def render_remote_report(out: str) -> str:
+    """``render_report`` for an OUT on object storage: the files it reads are fetched into a local
+    folder, rendered there, and report.md with its pictures uploaded beside report.json."""
+    from pairmill.chain.report import render_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("report.json", "train/metrics.jsonl", "eval/embeddings.npz", "plain/report.json"):
+            if storage.exists(storage.join(out, name)):
+                storage.download(storage.join(out, name), Path(tmp) / name)
+        render_report(tmp)
+        for made in sorted(Path(tmp).glob("*")):
+            if made.is_file() and made.suffix in (".md", ".png"):
+                storage.write_bytes(storage.join(out, made.name), made.read_bytes())
+    return storage.join(out, "report.md")

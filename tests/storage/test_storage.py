@@ -192,3 +192,58 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
     index_files = finished_files(f"{bucket}/mined", "index")
     assert any(f.endswith("manifest.json") for f in index_files) and any(f.endswith(".faiss") for f in index_files)
     assert not storage.list_files(f"{bucket}/mined/_work")
+
+
+def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray_session, tiny_model, bucket, tmp_path,
+                                                                            monkeypatch):
+    """``pairmill run -o s3://.../run1 run.train=s3://.../pairs/``: every stage's folder on the bucket
+    (committed by its manifest), and the train stage, killed after its step-2 checkpoint, resumed from
+    Ray Train's checkpoints on the bucket by the same command (not restarted), its model then read
+    back from the bucket by the eval stage. Filter's embedding stages and refresh are off: they touch
+    no storage. One Ray Train run (~60 s here) pays for both the run and the resume."""
+    import training.train
+    from pairmill.cli import main as cli
+    from tests.conftest import literal_pairs, write_jsonl
+    from training.loop import TestHooks
+
+    rows = literal_pairs(80)
+    lines = [json.dumps(r) for r in rows[:60] + rows[:3]] + [line.decode("utf-8", "replace") for line, _ in BAD_LINES[:6]]
+    upload(write_jsonl(tmp_path / "pairs.jsonl", lines), f"{bucket}/pairs/part-0.jsonl")
+    heldout = upload(write_jsonl(tmp_path / "heldout.jsonl", rows[64:]), f"{bucket}/heldout.jsonl")
+    out = f"{bucket}/run1"
+    command = ["run", "-o", out, "--model", tiny_model, f"run.train={bucket}/pairs/", f"eval.data={heldout}",
+               "filter.consistency=false", "filter.semdedup=false", "filter.decontaminate_eps=0", "encoder.batch_size=16",
+               "mine.shard_cpus=0.5", "mine.num_negatives=2", "mine.range_max=8", "mine.margin_ratio=none",
+               "train.num_workers=1", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2",
+               "train.log_every=1", "train.max_failures=0"]
+
+    real_train = training.train.train
+    with monkeypatch.context() as interrupted:  # the train stage dies once, after its checkpoint of step 2
+        interrupted.setattr(training.train, "train", lambda *a, **k: real_train(*a, **k, hooks=TestHooks(fail_at_step=2)))
+        with pytest.raises(Exception, match="fail_at_step"):
+            cli(command)
+    assert is_finished(f"{out}/mine") and not is_finished(f"{out}/train")
+    assert any("/step_0000002/" in uri for uri, _ in storage.list_files(f"{out}/train/checkpoints/train"))
+    assert json.loads(storage.read_text(f"{out}/train/checkpoints/run.json"))["input"] == f"{out}/mine"
+
+    assert cli(command) == 0
+    stats = {stage: json.loads(storage.read_text(f"{out}/{stage}/stats.json")) for stage in ("filter", "mine", "train")}
+    assert stats["filter"]["input_rows"] == 69 and stats["filter"]["kept"] == 60
+    assert stats["filter"]["dropped"] == {"exact_duplicate": 3} and sum(stats["filter"]["rejected"].values()) == 6
+    assert stats["mine"]["input_rows"] == stats["mine"]["kept"] == 60 and stats["mine"]["negatives"]["total"] > 0
+    train = stats["train"]
+    assert train["input_rows"] == train["kept"] == 60 and train["rejected"] == {}
+    assert train["train"]["steps"] == 4 and train["train"]["resumed_from_step"] == 2  # resumed, not restarted
+    lines = [json.loads(line) for line in storage.read_text(f"{out}/train/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the killed attempt's lines up to its checkpoint, then the rerun's
+    manifest = json.loads(storage.read_text(f"{out}/train/_SUCCESS"))
+    assert {"config.yaml", "metrics.jsonl", "stats.json"} <= set(manifest["files"])
+    assert any(f.startswith(f"model/{manifest['attempt']}/") and f.endswith("config.json") for f in manifest["files"])
+    assert not storage.list_files(f"{out}/train/work")
+
+    report = json.loads(storage.read_text(f"{out}/report.json"))
+    assert report["trained"]["queries"] == report["base"]["queries"] == 16 and report["trained"] != report["base"]
+    assert storage.exists(f"{out}/report.md") and is_finished(f"{out}/eval")
+    from tests.storage.conftest import TEST_CREDENTIALS
+
+    assert not any(value in storage.read_text(f"{out}/report.json") for value in TEST_CREDENTIALS.values())
