@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pairmill import storage
+
 # A refresh round runs beside the Train workers: its encoder actors and index shards take a fraction
 # of a CPU each so they never hold the slots the workers' data ingest needs (RAY_NOTES: deadlock).
 REFRESH_ACTOR_CPUS = 0.5
@@ -195,13 +197,13 @@ def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg
 
     source = Path(pairs_path)
     folder = out_dir / "refresh"
-    if (source / "_SUCCESS").exists() and (source / "kept").is_dir():
+    if not storage.is_remote(pairs_path) and (source / "_SUCCESS").exists() and (source / "kept").is_dir():
         pairs = source / "kept"  # a job folder's rows are already validated, with the same ids
     else:
         pairs = folder / "pairs"
         shutil.rmtree(pairs, ignore_errors=True)
         valid.write_parquet(str(pairs))
-    index = source / "index"
+    index = _bucket_index_texts(pairs_path, folder / "index") if storage.is_remote(pairs_path) else source / "index"
     index_folder = str(index) if any(index.glob("*.texts.parquet")) else None  # else: the pairs' own passages
     free_gpus = int(ray.cluster_resources().get("GPU", 0)) - train_gpus
     if free_gpus >= 1:
@@ -224,3 +226,18 @@ def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg
                                      shard_gpus=0.0),
         pool=pool,
     )
+
+
+def _bucket_index_texts(job: str, local: Path) -> Path:
+    """The texts of a mine job's index on object storage (the files its ``_SUCCESS`` lists under
+    ``index/``), copied into ``local`` once: what a round encodes as its corpus. Rounds read them
+    where OUT is (refresh with a bucket OUT is refused so far), so only the texts travel, not the index."""
+    from pairmill.output import finished_files, is_finished
+
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    if is_finished(job):
+        for uri in finished_files(job, "index"):
+            if uri.endswith(".texts.parquet"):
+                storage.download(uri, local / uri.rsplit("/", 1)[-1])
+    return local

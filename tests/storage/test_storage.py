@@ -240,3 +240,15 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
     from tests.storage.conftest import TEST_CREDENTIALS
 
     assert not any(value in storage.read_text(f"{out}/report.json") for value in TEST_CREDENTIALS.values())
+
+    # refresh rounds of a train run on the bucket's mine folder (OUT local) re-encode the texts of its index
+    import ray
+
+    from pairmill.config import EncoderConfig, MineConfig, TrainConfig
+    from training.rounds import refresh_settings
+
+    valid = ray.data.from_items([{"id": "a", "query": "q", "passage": "p", "negatives": []}])
+    settings = refresh_settings(f"{out}/mine", valid, tmp_path / "train", None, EncoderConfig(model=tiny_model),
+                                TrainConfig(refresh_every=2), MineConfig(), None, train_gpus=0)
+    assert settings.index_folder == str(tmp_path / "train" / "refresh" / "index")
+    assert pq.read_table(settings.index_folder).num_rows == 60  # the corpus mine indexed
