@@ -16,6 +16,11 @@ Each stage's folder is reused on a rerun when it finished and its fingerprint (t
 and the config it reads) is unchanged, so a failed run resumes at the failed stage; ``--force``
 redoes every stage. Fingerprints live in ``OUT/stages.json``.
 
+OUT may be on object storage (``-o s3://bucket/run1``, inputs too): each job commits its folder by
+a ``_SUCCESS`` manifest there (``pairmill.output``), the eval and plain stages by a manifest of
+their files, stages.json is one object replaced whole, a stage's input is fingerprinted by its
+listing (names, sizes, mtimes), and report.md is rendered in a local folder and uploaded.
+
 The base and trained models' held-out metrics (and a fixed sample of their held-out embeddings,
 for the report's 2-D projection) are a stage too, ``OUT/eval``. ``OUT/report.md`` (with
 ``training_curve.png`` and ``projection.png``) is rendered from the folders by ``pairmill.chain.report``.
