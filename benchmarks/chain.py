@@ -4,7 +4,8 @@
         [--pairs 20000] [--heldout 2000] [--steps 100] [--seeds 0 1 2] [--arms plain filtered ...]
 
 One seed of the first five arms takes about 25 minutes on 2 CPUs at the defaults (filter and mine
-once more, ~10 minutes, on the first run); ``web-inbatch`` adds a run the size of ``plain`` (5-6 min).
+once more, ~10 minutes, on the first run); ``web-inbatch`` adds a run the size of ``plain`` (5-6 min),
+``e5-inbatch`` a filter (~5 min, once) and such a run.
 
 Data (built once into OUT/data, nothing committed): the registry's (package name -> summary)
 pairs made as ``scripts/make_registry_pairs.py`` makes them. A held-out split is drawn by package
@@ -26,6 +27,9 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
    then mined + refreshed as arm 4 (the same ``--refresh-every``): it differs from arm 4 in the filter;
 6. ``web-inbatch``: arm 5's filtered pairs with in-batch negatives only: the k=auto filter's own
    effect, without the mined negatives.
+7. ``e5-inbatch``: E5's order: the k=auto filter scored by the ``plain`` arm's model of seed 0 (a
+   model first trained on the raw pairs) instead of the bundled one, then in-batch training of the
+   bundled model on what it kept: arm 6 with a filter model that has seen this data.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
 is every finished arm: the benchmark resumes where it stopped. Each arm writes
@@ -47,7 +51,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("plain", "filtered", "mined", "refresh", "web", "web-inbatch")
+ARMS = ("plain", "filtered", "mined", "refresh", "web", "web-inbatch", "e5-inbatch")
 JUNK = re.compile(
     r"\b(todo|tbd|lorem|ipsum|placeholder|short description|description here|add a description|"
     r"example package|sample package|test package|my first|hello world|no description|test project)\b",
@@ -150,6 +154,7 @@ def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> 
         "refresh": [str(out / "mine"), "train.hard_negatives=1", f"train.refresh_every={args.refresh_every}"],
         "web": [str(out / "web-mine"), *web_settings("train"), f"train.refresh_every={args.refresh_every}"],
         "web-inbatch": [str(out / "web-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
+        "e5-inbatch": [str(out / "e5-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
     }[arm]
     started = time.perf_counter()
     cli("train", settings[0], "-o", str(folder / "train"), *settings[1:], *common)
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[chain] data: {json.dumps(data)}", flush=True)
     raw = str(out / "data" / "train_raw.jsonl.gz")
     jobs = {}
+    tasks = {"registry": load_task(str(out / "data" / "heldout.jsonl.gz")), "bundled": load_task(str(sample.HELDOUT))}
     if set(args.arms) & {"filtered", "mined", "refresh"}:
         if not finished(out / "filter"):
             cli("filter", raw, "-o", str(out / "filter"), "--audit", "0.1")
@@ -227,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
             cli("filter", raw, "-o", str(out / "web-filter"), *web_settings("encoder", "read", "filter"))
         if "web" in args.arms and not finished(out / "web-mine"):
             cli("mine", str(out / "web-filter"), "-o", str(out / "web-mine"), *web_settings("encoder", "read", "mine"))
-    for name in ("filter", "mine", "web-filter", "web-mine"):
+    if "e5-inbatch" in args.arms and not finished(out / "e5-filter"):
+        # E5's order: the filter's model is one trained on the raw pairs first (the plain arm, seed 0).
+        run_arm("plain", 0, out, {"raw": raw}, args, tasks)
+        cli("filter", raw, "-o", str(out / "e5-filter"), "--model", str(out / "seed0" / "plain" / "train" / "model"),
+            *web_settings("encoder", "read", "filter"))
+    for name in ("filter", "mine", "web-filter", "web-mine", "e5-filter"):
         if finished(out / name):
             stats = json.loads((out / name / "stats.json").read_text())
             jobs[name] = {key: stats.get(key) for key in ("input_rows", "kept", "dropped", "rejected", "consistency",
                                                           "audit", "negatives", "seconds")}
-    tasks = {"registry": load_task(str(out / "data" / "heldout.jsonl.gz")), "bundled": load_task(str(sample.HELDOUT))}
     base_path = out / "base.json"
     if not base_path.exists():
         base_path.write_text(json.dumps(evaluate(None, tasks), indent=2))
