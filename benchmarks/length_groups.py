@@ -1,5 +1,5 @@
 """Length grouping: one training step's forward and backward, one padded forward per side vs
-``training.losses.encode_by_length`` at several ``train.length_group_overhead`` values.
+``training.encoding.encode_by_length`` at several ``train.length_group_overhead`` values.
 
     HF_HUB_OFFLINE=1 python benchmarks/length_groups.py [--steps 12] [--overheads 64 128 256 384] [--max-length 128]
 
@@ -45,7 +45,7 @@ def main() -> None:
     from pairmill import sample
     from pairmill.encoder import load_sentence_transformer
     from train import valid_pairs  # benchmarks/train.py: the rows `pairmill train` trains on
-    from training.losses import encode_by_length, length_groups
+    from training.encoding import encode_by_length, length_groups
 
     queries, passages = valid_pairs(str(sample.TRAIN))
     st = load_sentence_transformer(None, "cpu")

@@ -14,7 +14,7 @@ import gzip, json, os, random, statistics, sys, time
 sys.path.insert(0, os.getcwd())
 import torch, torch.nn.functional as F
 from transformers import AutoTokenizer, BertConfig, BertModel
-from training.losses import encode_by_length, length_groups
+from training.encoding import encode_by_length, length_groups
 tok = AutoTokenizer.from_pretrained("bench-out/gpu/tok")
 rows = [json.loads(l) for l in gzip.open("pairmill/sample/train.jsonl.gz", "rt")]
 rows = [r for r in rows if isinstance(r.get("query"), str) and isinstance(r.get("passage"), str)]

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from mining.refresh import current_negatives
 from training.batches import PairBatch, build_batch, lr_lambda, place_negatives, simcse_columns
-from training.losses import GradCache, InfoNCELoss, SupConLoss, TripletLoss, build_loss, encode_by_length, valid_triplets
+from training.encoding import GradCache, encode_by_length
+from training.losses import InfoNCELoss, SupConLoss, TripletLoss, build_loss, valid_triplets
 from training.model import (
     embed_features,
     encode_on_rank0,
@@ -137,7 +138,7 @@ class StepParts:
     device: torch.device = torch.device("cpu")
     autocast: Callable = contextlib.nullcontext  # () -> a context (bf16 autocast on GPU)
     grad_cache: GradCache | None = None  # train.mini_batch_size: GradCache's chunked forward/backward
-    length_group_overhead: int = 0  # > 0: encode each side in length groups (CPU; losses.encode_by_length)
+    length_group_overhead: int = 0  # > 0: encode each side in length groups (CPU; encoding.encode_by_length)
     queue: PassageQueue | None = None  # train.queue_size: past positives as extra negatives; train_step pushes each batch's
 
     def encode(self, model: nn.Module, features: dict[str, Tensor]) -> Tensor:

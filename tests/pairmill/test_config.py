@@ -159,7 +159,8 @@ def test_profile_overrides_round_trip_exactly():
 def test_field_facts_are_read_from_the_fields():
     from pairmill.config import TrainConfig, TuneConfig, describe, resume_free_keys
 
-    assert resume_free_keys(TrainConfig) == ["placement_strategy", "checkpoint_every", "eval_every", "log_every", "max_failures"]
+    assert resume_free_keys(TrainConfig) == ["collapse_sample", "collapse_cosine", "placement_strategy", "checkpoint_every", "eval_every",
+                                             "log_every", "max_failures"]
     assert TuneConfig.search_keys() == ["lr", "temperature", "warmup_ratio", "batch_size", "hard_negatives", "lora_rank"]
     assert TuneConfig(warmup_ratio=[0, 0.2]).space()["warmup_ratio"] == ("uniform", [0, 0.2])
     with pytest.raises(ConfigError, match=r"tune.warmup_ratio=\[0, 1\]; use a range \[low, high\] with 0 <= low < high < 1"):

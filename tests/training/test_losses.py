@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import losses
-from training.losses import GradCache, InfoNCELoss, encode_by_length, length_groups, passage_ids
+from training import encoding
+from training.encoding import GradCache, encode_by_length, length_groups
+from training.losses import InfoNCELoss, passage_ids
 from training.batches import place_negatives
 
 B, H, D = 6, 3, 8  # global batch: 6 pairs, 3 hard-negative slots, 8-dim embeddings
@@ -195,8 +196,8 @@ def bert_step(model, groups, loss_fn, seed, mini_batch_size=None, chunked_refere
         loss = GradCache(model, mini_batch_size, bert_encode, by_length=by_length).forward_backward(groups, loss_fn)
     else:
         # GradCache's chunks: 3 rows each, longest texts first, each cut to its longest
-        split = (lambda g: losses.length_chunks(g, 3)) if chunked_reference else (lambda g: ([g], None))
-        embs = [losses._unsort(torch.cat([bert_encode(model, c) for c in chunks]), order)
+        split = (lambda g: encoding.length_chunks(g, 3)) if chunked_reference else (lambda g: ([g], None))
+        embs = [encoding._unsort(torch.cat([bert_encode(model, c) for c in chunks]), order)
                 for chunks, order in map(split, groups)]
         loss = loss_fn(*embs)
         loss.backward()
@@ -235,7 +236,7 @@ def test_grad_cache_replays_dropout(tiny_bert, monkeypatch):
     torch.testing.assert_close(cached_loss, loss)
     assert_same_grads(cached, grads)
     # the check has teeth: without the RNG replay the re-run's dropout differs and so do the gradients
-    monkeypatch.setattr(losses._RngState, "restore", lambda self: None)
+    monkeypatch.setattr(encoding._RngState, "restore", lambda self: None)
     _, unreplayed = bert_step(tiny_bert, bert_groups(), bert_loss_fn(), seed=7, mini_batch_size=3)
     name = "embeddings.word_embeddings.weight"
     assert not torch.allclose(unreplayed[name], grads[name], rtol=1e-4, atol=1e-6)
@@ -244,12 +245,12 @@ def test_grad_cache_replays_dropout(tiny_bert, monkeypatch):
 def test_grad_cache_chunks_cut_padding_when_sorted_by_length():
     features = {"input_ids": torch.arange(8)[:, None].repeat(1, 6), "attention_mask":
                 (torch.arange(6)[None, :] < torch.tensor([2, 6, 1, 5, 3, 6, 2, 4])[:, None]).long()}
-    chunks, order = losses.length_chunks(features, 3)
+    chunks, order = encoding.length_chunks(features, 3)
     assert order.tolist() == [1, 5, 3, 7, 4, 0, 6, 2]  # longest first, ties in input order
     assert [c["input_ids"].shape for c in chunks] == [(3, 6), (3, 4), (2, 2)]
     assert chunks[1]["input_ids"][:, 0].tolist() == [7, 4, 0]
     left = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"].flip(1)}
-    chunks, order = losses.length_chunks(left, 3)  # left padding: chunked as it is (trimming shifts positions)
+    chunks, order = encoding.length_chunks(left, 3)  # left padding: chunked as it is (trimming shifts positions)
     assert order is None and [c["input_ids"].shape for c in chunks] == [(3, 6), (3, 6), (2, 6)]
 
 

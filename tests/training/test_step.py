@@ -9,7 +9,8 @@ import torch
 from pairmill.evaluate import evaluate_embeddings, pairs_task
 from tests.conftest import literal_pairs
 from training.batches import build_batch
-from training.losses import GradCache, InfoNCELoss
+from training.encoding import GradCache
+from training.losses import InfoNCELoss
 from training.loop import StepParts, train_step
 from training.model import make_tokenize, setup_model, setup_optimizer
 
