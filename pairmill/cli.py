@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import get_origin, get_type_hints
 
-from pairmill.config import SECTIONS, ConfigError, describe, load_config
+from pairmill.config import SECTIONS, ConfigError, load_config
 from pairmill.config_text import override_text
 from pairmill.log import configure
 
@@ -43,6 +43,17 @@ FLAG_KEYS = {
     "decontaminate": "filter.decontaminate",
     "audit": "filter.audit",
 }
+
+
+def describe(sections: dict[str, type]) -> str:
+    """The valid keys with defaults and help, for `--help` epilogues."""
+    lines = []
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            default = repr(f.default) if isinstance(f.default, str) else "empty" if f.default is None else override_text(f.default)
+            free = " (may change when a run resumes)" if f.metadata.get("resume_free") else ""
+            lines.append(f"  {name}.{f.name} (default {default}): {f.metadata.get('help', '')}{free}")
+    return "\n".join(lines)
 
 
 def _flag(p: argparse.ArgumentParser, dest: str, help: str | None = None, **kw) -> None:

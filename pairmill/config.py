@@ -8,7 +8,7 @@ Components never receive a config object: jobs turn sections into plain argument
 One source of truth. A field's default is its class attribute (``MineConfig.range_max``): a function
 that takes the same setting defaults to it rather than repeating the number. Facts about a field
 (``resume_free``: may change when a run resumes; ``search``/``example``: tune's search space) sit
-in its metadata, and ``--help`` is generated from the fields (``describe``).
+in its metadata, and ``--help`` is generated from the fields (``pairmill.cli.describe``).
 
 Override values are YAML, except a text field's (``pairmill.config_text`` says how values are read).
 
@@ -559,40 +559,8 @@ def load_config(
     return out
 
 
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """The ``section.key`` names whose value differs between two ``{section: {key: value}}`` dicts
-    (non-dict entries of ``current`` are left out), sorted: what a rerun into a job's folder changed.
-
-    A key that ``saved`` lacks counts as its default there: the job was saved by a pairmill without
-    that setting, which behaved as the default does (so a run started before a setting existed
-    still resumes). A key without a known default counts as empty (None)."""
-
-    def default_of(section: str, key: str):
-        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else {}
-        if key not in fields or fields[key].default is dataclasses.MISSING:
-            return None
-        return json.loads(json.dumps(fields[key].default, default=str))  # as saved settings read back
-
-    return sorted(
-        f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
-        for key in set(values) | set(saved.get(section, {}))
-        if values.get(key) != saved.get(section, {}).get(key, default_of(section, key))
-    )
-
-
 def config_to_dict(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(section) for name, section in config.items()}
-
-
-def describe(sections: dict[str, type]) -> str:
-    """The valid keys with defaults and help, for `--help` epilogues."""
-    lines = []
-    for name, cls in sections.items():
-        for f in dataclasses.fields(cls):
-            default = repr(f.default) if isinstance(f.default, str) else "empty" if f.default is None else override_text(f.default)
-            free = " (may change when a run resumes)" if f.metadata.get("resume_free") else ""
-            lines.append(f"  {name}.{f.name} (default {default}): {f.metadata.get('help', '')}{free}")
-    return "\n".join(lines)
 
 
 def profile_overrides(profile: dict[str, dict]) -> list[str]:

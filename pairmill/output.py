@@ -29,6 +29,7 @@ local protocol, it assumes one writer per OUT at a time. Kept rows of a finished
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -312,8 +313,6 @@ def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_w
 
 
 def _refuse_other_settings(folder: Path, settings: dict, settings_file: str, what: str) -> None:
-    from pairmill.config import changed_settings
-
     path = storage.join(folder, settings_file)
     if not storage.exists(path):
         return
@@ -332,6 +331,29 @@ def parquet_files(folder: str | Path) -> list:
     if storage.is_remote(folder):
         return [uri for uri, _ in storage.list_files(folder) if uri.endswith(".parquet")]
     return sorted(Path(folder).glob("*.parquet"))
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The ``section.key`` names whose value differs between two ``{section: {key: value}}`` dicts
+    (non-dict entries of ``current`` are left out), sorted: what a rerun into a job's folder changed.
+
+    A key that ``saved`` lacks counts as its default there: the job was saved by a pairmill without
+    that setting, which behaved as the default does (so a run started before a setting existed
+    still resumes). A key without a known default counts as empty (None)."""
+
+    def default_of(section: str, key: str):
+        from pairmill.config import SECTIONS
+
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else {}
+        if key not in fields or fields[key].default is dataclasses.MISSING:
+            return None
+        return json.loads(json.dumps(fields[key].default, default=str))  # as saved settings read back
+
+    return sorted(
+        f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+        for key in set(values) | set(saved.get(section, {}))
+        if values.get(key) != saved.get(section, {}).get(key, default_of(section, key))
+    )
 
 
 def parquet_rows(folder: str | Path) -> int:

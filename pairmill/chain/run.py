@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Callable
 
 from pairmill import sample, storage
-from pairmill.config import changed_settings, config_to_dict
+from pairmill.config import config_to_dict
+from pairmill.output import changed_settings
 from pairmill.output import is_finished, remove_job, resumable_staging, write_manifest
 
 log = logging.getLogger(__name__)

@@ -157,7 +157,8 @@ def test_profile_overrides_round_trip_exactly():
 
 
 def test_field_facts_are_read_from_the_fields():
-    from pairmill.config import TrainConfig, TuneConfig, describe, resume_free_keys
+    from pairmill.cli import describe
+    from pairmill.config import TrainConfig, TuneConfig, resume_free_keys
 
     assert resume_free_keys(TrainConfig) == ["collapse_sample", "collapse_cosine", "placement_strategy", "checkpoint_every", "eval_every",
                                              "log_every", "max_failures"]
@@ -195,7 +196,7 @@ def test_functions_default_to_the_config():
 
 
 def test_a_setting_missing_from_a_saved_run_is_unchanged_at_its_default():
-    from pairmill.config import changed_settings
+    from pairmill.output import changed_settings
 
     saved = {"train": {"lr": 5e-5}}  # saved by a pairmill that had no train.objective yet
     assert changed_settings(saved, {"train": {"lr": 5e-5, "objective": "infonce", "lora_targets": []}}) == []
