@@ -24,6 +24,11 @@ VERBS = {
     "tune": ("tune.tune", ("tune", "encoder", "read", "train", "eval", "mine", "ray"),
              "many train runs (Ray Tune, ASHA) -> OUT/best_model + results.csv; the defaults are the first trial"),
     "run": ("pairmill.chain.run", ("run", "encoder", "read", "filter", "mine", "train", "eval", "ray"), "the whole chain (the bundled sample by default)"),
+    "setfit": ("pairmill.chain.setfit", ("setfit", "encoder", "read", "train", "ray"),
+               "labelled texts -> a few-shot classifier: pairs from labels, SupCon on Ray Train, a logistic-regression "
+               "head (OUT/model, OUT/head); the bundled FOLDOC domains by default"),
+    "classify": ("pairmill.classify", ("setfit", "encoder", "read"),
+                 "texts -> classes by a `pairmill setfit` folder (--model): probabilities, nearest labelled neighbours' agreement"),
     "distill": ("pairmill.distill", ("encoder", "distill"),
                 "a static-embedding model (model2vec) from --model: ~100x faster to encode on CPUs, for filtering at scale"),
 }
@@ -69,9 +74,9 @@ def _flag(p: argparse.ArgumentParser, dest: str, help: str | None = None, **kw) 
     p.add_argument("--" + dest.replace("_", "-"), help=f"{help or field.metadata['help']} ({FLAG_KEYS[dest]})", **kw)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
     p.add_argument("--config", help="YAML file with sections of settings (see the keys below)")
-    _flag(p, "model")
+    _flag(p, "model", model_help)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. encoder.batch_size=64")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
@@ -124,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
             _flag(p, "num_samples", "trials, the default settings included", metavar="N")
             _flag(p, "eval_data", "held-out pairs file or BEIR folder the trials are ranked on; default: the bundled "
                   "held-out split when PAIRS is the bundled sample, else required")
+        if verb == "setfit":
+            p.add_argument("input", nargs="?", help="labelled texts: JSONL(.gz), Parquet or a saved HF dataset with `text` and "
+                           "`label` columns (read.text_field, read.label_field); empty = the bundled FOLDOC domains, "
+                           "held out on their own split")
+            p.add_argument("-o", "--output", required=True, help="output folder (model/, head/, kept/, rejected/, pairs/, "
+                           "train/, report.md, projection.png, stats.json)")
+            p.add_argument("--eval-data", dest="labelled_eval", metavar="LABELLED",
+                           help="held-out labelled texts: accuracy, macro-F1 and a per-class report before and after training")
+        if verb == "classify":
+            p.add_argument("input", help="texts to classify: JSONL(.gz), .txt, Parquet or a saved HF dataset with a `text` "
+                           "column; a `label` column, where present, is scored against")
+            p.add_argument("-o", "--output", required=True, help="output folder (kept/: predictions, rejected/, stats.json)")
+        if verb == "setfit":
+            p.description = (f"{help_text}. It trains with train.objective=supcon and train.group_by=source (SupCon over "
+                             "the labels) whatever the config says; with no --config, pairmill/sample/setfit.yaml's settings "
+                             "come first (key=value overrides win).")
+        if verb in ("setfit", "classify"):
+            _flag(p, "text_field", "input column holding the text")
         if verb == "distill":
             p.add_argument("-o", "--output", required=True, help="output folder: a sentence-transformers model (+ distill.json)")
         if verb == "run":
@@ -132,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb in ("embed", "eval", "mine", "filter", "train"):
             _flag(p, "query_field")
             _flag(p, "passage_field")
-        _add_common(p)
+        _add_common(p, "the folder `pairmill setfit -o DIR` wrote (DIR, or DIR/model)" if verb == "classify" else None)
     return parser
 
 

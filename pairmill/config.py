@@ -104,6 +104,7 @@ class ReadConfig:
     passage_field: str = _field("passage", "input column holding the passage")
     id_field: str = _field("id", "input column holding a row id; a hash of query and passage when absent")
     text_field: str = _field("text", "input column holding the text (embed of plain text files)")
+    label_field: str = _field("label", "input column holding a text's class (setfit, classify): a string or an integer")
     max_chars: int = _field(65536, "characters per text before the too_long rule applies")
     too_long: Literal["truncate", "reject"] = _field(
         "truncate", "truncate long texts (counted in stats as 'truncated') or reject the row"
@@ -111,7 +112,7 @@ class ReadConfig:
 
     def __post_init__(self):
         fields = {"read.query_field": self.query_field, "read.passage_field": self.passage_field,
-                  "read.id_field": self.id_field, "read.text_field": self.text_field}
+                  "read.id_field": self.id_field, "read.text_field": self.text_field, "read.label_field": self.label_field}
         _check("read", [
             (self.max_chars >= 1, f"read.max_chars={self.max_chars}; use >= 1 characters"),
             *[(bool(v), f"{k} is empty; name the input column") for k, v in fields.items()],
@@ -279,6 +280,9 @@ class TrainConfig:
         0.0, "objective=infonce: debiased InfoNCE (Chuang et al. 2020), the expected share of false negatives among "
         "a query's negatives, corrected for in the loss; 0 = off (plain InfoNCE)"
     )
+    group_by: Literal["query", "source"] = _field(
+        "query", "objective=supcon: rows sharing this are positives of each other: the query text (normalised), or "
+        "the `source` column (pairmill setfit writes each pair's class label there: SupCon over labels)")
     triplet_margin: float = _field(0.3, "objective=triplet: the margin in cosine distance (1 - cos, in [0, 2]); 0.3 until measured")
     queue_size: int = _field(
         0, "objective=infonce or supcon: the positive passages of the last steps, this many (detached, from all "
@@ -399,6 +403,8 @@ class TrainConfig:
                           "have no hard negatives; the other texts of the batch are the negatives)")
         if self.collapse_sample == 0 and self.collapse_cosine != TrainConfig.collapse_cosine:
             warnings.warn(f"train.collapse_cosine={self.collapse_cosine} has no effect with train.collapse_sample=0 (no alarm)")
+        if self.group_by != "query" and self.objective != "supcon":
+            warnings.warn(f"train.group_by={self.group_by} has no effect with train.objective={self.objective} (supcon only)")
         if self.refresh_every == 0 and self.refresh_slices != 1:
             warnings.warn(f"train.refresh_slices={self.refresh_slices} has no effect with train.refresh_every=0 (no refresh)")
 
@@ -482,6 +488,17 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class SetFitConfig:
+    """`pairmill setfit` / `classify`: few-shot classification (pairs from labels, SupCon, a logistic-regression head)."""
+
+    pairs_per_class: int = _field(256, "positive pairs per class (k examples make k(k-1)): sampled down to this, repeated up to it")
+    neighbours: int = _field(5, "classify: nearest labelled examples whose agreement with the prediction is reported")
+
+    def __post_init__(self):
+        _check("setfit", [(v >= 1, f"setfit.{k}={v}; use >= 1") for k, v in dataclasses.asdict(self).items()])
+
+
+@dataclasses.dataclass
 class ChainConfig:
     """What `pairmill run` chains together."""
 
@@ -503,6 +520,7 @@ SECTIONS: dict[str, type] = {
     "ray": RayConfig,
     "tune": TuneConfig,
     "distill": DistillConfig,
+    "setfit": SetFitConfig,
 }
 
 

@@ -41,9 +41,12 @@ class PairBatch:
     query_ids: Tensor  # (B,) int64 text_key of each query: rows sharing it are one query (SupConLoss's positives)
 
 
-def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_prefix: str, passage_prefix: str) -> PairBatch:
+def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_prefix: str, passage_prefix: str,
+                group_by: str = "query") -> PairBatch:
     """Columns of validated pairs (``query``, ``passage``, optional ``negatives`` / ``negative_ids``)
-    -> a ``PairBatch`` with ``hard_negative_count`` slots per pair (ragged rows padded, masked)."""
+    -> a ``PairBatch`` with ``hard_negative_count`` slots per pair (ragged rows padded, masked).
+    ``group_by="source"``: rows with the same ``source`` share a query id (SupCon's positives: pairmill
+    setfit's class labels), a row without one keeps its query's."""
     B, H = len(columns["query"]), hard_negative_count
     texts, ids = hard_negatives(columns.get("negatives") or [None] * B, columns.get("negative_ids"), H)
     mask = torch.zeros(B, H, dtype=torch.bool)
@@ -58,8 +61,18 @@ def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_pre
         negative_mask=mask,
         positive_ids=torch.tensor([text_key(p) for p in columns["passage"]], dtype=torch.int64),
         negative_ids=negative_ids,
-        query_ids=torch.tensor([text_key(q) for q in columns["query"]], dtype=torch.int64),
+        query_ids=torch.tensor(group_ids(columns, group_by), dtype=torch.int64),
     )
+
+
+def group_ids(columns: dict[str, list], group_by: str = "query") -> list[int]:
+    """(B,) the id each row's SupCon group is known by: ``text_key`` of its query, or of its source
+    (prefixed, so a label never shares an id with a query of the same text)."""
+    if group_by == "query":
+        return [text_key(q) for q in columns["query"]]
+    if group_by != "source":
+        raise ValueError(f"group_by={group_by!r}; valid: query, source")
+    return [text_key(q) if s is None else text_key("\x1fsource:" + s) for q, s in zip(columns["query"], columns["source"])]
 
 
 def simcse_columns(columns: dict[str, list]) -> dict[str, list]:

@@ -90,6 +90,7 @@ class LoopConfig:
     symmetric: bool
     objective: str
     tau_plus: float
+    group_by: str  # objective=supcon: "query" or "source" (pairmill setfit's labels), training.batches.group_ids
     triplet_margin: float
     queue_size: int  # > 0: a PassageQueue of that many past positives, extra negatives of every query
     simcse: bool  # rows are plain texts (id, text): each text is its own query and passage (training.batches.simcse_columns)
@@ -288,7 +289,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
             fresh_rows += sum(s > 0 for s in mined_at)
             batch = build_batch(columns, hard_negative_count=cfg.hard_negatives,
                                 query_prefix=cfg.passage_prefix if cfg.simcse else cfg.query_prefix,
-                                passage_prefix=cfg.passage_prefix)
+                                passage_prefix=cfg.passage_prefix, group_by=cfg.group_by)
             if cfg.objective == "triplet":
                 without_triplet += int((~valid_triplets(batch.negative_mask, batch.positive_ids, batch.negative_ids).any(1)).sum())
 

@@ -197,7 +197,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         Path(rejected_dir).mkdir()
     parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
         storage.split(rejected_dir)[1], filesystem=fs)
-    valid = parsed.filter(expr=col("reason").is_null()).select_columns(TEXT_COLUMNS if train_cfg.simcse else BATCH_COLUMNS)
+    columns = TEXT_COLUMNS if train_cfg.simcse else BATCH_COLUMNS + (["source"] if train_cfg.group_by == "source" else [])
+    valid = parsed.filter(expr=col("reason").is_null()).select_columns(columns)
     if train_cfg.simcse:  # plain texts: no negatives column
         valid_rows, with_negatives = valid.count(), 0
     else:
@@ -236,7 +237,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
         query_max_length=train_cfg.query_max_length, passage_max_length=train_cfg.passage_max_length,
         **{k: getattr(train_cfg, k) for k in ("lr", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "temperature",
-                                              "symmetric", "objective", "tau_plus", "triplet_margin", "queue_size", "simcse",
+                                              "symmetric", "objective", "tau_plus", "group_by", "triplet_margin", "queue_size", "simcse",
                                               "mini_batch_size", "length_group_overhead", "seed")},
         total_steps=total_steps, steps_per_epoch=per_epoch, per_worker_batch=per_worker, global_batch=train_cfg.batch_size,
         shuffle_buffer=max(1024, 8 * per_worker), hard_negatives=hard,
