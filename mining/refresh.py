@@ -134,7 +134,7 @@ def _corpus_from_index(batch: pa.Table) -> pa.Table:
 
 
 def _first_text(group: pa.Table) -> pa.Table:
-    from mining.mine import first_rows
+    from mining.positives import first_rows
 
     return first_rows(group, "passage_key").select(["passage_key", "passage"]).rename_columns(["passage_key", "text"])
 
@@ -148,7 +148,7 @@ def corpus_texts(pairs: str, index_folder: str | None):
     """Ray Dataset (passage_key, text): the live index's texts, else the pairs' distinct passages."""
     import ray
 
-    from mining.mine import add_keys, partitions, with_bucket
+    from mining.positives import add_keys, partitions, with_bucket
     from pairmill.groups import bucket_count
 
     if index_folder and sorted(Path(index_folder).glob("*.texts.parquet")):
@@ -182,7 +182,9 @@ def refresh_negatives(
     import ray
     import pyarrow.parquet as pq
 
-    from mining.mine import add_keys, build_index, encode_pool_args, write_mined
+    from mining.mine import build_index, encode_pool_args
+    from mining.positives import add_keys
+    from mining.search import write_mined
     from pairmill.cluster import encoder_pool
     from pairmill.encoder import EncodeBatch
     from pairmill.output import parquet_rows

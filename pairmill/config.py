@@ -43,7 +43,7 @@ def _check(section: str, checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
-# Limits mining and its config must agree on (mining.index / mining.mine import them from here).
+# Limits mining and its config must agree on (mining.shard / mining.positives import them from here).
 FAISS_GPU_MAX_K = 2048  # FAISS GPU's limit on k (and nprobe) in one search
 # Distinct passages of one query carried in each of its rows and searched past in a batch; a query
 # with more keeps them once in mining's PositiveStore and is searched with them excluded.

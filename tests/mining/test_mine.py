@@ -12,7 +12,9 @@ import pytest
 
 from mining.index import ShardedIndex
 from pairmill.vectors import exact_search
-from mining.mine import attach_positives, mine, mine_pairs, pad_random
+from mining.mine import mine
+from mining.positives import attach_positives
+from mining.search import mine_pairs, pad_random
 from pairmill.pairs import text_key
 from mining.negatives import positive_sets, select_negatives
 from pairmill.cli import main
@@ -231,7 +233,8 @@ def test_a_query_repeated_20000_times_mines_in_bounded_memory_and_time(ray_sessi
 
     import pyarrow.compute as pc
 
-    from mining.mine import PositiveStore, add_keys, write_mined
+    from mining.positives import PositiveStore, add_keys
+    from mining.search import write_mined
     from pairmill.config import INLINE_POSITIVES
 
     n_big, n_other, dim = 20_000, 300, 16
