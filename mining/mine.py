@@ -100,6 +100,9 @@ def mine(
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
+    if mine_cfg.range_min_final is not None or mine_cfg.range_max_final is not None:
+        log.info(f"mine: mines with the rank window [{mine_cfg.range_min}, {mine_cfg.range_max}); "
+                 "mine.range_min_final / range_max_final move it in train's refresh rounds")
     fingerprint = encoder.fingerprint()
     pool = encoder_pool(ray.actors)
     encode_args = encode_pool_args(pool, encoder.batch_size)

@@ -15,6 +15,7 @@ Cost: O(queries x candidates).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -91,3 +92,13 @@ def positive_sets(query_keys: Sequence[str], positive_ids: Sequence[int]) -> lis
     for key, pid in zip(query_keys, positive_ids):
         by_query.setdefault(key, set()).add(int(pid))
     return [by_query[key] for key in query_keys]
+
+
+def scheduled_window(start: tuple[int, int], final: tuple[int, int], progress: float) -> tuple[int, int]:
+    """The curriculum's rank window at ``progress`` (0 = the first step, 1 = the last) of training:
+    each end moves linearly from ``start`` to ``final`` and is rounded half up. Easy -> hard is a
+    window moving towards rank 0 (e.g. (20, 50) -> (0, 30)). Rounding each end keeps the window at
+    least as wide as the narrower of the two (its width is a convex mix of theirs, and the two
+    roundings lose less than one together), so a window valid at both ends is valid throughout."""
+    p = min(1.0, max(0.0, float(progress)))
+    return tuple(int(math.floor(a + p * (b - a) + 0.5)) for a, b in zip(start, final))  # type: ignore[return-value]

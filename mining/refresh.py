@@ -234,6 +234,7 @@ def refresh_negatives(
         "pairs": rows,
         "corpus": corpus_rows,
         "refreshed": refreshed,
+        "window": [mine_cfg.range_min, mine_cfg.range_max],  # the curriculum's rank window of this round
         "encode_seconds": round(encoded - started, 3),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -159,6 +159,9 @@ class MineConfig:
     num_negatives: int = _field(4, "negatives per pair")
     range_min: int = _field(0, "first rank (0 = hardest) of the window negatives are taken from, after positives are removed")
     range_max: int = _field(30, "end of that rank window (exclusive)")
+    range_min_final: int | None = _field(None, "curriculum (easy -> hard), applied by refresh rounds: the round at step s of "
+                                         "T mines from range_min + (range_min_final - range_min) x s/T; empty = no move")
+    range_max_final: int | None = _field(None, "curriculum: the same for range_max; empty = no move")
     margin_ratio: float | None = _field(
         0.95, "drop candidates scoring above this x the positive's score (NV-Retriever TopK-PercPos); empty = off"
     )
@@ -179,6 +182,8 @@ class MineConfig:
 
     def __post_init__(self):
         window = self.range_max - self.range_min
+        final_min = self.range_min if self.range_min_final is None else self.range_min_final
+        final_max = self.range_max if self.range_max_final is None else self.range_max_final
         _check("mine", [
             (self.num_negatives >= 1, f"mine.num_negatives={self.num_negatives}; use >= 1"),
             (0 <= self.range_min < self.range_max,
@@ -186,9 +191,12 @@ class MineConfig:
             (window >= self.num_negatives or self.pad == "random",
              f"mine.range_max - mine.range_min = {window} candidates cannot give mine.num_negatives={self.num_negatives}; "
              "widen the window, ask for fewer, or set mine.pad=random"),
-            (self.shard_gpus == 0 or self.range_max + INLINE_POSITIVES <= FAISS_GPU_MAX_K,
+            (0 <= final_min < final_max and (final_max - final_min >= self.num_negatives or self.pad == "random"),
+             f"mine.range_min_final={final_min}, mine.range_max_final={final_max} (empty = range_min / range_max); use 0 <= "
+             f"range_min_final < range_max_final, at least mine.num_negatives={self.num_negatives} apart (or mine.pad=random)"),
+            (self.shard_gpus == 0 or max(self.range_max, final_max) + INLINE_POSITIVES <= FAISS_GPU_MAX_K,
              f"mine.range_max={self.range_max} with GPU shards: searches go range_max + {INLINE_POSITIVES} deep and FAISS "
-             f"GPU stops at k={FAISS_GPU_MAX_K}; use range_max <= {FAISS_GPU_MAX_K - INLINE_POSITIVES}"),
+             f"GPU stops at k={FAISS_GPU_MAX_K}; use range_max (and range_max_final) <= {FAISS_GPU_MAX_K - INLINE_POSITIVES}"),
             (self.margin_ratio is None or self.margin_ratio > 0,
              f"mine.margin_ratio={self.margin_ratio}; use > 0 (0.95 in NV-Retriever), or empty to switch it off"),
             (self.max_score is None or -1 <= self.max_score <= 1,

@@ -99,15 +99,17 @@ class RefreshRounds:
         model = self.save_model(out / "model")
         save_seconds = time.perf_counter() - t0
         slices = self.cfg.slices
+        mine_cfg = curriculum(self.cfg.mine_cfg, step, total)
         ref = start_refresh(
             str(model), step, pairs=self.cfg.pairs, index_folder=self.cfg.index_folder, out=str(out),
-            encoder_kwargs=self.cfg.encoder_kwargs, mine_cfg=self.cfg.mine_cfg,
+            encoder_kwargs=self.cfg.encoder_kwargs, mine_cfg=mine_cfg,
             slice_=(self.started % slices, slices), store=self.cfg.store, pool=self.cfg.pool,
         )
         self.inflight = {"ref": ref, "step": step, "t0": time.perf_counter(), "save_seconds": save_seconds, "skipped": 0}
         self.started += 1
         log.info(f"train: refresh round {self.started} started at step {step} "
-             f"(slice {(self.started - 1) % slices + 1}/{slices}; model saved in {save_seconds:.1f}s)")
+             f"(slice {(self.started - 1) % slices + 1}/{slices}, rank window [{mine_cfg.range_min}, {mine_cfg.range_max}); "
+             f"model saved in {save_seconds:.1f}s)")
 
     def wait_if_older(self, step: int, steps: int) -> dict | None:
         """Test seam (``TestHooks.round_overlap_steps``): a round in flight for ``steps`` steps or
@@ -183,6 +185,23 @@ class RefreshRounds:
             "model_save_seconds_per_round": round(sum(r["save_seconds"] for r in rounds) / len(rounds), 3) if rounds else None,
             "rounds": rounds,
         }
+
+
+def curriculum(mine_cfg, step: int, total: int):
+    """The mine section a round started at ``step`` of ``total`` mines with: the rank window moved
+    from (range_min, range_max) towards (range_min_final, range_max_final) by ``step / total``
+    (``mining.negatives.scheduled_window``); unchanged when neither final end is set."""
+    import dataclasses
+
+    from mining.negatives import scheduled_window
+
+    if mine_cfg.range_min_final is None and mine_cfg.range_max_final is None:
+        return mine_cfg
+    start = (mine_cfg.range_min, mine_cfg.range_max)
+    final = (mine_cfg.range_min if mine_cfg.range_min_final is None else mine_cfg.range_min_final,
+             mine_cfg.range_max if mine_cfg.range_max_final is None else mine_cfg.range_max_final)
+    low, high = scheduled_window(start, final, step / max(1, total))
+    return dataclasses.replace(mine_cfg, range_min=low, range_max=high)
 
 
 def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> RefreshSettings:

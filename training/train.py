@@ -168,6 +168,9 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     final_dir = out.rstrip("/") if remote else Path(out).expanduser().resolve()
     mine_cfg = mine_cfg or MineConfig()
     refreshing = train_cfg.refresh_every > 0
+    if not refreshing and (mine_cfg.range_min_final is not None or mine_cfg.range_max_final is not None):
+        log.warning("train: mine.range_min_final / mine.range_max_final have no effect with train.refresh_every=0: "
+                    "the curriculum moves the rank window of refresh rounds")
     if remote and refreshing:
         raise ValueError(f"{out}: train.refresh_every writes its rounds (models, indexes) on a local or shared "
                          "filesystem only, so far; use a local -o, or train.refresh_every=0")

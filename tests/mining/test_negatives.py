@@ -1,7 +1,9 @@
+import math
+
 import numpy as np
 import pytest
 
-from mining.negatives import positive_sets, select_negatives
+from mining.negatives import positive_sets, scheduled_window, select_negatives
 
 
 def _one(ids, scores, pos_score, positives, **kw):
@@ -48,3 +50,29 @@ def test_bad_arguments():
 
 def test_positive_sets_group_by_query():
     assert positive_sets(["a", "b", "a"], [1, 2, 3]) == [{1, 3}, {2}, {1, 3}]
+
+
+def test_curriculum_window_matches_a_naive_schedule_and_stays_valid():
+    def naive(start, final, p):
+        return tuple(int(math.floor(s + p * (f - s) + 0.5)) for s, f in zip(start, final))
+
+    for start, final in [((20, 50), (0, 30)), ((0, 30), (0, 30)), ((10, 14), (0, 7)), ((3, 9), (50, 200))]:
+        for step in range(0, 101):
+            got = scheduled_window(start, final, step / 100)
+            assert got == naive(start, final, step / 100)
+            assert 0 <= got[0] and got[1] - got[0] >= min(start[1] - start[0], final[1] - final[0])
+        assert scheduled_window(start, final, 0) == start and scheduled_window(start, final, 1) == final
+
+
+def test_refresh_rounds_move_the_window_by_step():
+    from pairmill.config import ConfigError, MineConfig
+    from training.rounds import curriculum
+
+    cfg = MineConfig(range_min=20, range_max=50, range_min_final=0, range_max_final=30)
+    assert [(c.range_min, c.range_max) for c in (curriculum(cfg, s, 100) for s in (0, 25, 50, 100))] == [
+        (20, 50), (15, 45), (10, 40), (0, 30)]
+    assert curriculum(MineConfig(), 50, 100) == MineConfig()  # no schedule: the section itself
+    only_max = curriculum(MineConfig(range_max=60, range_max_final=20), 50, 100)
+    assert (only_max.range_min, only_max.range_max) == (0, 40)
+    with pytest.raises(ConfigError, match="range_min_final"):
+        MineConfig(range_min_final=28, range_max_final=30)  # 2 candidates cannot give 4 negatives
