@@ -172,15 +172,20 @@ def mine(
         index = build_index(work("distinct"), corpus_rows, mine_cfg, job.path("index"),
                             {"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)})
         num_shards, shard_devices = len(index.shards), {"devices": index.devices, "warnings": index.device_warnings}
+        lexical = None
         try:
-            log.info(f"mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)")
+            lexical = build_lexical(work("distinct"), mine_cfg, num_shards)
+            log.info(f"mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)"
+                     + (f", and BM25 shards over the same passages (mine.method={mine_cfg.method})" if lexical else ""))
             job.stage("index", valid_rows, corpus_rows, time.perf_counter() - t0)
 
             # -- 3. positives per query, search, select, look up texts ------------------------
             t0 = time.perf_counter()
-            write_mined(work("pairs"), valid_rows, index, mine_cfg, job.path("kept"))
+            write_mined(work("pairs"), valid_rows, index, mine_cfg, job.path("kept"), lexical=lexical)
         finally:
             index.close()
+            if lexical is not None:
+                lexical.close()
         totals = (  # from kept/ itself: small columns only, one read
             ray_lib.data.read_parquet(job.path("kept"), filesystem=fs)
             .select_columns(["negative_ids", "positive_score", "negative_scores", "padded_negatives", "margin_filtered",
@@ -211,10 +216,10 @@ def mine(
                     "mean_positive_score": round(float(totals["sum(positive_score)"] or 0) / max(1, kept_rows), 5),
                     "mean_negative_score": round(float(totals["sum(negative_score_sum)"] or 0) / max(1, negatives), 5),
                 },
-                "selection": selection_kwargs(mine_cfg),
+                "selection": {**selection_kwargs(mine_cfg), "method": mine_cfg.method},
                 "corpus": {"passages": corpus_rows, "extra": extra_stats},
                 "index": {"spec": index.spec, "shards": num_shards, "nprobe": index.nprobe, "folder": "index",
-                          **shard_devices},
+                          **shard_devices, "lexical": lexical_stats(mine_cfg, num_shards)},
                 "unique_ids": True,
                 "reused_embeddings": reuse is not None,
                 "encoder": encoder_kwargs(encoder),
@@ -247,7 +252,6 @@ def build_index(distinct: str | Path, rows: int, mine_cfg, folder: str | Path, m
     from mining.index import ShardedIndex
 
     from pairmill import storage
-    from pairmill.cluster import search_cpus
 
     shards = mine_cfg.shards or max(1, math.ceil(rows / PASSAGES_PER_SHARD))
     index = ShardedIndex.create(
@@ -256,7 +260,7 @@ def build_index(distinct: str | Path, rows: int, mine_cfg, folder: str | Path, m
         mine_cfg.index_spec,
         n_vectors=rows,
         nprobe=mine_cfg.nprobe,
-        num_cpus=mine_cfg.shard_cpus or search_cpus(shards),
+        num_cpus=shard_cpus(mine_cfg, shards),
         num_gpus=mine_cfg.shard_gpus,
         folder=str(folder),
         manifest_extra=manifest_extra,
@@ -270,6 +274,35 @@ def build_index(distinct: str | Path, rows: int, mine_cfg, folder: str | Path, m
         index.close()
         raise
     return index
+
+
+def shard_cpus(mine_cfg, shards: int) -> float:
+    """CPUs of each index shard actor: ``mine.shard_cpus`` or ``search_cpus``; with BM25 shards
+    beside the dense ones (``mine.method`` bm25 or hybrid) the two kinds share that, half each, so
+    the shards together never hold more of the cluster than dense mining does (RAY_NOTES: deadlock)."""
+    from pairmill.cluster import search_cpus
+
+    cpus = mine_cfg.shard_cpus or search_cpus(shards)
+    return cpus if mine_cfg.method == "dense" else cpus / 2
+
+
+def build_lexical(distinct: str | Path, mine_cfg, shards: int):
+    """The BM25 shards (``mining.lexical``) over a parquet folder of distinct passages, as many as
+    the dense index has, for ``mine.method`` bm25 and hybrid; None for dense."""
+    if mine_cfg.method == "dense":
+        return None
+    from mining.lexical import LexicalIndex
+
+    return LexicalIndex.create(str(distinct), shards, num_cpus=shard_cpus(mine_cfg, shards))
+
+
+def lexical_stats(mine_cfg, shards: int) -> dict | None:
+    """stats.json's ``index.lexical``: what ranked the candidates besides the dense index."""
+    from mining.lexical import B, K1, STOPWORDS
+
+    if mine_cfg.method == "dense":
+        return None
+    return {"kind": "bm25s", "shards": shards, "k1": K1, "b": B, "stopwords": STOPWORDS}
 
 
 def _as_corpus_rows(batch: pa.Table) -> pa.Table:
@@ -335,7 +368,8 @@ def format_summary(stats: dict, out: str) -> str:
         [
             job_summary(stats, out),
             f"    corpus passages     {stats['corpus']['passages']} in {stats['index']['shards']} shard(s), "
-            f"index {stats['index']['spec']}",
+            f"index {stats['index']['spec']}" + (f" + BM25 ({stats['selection']['method']})"
+                                                 if stats["index"].get("lexical") else ""),
             f"    negatives           {neg['total']} ({neg['asked_per_pair']} asked per pair); "
             f"{neg['short_pairs']} pairs short, {neg['pairs_without_negatives']} with none",
             f"    scores              positive {neg['mean_positive_score']:.3f}, negative {neg['mean_negative_score']:.3f}; "

@@ -182,7 +182,7 @@ def refresh_negatives(
     import ray
     import pyarrow.parquet as pq
 
-    from mining.mine import build_index, encode_pool_args
+    from mining.mine import build_index, build_lexical, encode_pool_args
     from mining.positives import add_keys
     from mining.search import write_mined
     from pairmill.cluster import encoder_pool
@@ -216,11 +216,19 @@ def refresh_negatives(
     corpus_rows = parquet_rows(work / "distinct")
     encoded = time.perf_counter()
     index = build_index(work / "distinct", corpus_rows, mine_cfg, out_dir / "index", {"model": model, "step": step})
+    lexical = None
     try:
+        # mine.method bm25 / hybrid: BM25 ranks the same corpus in every round (its ranking does not
+        # depend on the model; rebuilt per round from this round's corpus files, a tokenising pass
+        # next to the re-encoding), while the cosine scores and the dense side come from the new model.
+        lexical = build_lexical(work / "distinct", mine_cfg, len(index.shards))
         if rows:
-            write_mined(work / "pairs", rows, index, mine_cfg, str(out_dir / "negatives"), REFRESHED_COLUMNS)
+            write_mined(work / "pairs", rows, index, mine_cfg, str(out_dir / "negatives"), REFRESHED_COLUMNS,
+                        lexical=lexical)
     finally:
         index.close()
+        if lexical is not None:
+            lexical.close()
     refreshed = 0
     if store is not None and rows:
         for f in sorted((out_dir / "negatives").glob("*.parquet")):
@@ -235,6 +243,7 @@ def refresh_negatives(
         "corpus": corpus_rows,
         "refreshed": refreshed,
         "window": [mine_cfg.range_min, mine_cfg.range_max],  # the curriculum's rank window of this round
+        "method": mine_cfg.method,
         "encode_seconds": round(encoded - started, 3),
         "seconds": round(time.perf_counter() - started, 3),
     }

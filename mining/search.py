@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mining.lexical import reciprocal_rank_fusion
 from mining.negatives import select_negatives
 from mining.positives import PositiveStore, attach_positives, partitions, with_bucket
 from pairmill.config import MineConfig
@@ -26,7 +27,7 @@ from pairmill.pairs import text_key
 NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which it is counted as a near-duplicate
 MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives",
                  "margin_filtered", "near_duplicate_negatives"]
-
+RRF_K = 60  # mine.method=hybrid: reciprocal rank fusion's constant (Cormack et al. 2009 found 60 near best)
 
 
 def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,23 +45,15 @@ def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> 
     return ids, padded
 
 
-def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = MineConfig.pad,
-               store: PositiveStore | None = None) -> pa.Table:
-    """``map_batches`` step: search the index for a batch of pairs and choose their negatives."""
-    from pairmill.vectors import to_matrix
-
-    queries = to_matrix(batch.column("query_embedding"))  # (B, D)
-    passages = to_matrix(batch.column("passage_embedding"))  # (B, D)
-    positive_scores = np.einsum("bd,bd->b", queries, passages)  # (B,) cosine: embeddings are unit length
-    inline = batch.column("positive_keys").to_pylist()
-    big = np.array([keys is None for keys in inline], dtype=bool)  # positives in the store, not in the row
-    query_keys = batch.column("query_key").to_numpy()
-    stored = store.get(query_keys[big].tolist()) if big.any() else {}
-    range_max = selection["range_max"]
-    # Rows with inline positives: one batched search, deep enough to skip the deepest row's positives.
+def dense_candidates(index, queries: np.ndarray, query_keys: np.ndarray, inline: list, stored: dict,
+                     range_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (B, depth), from the dense index: rows with inline positives in one batched
+    search, deep enough to skip the deepest row's positives; rows whose positives are in the store
+    (``inline`` None) searched with them excluded, ``range_max`` deep."""
+    big = np.array([keys is None for keys in inline], dtype=bool)
     depth = range_max + max((len(keys) for keys in inline if keys is not None), default=0)
-    scores = np.full((len(batch), depth), -np.inf, dtype=np.float32)  # (B, depth)
-    ids = np.full((len(batch), depth), -1, dtype=np.int64)  # (B, depth)
+    scores = np.full((len(inline), depth), -np.inf, dtype=np.float32)  # (B, depth)
+    ids = np.full((len(inline), depth), -1, dtype=np.int64)  # (B, depth)
     small = np.flatnonzero(~big)
     if len(small):  # identical query vectors (a repeated query) are searched once
         unique, inverse = np.unique(queries[small], axis=0, return_inverse=True)
@@ -78,8 +71,67 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
                                                exclude=[stored[int(query_keys[m[0]])] for m in members])
         for j, m in enumerate(members):
             scores[m, :range_max], ids[m, :range_max] = found_scores[j], found_ids[j]
+    return scores, ids
+
+
+def lexical_candidates(lexical, texts: list[str], query_keys: np.ndarray, inline: list, stored: dict,
+                       range_max: int) -> np.ndarray:
+    """ids (B, depth) in BM25 order (``mining.lexical``), with the same depth and positive handling
+    as ``dense_candidates``; each distinct (query text, stored positives) searched once."""
+    depth = range_max + max((len(keys) for keys in inline if keys is not None), default=0)
+    groups: dict[tuple, list[int]] = {}
+    for r, (text, keys) in enumerate(zip(texts, inline)):
+        groups.setdefault((text, None if keys is not None else int(query_keys[r])), []).append(r)
+    exclude = [None if big is None else stored[big] for _, big in groups]
+    _, found = lexical.search([text for text, _ in groups], depth, exclude)
+    ids = np.full((len(texts), depth), -1, dtype=np.int64)
+    for j, rows in enumerate(groups.values()):
+        ids[rows] = found[j]
+    return ids
+
+
+def without(ids: np.ndarray, positives: list[set[int]]) -> np.ndarray:
+    """(B, K) ids with each row's positives (and -1) taken out, the rest moved up in order, -1 after."""
+    out = np.full_like(ids, -1)
+    for i, row in enumerate(ids):
+        kept = row[(row >= 0) & ~np.isin(row, list(positives[i]))]
+        out[i, : len(kept)] = kept
+    return out
+
+
+def cosine_scores(index, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(B, K) cosine of each query (B, D) with the stored vectors of its candidate ids, -inf at -1."""
+    vectors = index.vectors(ids)  # (B, K, D), NaN at -1
+    return np.where(ids >= 0, np.einsum("bkd,bd->bk", np.nan_to_num(vectors), queries), -np.inf).astype(np.float32)
+
+
+def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: str = MineConfig.pad,
+               store: PositiveStore | None = None, method: str = MineConfig.method, lexical=None) -> pa.Table:
+    """``map_batches`` step: search the index for a batch of pairs and choose their negatives.
+    ``method`` (``mine.method``): candidates ranked by the dense index, by BM25 (``lexical``, a
+    ``mining.lexical.LexicalIndex``) or by both fused (``RRF_K``); scored by cosine in every method."""
+    from pairmill.vectors import to_matrix
+
+    queries = to_matrix(batch.column("query_embedding"))  # (B, D)
+    passages = to_matrix(batch.column("passage_embedding"))  # (B, D)
+    positive_scores = np.einsum("bd,bd->b", queries, passages)  # (B,) cosine: embeddings are unit length
+    inline = batch.column("positive_keys").to_pylist()
+    big = np.array([keys is None for keys in inline], dtype=bool)  # positives in the store, not in the row
+    query_keys = batch.column("query_key").to_numpy()
+    stored = store.get(query_keys[big].tolist()) if big.any() else {}
+    range_max = selection["range_max"]
     # Excluded searches never return a positive: those rows need no second check against 100k keys.
     positives = [set() if keys is None else set(keys) for keys in inline]
+    if method == "dense":
+        scores, ids = dense_candidates(index, queries, query_keys, inline, stored, range_max)
+    elif lexical is None or method not in ("bm25", "hybrid"):
+        raise ValueError(f"mine.method={method!r} needs a LexicalIndex (lexical=...); valid methods: dense, bm25, hybrid")
+    else:
+        ids = lexical_candidates(lexical, batch.column("query").to_pylist(), query_keys, inline, stored, range_max)
+        if method == "hybrid":  # ranks among non-positives in each list, as select_negatives counts them
+            _, dense_ids = dense_candidates(index, queries, query_keys, inline, stored, range_max)
+            ids, _ = reciprocal_rank_fusion([without(dense_ids, positives), without(ids, positives)], RRF_K)
+        scores = cosine_scores(index, queries, ids)
     chosen = select_negatives(ids, scores, positive_scores, positives, **selection)
     neg_ids, neg_scores, padded = chosen.ids, chosen.scores, np.zeros(batch.num_rows, dtype=np.int64)
     if pad == "random" and chosen.short:
@@ -115,7 +167,7 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
 
 
 def mine_pairs(pairs, index, selection: dict, *, batch_size: int = MineConfig.query_batch, keep: list[str] | None = None,
-               pad: str = MineConfig.pad, store: PositiveStore | None = None):
+               pad: str = MineConfig.pad, store: PositiveStore | None = None, method: str = MineConfig.method, lexical=None):
     """Ray Dataset of pairs (with embeddings, ``query_key`` and ``positive_keys``) -> the same pairs
     with ``MINED_COLUMNS``.
     ``store`` holds the positives of rows whose ``positive_keys`` is null (see ``attach_positives``)."""
@@ -124,7 +176,7 @@ def mine_pairs(pairs, index, selection: dict, *, batch_size: int = MineConfig.qu
     return pairs.map_batches(
         mine_batch,
         fn_kwargs={"index": index, "selection": selection, "keep": keep or output_columns("pairs"), "pad": pad,
-                   "store": store},
+                   "store": store, "method": method, "lexical": lexical},
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=0.5,  # the search itself runs in the shard actors
@@ -144,10 +196,12 @@ def selection_kwargs(mine_cfg) -> dict:
     }
 
 
-def write_mined(pairs: str | Path, rows: int, index, mine_cfg, out: str, columns: list[str] | None = None) -> None:
+def write_mined(pairs: str | Path, rows: int, index, mine_cfg, out: str, columns: list[str] | None = None,
+                lexical=None) -> None:
     """Encoded pairs with keys (a parquet folder) -> their mined rows (see ``mine_pairs``; only
     ``columns`` when given) written to the parquet folder ``out``. The positives of repeated
-    queries live in a ``PositiveStore`` for the length of the write."""
+    queries live in a ``PositiveStore`` for the length of the write. ``lexical``: the BM25 shards
+    ``mine_cfg.method`` bm25 and hybrid rank with."""
     import ray
 
     from pairmill import storage
@@ -162,7 +216,7 @@ def write_mined(pairs: str | Path, rows: int, index, mine_cfg, out: str, columns
             .map_groups(attach_positives, fn_kwargs={"store": store}, batch_format="pyarrow")
         )
         mined = mine_pairs(with_positives, index, selection_kwargs(mine_cfg), batch_size=mine_cfg.query_batch,
-                           pad=mine_cfg.pad, store=store)
+                           pad=mine_cfg.pad, store=store, method=mine_cfg.method, lexical=lexical)
         (mined.select_columns(columns) if columns else mined).write_parquet(out, filesystem=storage.split(out)[0])
     finally:
         store.close()

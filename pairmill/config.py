@@ -157,6 +157,8 @@ class MineConfig:
     """Hard-negative mining (`pairmill mine`) and the sharded index it builds."""
 
     num_negatives: int = _field(4, "negatives per pair")
+    method: Literal["dense", "bm25", "hybrid"] = _field("dense", "candidates from the dense index, BM25 (DPR), or hybrid "
+                                                        "(reciprocal rank fusion of both); scored by cosine in every method")
     range_min: int = _field(0, "first rank (0 = hardest) of the window negatives are taken from, after positives are removed")
     range_max: int = _field(30, "end of that rank window (exclusive)")
     range_min_final: int | None = _field(None, "curriculum (easy -> hard), applied by refresh rounds: the round at step s of "
