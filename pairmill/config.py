@@ -290,9 +290,10 @@ class TrainConfig:
         0.0, "objective=infonce: debiased InfoNCE (Chuang et al. 2020), the expected share of false negatives among "
         "a query's negatives, corrected for in the loss; 0 = off (plain InfoNCE)"
     )
-    group_by: Literal["query", "source"] = _field(
-        "query", "objective=supcon: rows sharing this are positives of each other: the query text (normalised), or "
-        "the `source` column (pairmill setfit writes each pair's class label there: SupCon over labels)")
+    group_by: Literal["query", "source", "group"] = _field(
+        "query", "objective=supcon: rows sharing this are positives of each other: the query text (normalised), "
+        "the `source` column (pairmill setfit writes each pair's class label there: SupCon over labels), or the "
+        "pairs' optional `group` column; a row without a source or group keeps its query's")
     triplet_margin: float = _field(0.3, "objective=triplet: the margin in cosine distance (1 - cos, in [0, 2]); 0.3 until measured")
     queue_size: int = _field(
         0, "objective=infonce or supcon: the positive passages of the last steps, this many (detached, from all "

@@ -104,7 +104,7 @@ def mark_duplicate_ids(group: pa.Table) -> pa.Table:
     if not repeated:
         return group
     text = "text" if "text" in group.column_names else "passage"
-    payload = [c for c in ("id", "query", "passage", "text", "source", "negatives") if c in group.column_names]
+    payload = [c for c in ("id", "query", "passage", "text", "source", "negatives", "group") if c in group.column_names]
     columns = {c: group.column(c).to_pylist() for c in payload + ["origin", "raw"]}
     queries = columns.get("query") or [""] * len(ids)
     for rows in repeated:

@@ -41,6 +41,7 @@ REJECT_REASONS = {
     "invalid_unicode": "a string holds a lone UTF-16 surrogate (e.g. an escaped \\ud800 in JSON): not encodable as UTF-8",
     "too_long": "a text exceeds read.max_chars and read.too_long=reject",
     "bad_negatives": "`negatives` is present but not a list of non-empty strings",
+    "bad_group": "`group` is present but not a non-empty string or an integer (a float, a boolean, a list, an object)",
     "bad_id": "the id is not a string or an integer (a float such as 1e999, a boolean, a list, an object)",
     "duplicate_id": "another valid row earlier in the input (by file, then line) has the same id",
     # BEIR folders (pairmill eval):
@@ -57,6 +58,9 @@ PAIR_SCHEMA = pa.schema(
         ("passage", pa.string()),
         ("source", pa.string()),
         ("negatives", pa.list_(pa.string())),
+        # optional: rows sharing a group are positives of each other under train.objective=supcon
+        # with train.group_by=group (e.g. several phrasings of one question, one product's reviews)
+        ("group", pa.string()),
     ]
 )
 TEXT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
@@ -185,6 +189,20 @@ def _check_negatives(value: Any, max_chars: int) -> tuple[list[str] | None, str 
     return [v[:max_chars] for v in value], None
 
 
+def _group(value: Any) -> tuple[str | None, str | None]:
+    """(group, reason) for the optional ``group``: a non-empty string as it is, an integer as its
+    decimal string (so 7 and "7" are one group), absent or null as None; anything else is
+    ``bad_group``: a float or a boolean would silently merge or split groups."""
+    if is_missing(value):
+        return None, None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        group, bad = _row_id(value)  # an integer too long to print is bad_id there
+        return (group, None) if bad is None else (None, "bad_group")
+    if isinstance(value, str) and not _NO_TEXT.fullmatch(value):
+        return (None, "invalid_unicode") if _has_surrogate(value) else (value, None)
+    return None, "bad_group"
+
+
 def _source(value: Any) -> str | None:
     """The optional ``source`` as a string: kept when it is one, written as JSON when it is another
     value (a number, a list), so the information is not lost."""
@@ -231,6 +249,8 @@ def validate_records(
             if reason is None:
                 negatives, reason = _check_negatives(record.get("negatives"), max_chars)
             if reason is None:
+                group, reason = _group(record.get("group"))
+            if reason is None:
                 rid, reason = _row_id(record.get(id_field))
             if reason is None:
                 truncated = t1 or t2
@@ -240,6 +260,7 @@ def validate_records(
                     "passage": passage,
                     "source": _source(record.get("source")),
                     "negatives": negatives,
+                    "group": group,
                 }
         else:
             text, reason, truncated = _check_text(record.get(text_field), "missing_text", max_chars, too_long)

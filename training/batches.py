@@ -66,13 +66,15 @@ def build_batch(columns: dict[str, list], *, hard_negative_count: int, query_pre
 
 
 def group_ids(columns: dict[str, list], group_by: str = "query") -> list[int]:
-    """(B,) the id each row's SupCon group is known by: ``text_key`` of its query, or of its source
-    (prefixed, so a label never shares an id with a query of the same text)."""
+    """(B,) the id each row's SupCon group is known by: ``text_key`` of its query, or of its source or
+    its ``group`` (prefixed by the column's name, so a label never shares an id with a query or a group of
+    the same text); a row without a value keeps its query's."""
     if group_by == "query":
         return [text_key(q) for q in columns["query"]]
-    if group_by != "source":
-        raise ValueError(f"group_by={group_by!r}; valid: query, source")
-    return [text_key(q) if s is None else text_key("\x1fsource:" + s) for q, s in zip(columns["query"], columns["source"])]
+    if group_by not in ("source", "group"):
+        raise ValueError(f"group_by={group_by!r}; valid: query, source, group")
+    prefix = f"\x1f{group_by}:"
+    return [text_key(q) if g is None else text_key(prefix + g) for q, g in zip(columns["query"], columns[group_by])]
 
 
 def simcse_columns(columns: dict[str, list]) -> dict[str, list]:

@@ -90,7 +90,7 @@ class LoopConfig:
     symmetric: bool
     objective: str
     tau_plus: float
-    group_by: str  # objective=supcon: "query" or "source" (pairmill setfit's labels), training.batches.group_ids
+    group_by: str  # objective=supcon: "query", "source" (pairmill setfit's labels) or "group", training.batches.group_ids
     triplet_margin: float
     queue_size: int  # > 0: a PassageQueue of that many past positives, extra negatives of every query
     simcse: bool  # rows are plain texts (id, text): each text is its own query and passage (training.batches.simcse_columns)

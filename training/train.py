@@ -200,7 +200,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         Path(rejected_dir).mkdir()
     parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
         storage.split(rejected_dir)[1], filesystem=fs)
-    columns = TEXT_COLUMNS if train_cfg.simcse else BATCH_COLUMNS + (["source"] if train_cfg.group_by == "source" else [])
+    columns = TEXT_COLUMNS if train_cfg.simcse else BATCH_COLUMNS + ([train_cfg.group_by] if train_cfg.group_by != "query" else [])
     valid = parsed.filter(expr=col("reason").is_null()).select_columns(columns)
     if train_cfg.simcse:  # plain texts: no negatives column
         valid_rows, with_negatives = valid.count(), 0

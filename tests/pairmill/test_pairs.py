@@ -38,6 +38,10 @@ BAD_LINES = [
     (b'{"id": 1e999, "query": "q", "passage": "p"}', "bad_id"),
     (b'{"id": true, "query": "q", "passage": "p"}', "bad_id"),
     (b'{"id": [1], "query": "q", "passage": "p"}', "bad_id"),
+    (b'{"query": "q", "passage": "p", "group": 1.5}', "bad_group"),
+    (b'{"query": "q", "passage": "p", "group": false}', "bad_group"),
+    (b'{"query": "q", "passage": "p", "group": ["a"]}', "bad_group"),
+    (b'{"query": "q", "passage": "p", "group": " "}', "bad_group"),
 ]
 
 
@@ -74,6 +78,13 @@ def test_ids_fields_and_negatives():
     assert [r["reason"] for r in table] == [None] * 5 + ["bad_id", "bad_id"]  # never silently re-keyed
     assert table[2]["negatives"] == ["n1", "n2"]
     assert table[2]["source"] == "3" and table[3]["source"] == '["web", 2]'  # kept, as JSON
+
+
+def test_a_group_is_a_string_or_an_integer_and_optional():
+    rows = [{"query": "a", "passage": "b", "group": g} for g in ("faq-7", 7, "7", None, float("nan"))] + [{"query": "a", "passage": "b"}]
+    table = validate_records(rows, ["x"] * len(rows)).to_pylist()
+    assert [r["reason"] for r in table] == [None] * 6
+    assert [r["group"] for r in table] == ["faq-7", "7", "7", None, None, None]  # 7 and "7" are one group
 
 
 def test_control_characters_inside_a_text_are_kept():

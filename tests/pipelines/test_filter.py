@@ -120,7 +120,7 @@ def test_filter_job_accounts_for_every_row_and_matches_a_plain_loop(ray_session,
 
     kept = pq.read_table(out / "kept")
     dropped = pq.read_table(out / "dropped").to_pylist()
-    assert kept.schema.names == ["id", "query", "passage", "source", "negatives", "query_embedding", "passage_embedding"]
+    assert kept.schema.names == ["id", "query", "passage", "source", "negatives", "group", "query_embedding", "passage_embedding"]
     assert str(kept.schema.field("passage_embedding").type) == "fixed_size_list<element: float>[64]"
     kept_ids = set(kept.column("id").to_pylist())
     got = {r["id"]: (r["reason"], r["dup_of"]) for r in dropped} | {i: (None, None) for i in kept_ids}
@@ -181,7 +181,7 @@ def test_filter_cli_without_embeddings_and_rerun(ray_session, bow_model, tmp_pat
     assert dropped["z-dup3"]["dup_of"] == "a-keep" and dropped["c1"]["dup_of"] == "e1"
     assert stats["filter"]["decontaminate"] == [str(eval_path)] * 2
     assert not (out / "kept" / "old.parquet").exists()
-    assert pq.read_table(out / "kept").schema.names == ["id", "query", "passage", "source", "negatives"]
+    assert pq.read_table(out / "kept").schema.names == ["id", "query", "passage", "source", "negatives", "group"]
     assert "155 kept" in capsys.readouterr().out
 
     assert cli(["filter", str(src), "-o", str(out), "--audit", "0.2", "filter.consistency=false"]) == 2

@@ -27,6 +27,14 @@ def test_rows_of_one_label_share_a_group_and_a_row_without_one_keeps_its_query()
         group_ids(COLUMNS, "label")
 
 
+def test_the_group_column_groups_like_source_and_never_collides_with_it():
+    columns = {**COLUMNS, "group": ["faq-1", None, "faq-1", "plan", "plan"]}
+    ids = group_ids(columns, "group")
+    assert ids[0] == ids[2] and ids[3] == ids[4] and len({ids[0], ids[1], ids[3]}) == 3
+    assert ids[1] == text_key(COLUMNS["query"][1])  # no group: its query's
+    assert ids[3] != group_ids(COLUMNS, "source")[0]  # group "plan" is not source "plan"
+
+
 def test_supcon_over_labels_equals_a_naive_loop():
     torch.manual_seed(0)
     q, p = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
