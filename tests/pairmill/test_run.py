@@ -159,6 +159,7 @@ def test_report_md_and_plots_are_rendered_from_the_stage_outputs(tmp_path):
     assert "Loss 1.9000 at step 1 → 1.4000 at step 6 (6 logged points" in text  # read back in step order
     assert "![training loss](training_curve.png)" in text and "![2-D projection" in text
     assert "25 held-out pairs" in text and "projected to 2-D by " in text
+    assert "projected to 2-D by PCA (" in text  # it says which: 50 points are below UMAP_MIN_POINTS
     assert "plain" not in text  # no plain arm yet
     assert _is_png(tmp_path / "training_curve.png") and _is_png(tmp_path / "projection.png")
 
