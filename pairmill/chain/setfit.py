@@ -13,8 +13,8 @@ Design note
 3. Pairs from labels (``mining.label_pairs``): ``setfit.pairs_per_class`` positive pairs per class
    (k texts make k(k-1): sampled down, or repeated up, so classes are balanced), each with
    ``train.hard_negatives`` texts of other classes the base model puts nearest the anchor (the
-   mining index, the same-label rule: never a negative with the anchor's label). Written to
-   ``OUT/pairs/`` with the label in ``source``.
+   mining index, the same-label rule: never a negative with the anchor's label). Written as the
+   job folder ``OUT/pairs/`` (its ``kept/``), with the label in ``source``.
 4. Contrastive stage: ``pairmill train`` as it is (``training.train.train``, Ray Train), with
    ``train.objective=supcon`` and ``train.group_by=source``: all rows of a class in the global batch
    are positives of each other. Its folder is ``OUT/train`` (metrics.jsonl, stats.json; its
@@ -31,6 +31,7 @@ search, and the train job's steps (``setfit.pairs_per_class`` x classes / ``trai
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -114,11 +115,15 @@ def setfit(input_path: str | None, out: str, *, eval_path: str | None, encoder, 
         t0 = time.perf_counter()
         rows, pair_report = label_pair_rows(texts, labels, x_base, per_class=setfit_cfg.pairs_per_class,
                                             negatives=train_cfg.hard_negatives, seed=train_cfg.seed)
+        # a finished job folder whose ids are known unique: the train job reads its kept/ without a shuffle by id
         pairs_dir = Path(job.path("pairs"))
-        pairs_dir.mkdir()
+        (pairs_dir / "kept").mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
             ("id", pa.string()), ("query", pa.string()), ("passage", pa.string()), ("source", pa.string()),
-            ("negatives", pa.list_(pa.string()))])), pairs_dir / "pairs.parquet")
+            ("negatives", pa.list_(pa.string()))])), pairs_dir / "kept" / "pairs.parquet")
+        (pairs_dir / "stats.json").write_text(json.dumps({"input_rows": len(rows), "kept": len(rows), "dropped": {},
+                                                          "rejected": {}, "unique_ids": True, "pairs": pair_report}))
+        (pairs_dir / "_SUCCESS").write_text("")
         job.stage("pairs from labels", valid.num_rows, len(rows), time.perf_counter() - t0)
 
         t0 = time.perf_counter()
