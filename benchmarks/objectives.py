@@ -26,7 +26,10 @@ Arms (the bundled model, TrainConfig's defaults but for the one setting named, t
 4. ``tau_plus``: debiased InfoNCE, ``train.tau_plus=--tau-plus`` (0.05);
 5. ``triplet``: ``train.objective=triplet``, margin loss on the mined negative only (margin 0.3);
 6. ``queue``: ``train.queue_size=--queue-size`` (1024) past positives as extra negatives;
-7. ``simcse``: unsupervised SimCSE on the passages alone (``train.simcse=true``, in-batch only).
+7. ``simcse``: unsupervised SimCSE on the passages alone (``train.simcse=true``, in-batch only);
+8. ``bm25``: ``default``'s training on negatives mined with ``mine.method=bm25`` (DPR's lexical
+   negatives, into ``OUT/<dataset>/mine-bm25``);
+9. ``hybrid``: the same with ``mine.method=hybrid`` (dense and BM25 fused by reciprocal rank).
 
 ANCE refresh rounds, the other negative source, are measured by ``benchmarks/chain.py``.
 
@@ -63,7 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; benchmarks.chain is imported from it
 from benchmarks.chain import build_data, evaluate, finished
 
-ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse")
+ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse", "bm25", "hybrid")
+LEXICAL_ARMS = ("bm25", "hybrid")  # each trains on its own mine folder, mined with mine.method=<arm>
 DATASETS = ("sample", "registry")
 METRICS = ("ndcg@10", "recall@10", "alignment", "uniformity", "pairs_per_s")
 
@@ -88,6 +92,8 @@ def arm_settings(arm: str, folder: Path, args) -> list[str]:
         "triplet": [mined, "train.objective=triplet"],
         "queue": [mined, f"train.queue_size={args.queue_size}"],
         "simcse": [str(folder / "passages.txt"), "train.simcse=true"],  # in-batch only: plain texts have no negatives
+        "bm25": [str(folder / "mine-bm25")],
+        "hybrid": [str(folder / "mine-hybrid")],
     }[arm]
 
 
@@ -237,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "overrides": args.overrides})
         pairs_path, tasks, data = prepare(dataset, folder, args)
         print(f"[objectives] {dataset}: {json.dumps(data)}", flush=True)
-        if set(args.arms) - {"simcse"} and not finished(folder / "mine"):
+        if set(args.arms) - {"simcse", *LEXICAL_ARMS} and not finished(folder / "mine"):
             cli("mine", pairs_path, "-o", str(folder / "mine"))
+        for method in set(args.arms) & set(LEXICAL_ARMS):
+            if not finished(folder / f"mine-{method}"):
+                cli("mine", pairs_path, "-o", str(folder / f"mine-{method}"), f"mine.method={method}")
         if "simcse" in args.arms:
             data["simcse_texts"] = write_passages(pairs_path, folder / "passages.txt")
         base_path = folder / "base.json"
@@ -247,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for arm in args.arms:
                 run_arm(arm, seed, folder, steps, args, tasks)
-        mine = json.loads((folder / "mine" / "stats.json").read_text()) if finished(folder / "mine") else {}
+        mines = {name: json.loads((folder / name / "stats.json").read_text())
+                 for name in ("mine", "mine-bm25", "mine-hybrid") if finished(folder / name)}
         results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*/*/result.json"))]  # this run's and earlier ones'
         summary[dataset] = {"data": data, "steps": steps, "base": json.loads(base_path.read_text()),
-                            "mine": {k: mine.get(k) for k in ("input_rows", "kept", "rejected", "negatives", "seconds")},
+                            **{name: {k: mine.get(k) for k in ("input_rows", "kept", "rejected", "negatives", "seconds")}
+                               for name, mine in mines.items()},
                             "arms": summarise(results, dataset)}
         summary_path.write_text(json.dumps(summary, indent=2))
     for dataset, entry in summary.items():
