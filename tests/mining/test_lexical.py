@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mining.lexical import B, K1, BM25Ranker, LexicalIndex, LexicalShard, reciprocal_rank_fusion, tokenize
+from mining.lexical import B, K1, BM25Ranker, LexicalShard, reciprocal_rank_fusion, tokenize
 from mining.positives import attach_positives
 from mining.search import RRF_K, mine_batch
 from pairmill.vectors import fixed_size_list
@@ -148,12 +148,12 @@ def _batch(n: int = 30, dim: int = 12):
         "query_embedding": fixed_size_list(q_vecs[np.arange(n) // 2]), "passage_embedding": fixed_size_list(p_vecs),
         "query_key": pa.array(np.arange(n) // 2, pa.int64()), "passage_key": pa.array(keys, pa.int64()),
     })  # two pairs per query: each row's two positives are never its negatives
-    return attach_positives(table), FlatIndex(keys, p_vecs, passages), BM25Ranker(keys, passages), keys, p_vecs
+    return attach_positives(table), FlatIndex(keys, p_vecs, passages), BM25Ranker(keys, passages), keys, p_vecs, table
 
 
 @pytest.mark.parametrize("method", ["bm25", "hybrid"])
 def test_mining_by_bm25_and_hybrid_matches_a_plain_loop(method):
-    table, index, ranker, keys, vecs = _batch()
+    table, index, ranker, keys, vecs, _ = _batch()
     selection = {"num_negatives": 3, "range_min": 1, "range_max": 8, "margin_ratio": None, "max_score": 0.4,
                  "sampling": "top", "seed": 0}
     out = mine_batch(table, index, selection, keep=["id"], method=method, lexical=ranker)
@@ -181,20 +181,31 @@ def test_mining_by_bm25_and_hybrid_matches_a_plain_loop(method):
     assert sum(counts) > 2 * len(counts)  # most rows got negatives: the comparison is not vacuous
 
 
-def test_lexical_index_on_ray_shards_matches_in_process_shards(ray_session, tmp_path):
-    texts = corpus(50, seed=6)
-    keys = np.arange(50, dtype=np.int64) * 11
-    pq.write_table(pa.table({"passage_key": pa.array(keys, pa.int64()), "passage": texts}), tmp_path / "p.parquet")
-    index = LexicalIndex.create(str(tmp_path), 2, num_cpus=0.25)
+def test_write_mined_on_ray_shards_matches_the_step_on_fakes(ray_session, tmp_path):
+    """The Ray wiring once: the dense and BM25 shards that the mine job and refresh rounds build
+    (``build_index``, ``build_lexical``), through ``write_mined``, give what ``mine_batch`` gives on the
+    in-process fakes checked above (hybrid: both kinds of shard are searched)."""
+    from mining.mine import build_index, build_lexical
+    from mining.search import selection_kwargs, write_mined
+    from pairmill.config import MineConfig
+
+    positives, fake, ranker, keys, vecs, raw = _batch()
+    cfg = MineConfig(num_negatives=3, range_min=1, range_max=8, margin_ratio=None, max_score=0.4, method="hybrid",
+                     shard_cpus=0.5)
+    for name, table in {"pairs": raw, "distinct": raw.select(["passage_key", "passage", "passage_embedding"])}.items():
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part.parquet")
+    index = build_index(tmp_path / "distinct", len(keys), cfg, tmp_path / "index", {})
+    lexical = build_lexical(tmp_path / "distinct", cfg, len(index.shards))
     try:
-        assert index.rows == 50
-        scores, ids = index.search(["graph window", "shard"], 6, exclude=[np.array([keys[3]]), None])
+        assert lexical.rows == len(keys)
+        write_mined(tmp_path / "pairs", raw.num_rows, index, cfg, str(tmp_path / "mined"), lexical=lexical)
     finally:
         index.close()
-    from mining.shard import merge_topk
-
-    local = [LexicalShard([str(tmp_path / "p.parquet")], None, i, 2).search(["graph window", "shard"], 6,
-                                                                        [np.array([keys[3]]), None]) for i in range(2)]
-    want = merge_topk([r[0] for r in local], [r[1] for r in local], 6)
-    np.testing.assert_array_equal(ids, want[1])
-    np.testing.assert_allclose(scores, want[0])
+        lexical.close()
+    got = {r["id"]: r for r in pq.read_table(tmp_path / "mined").to_pylist()}
+    want = mine_batch(positives, fake, selection_kwargs(cfg), keep=["id"], method="hybrid", lexical=ranker).to_pylist()
+    assert sum(len(r["negative_ids"]) for r in want) > 2 * len(want)
+    for row in want:
+        assert got[row["id"]]["negative_ids"] == row["negative_ids"]
+        np.testing.assert_allclose(got[row["id"]]["negative_scores"], row["negative_scores"], atol=1e-5)

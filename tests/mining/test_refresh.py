@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from mining.index import ShardedIndex
 from mining.refresh import NegativeStore, corpus_texts, current_negatives, refresh_negatives
 from pairmill.config import MineConfig
-from pairmill.pairs import normalize_text, text_key
+from pairmill.pairs import text_key
 from tests.conftest import write_tiny_model
 from tests.mining.test_mine import SELECTION, reference, tricky_pairs
 
@@ -45,22 +45,6 @@ def test_refresh_round_matches_a_plain_loop_with_the_new_model(ray_session, tmp_
             if f"r{i}" in by_id:
                 np.testing.assert_allclose(by_id[f"r{i}"]["negative_scores"], want[(pair["query"], pair["passage"])], atol=1e-5)
 
-        # mine.method=hybrid on the refresh path (the other slice): BM25 shards beside the new index,
-        # the same false-negative rules (no passage of a row's query is ever its negative)
-        hybrid = refresh_negatives(new_model, 60, pairs=str(src), index_folder=None, out=str(tmp_path / "step-60"),
-                                   encoder_kwargs={"batch_size": 8}, slice_=(1, 2), store=store,
-                                   mine_cfg=MineConfig(**{**SELECTION, "range_min": 1}, method="hybrid", shard_cpus=0.5))
-        assert hybrid["method"] == "hybrid" and hybrid["window"] == [1, SELECTION["range_max"]]
-        assert hybrid["refreshed"] == len(pairs) - len(in_slice) and store.size() == len(pairs)
-        positives: dict[str, set] = {}
-        for pair in pairs:
-            positives.setdefault(normalize_text(pair["query"]), set()).add(text_key(pair["passage"]))
-        mined = 0
-        for pair, row in zip(pairs, store.get(ids)):
-            if text_key(pair["query"]) % 2:
-                assert row[2] == 60 and not set(row[1]) & positives[normalize_text(pair["query"])]
-                mined += len(row[1])
-        assert mined > 0
     finally:
         store.close()
 
