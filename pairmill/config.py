@@ -23,12 +23,11 @@ import hashlib
 import json
 import math
 import warnings
-from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Literal
 
-import yaml
 
-from pairmill.config_text import ConfigError, Override, coerce, override_text, read_override
+# load_config and the text helpers live in config_text; callers take them from here, beside the sections
+from pairmill.config_text import ConfigError, config_to_dict, load_config, profile_overrides, valid_keys  # noqa: F401
 
 
 def _field(default, help: str, **facts):
@@ -535,66 +534,9 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def valid_keys(sections: dict[str, type]) -> list[str]:
-    return [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)]
-
-
 def resume_free_keys(cls: type) -> list[str]:
     """The fields of a section that may change when a run resumes (``metadata["resume_free"]``)."""
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("resume_free")]
-
-
-def load_config(
-    sections: dict[str, type], path: str | Path | None = None, overrides: list[str] | tuple = ()
-) -> dict[str, Any]:
-    """Build ``{section: dataclass instance}`` from defaults, a YAML file, then ``key=value`` overrides.
-
-    An unknown section or key is an error that lists the valid keys.
-    """
-    raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections {sorted(sections)}, got {type(data).__name__}")
-        for name, values in data.items():
-            if name not in sections:
-                raise ConfigError(
-                    f"{path}: unknown section {name!r}; valid keys: {', '.join(valid_keys(sections))}"
-                )
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {name!r} must be a mapping, got {values!r}")
-            raw[name].update(values)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. encoder.batch_size=64")
-        key, value = item.split("=", 1)
-        name, _, field = key.strip().partition(".")
-        if name not in sections or not field:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys(sections))}")
-        raw[name][field] = Override(value)
-    out = {}
-    for name, cls in sections.items():
-        hints = get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for field, value in raw[name].items():
-            key = f"{name}.{field}"
-            if field not in fields:
-                raise ConfigError(f"unknown key '{key}'; valid keys: {', '.join(valid_keys(sections))}")
-            if isinstance(value, Override):
-                value = read_override(value, hints[field], key)
-            values[field] = coerce(value, hints[field], key, fields[field].metadata.get("example"))
-        out[name] = cls(**values)
-    return out
-
-
-def config_to_dict(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: dataclasses.asdict(section) for name, section in config.items()}
-
-
-def profile_overrides(profile: dict[str, dict]) -> list[str]:
-    """``{section: {key: value}}`` -> ``["section.key=value", ...]``, which load back as those values."""
-    return [f"{section}.{key}={override_text(value)}" for section, values in profile.items() for key, value in values.items()]
 
 
 def read_kwargs(read: ReadConfig) -> dict:
