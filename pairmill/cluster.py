@@ -39,6 +39,10 @@ WORKER_ENV = {
 # this 2-core machine, two filter jobs of 182 rows in one Ray: 50.8 s / 45.4 s by default, 22.6 s /
 # 16.2 s with this. Idle workers hold what their imports took (~0.1-0.4 GiB each).
 LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+# What else a local Ray's processes inherit. Ray Train starts a preemption watcher per worker group:
+# one more actor process (~1-2 CPU-s to start here) that only logs drains of preemptible cloud nodes;
+# a local Ray on one machine has none. Clusters keep Ray's default.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 MODEL_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX)
 
 
@@ -125,7 +129,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     cores = os.cpu_count() or 1
-    for name, value in WORKER_ENV.items():  # inherited by the raylet, hence by every worker it starts
+    for name, value in {**WORKER_ENV, **LOCAL_RAY_ENV}.items():  # inherited by the raylet, hence by its workers
         os.environ.setdefault(name, value)
     ray.init(
         num_cpus=num_cpus or max(4, 2 * cores),

@@ -19,10 +19,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # would be the default; tests/pairmill/test_encoder.py tests that choice itself).
 os.environ.setdefault("PAIRMILL_CPU_PRECISION", "fp32")
 # The worker environment a local Ray of pairmill's gets (init_ray), so tests run what users run.
-from pairmill.cluster import WORKER_ENV  # noqa: E402  (imports nothing heavy)
+from pairmill.cluster import LOCAL_RAY_ENV, WORKER_ENV  # noqa: E402  (imports nothing heavy)
 
-for _name, _value in WORKER_ENV.items():
+for _name, _value in {**WORKER_ENV, **LOCAL_RAY_ENV}.items():
     os.environ.setdefault(_name, _value)
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config, items):
+    """The multi-node cases (tests/cluster/test_multinode.py) start now, in a child pytest beside the
+    rest of the suite; the tests that report them go last, so they wait as little as possible."""
+    multinode = [item for item in items if item.path.name == "test_multinode.py" and item.path.parent.name == "cluster"]
+    if multinode and not config.option.collectonly:
+        from tests.cluster.test_multinode import start
+
+        items[:] = [item for item in items if item not in multinode] + multinode
+        start()
+
+
+def pytest_sessionfinish(session):
+    from tests.cluster.test_multinode import stop
+
+    stop()
+
 
 @pytest.fixture(autouse=True)
 def unconfigured_logging():

@@ -5,6 +5,10 @@ Why a subprocess: a process is connected to one Ray at a time, and the rest of t
 local Ray started once per session (``ray_session``). Shutting that down for a cluster and starting it
 again would depend on test order. The child gets its own ``RAY_TMPDIR``, so the cluster it starts
 never becomes the "current cluster" that a plain ``ray.init()`` elsewhere on the machine joins.
+
+The child starts as soon as the suite is collected (``tests/conftest.py``) and runs beside it: much of
+a Ray test's time is spent waiting (actor start-up, polls), and the cases' ~3 minutes then add little
+to the suite's. Their report tests run last and wait for the child.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,43 +30,84 @@ CASES = Path(__file__).with_name("multinode_cases.py")
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [node.name for node in ast.parse(CASES.read_text()).body
          if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
-TIMEOUT_S = 1200  # a hang fails the module instead of holding CI; Ray Data stalls fail sooner (180 s)
+TIMEOUT_S = 1500  # from its start: a hang fails the module instead of holding CI; Ray Data stalls fail sooner (180 s)
+
+
+class Cases:
+    """The child ``pytest`` on ``multinode_cases.py``, started once per session by ``start``."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="pm-multinode-"))
+        # Short: Ray puts its unix sockets under it, and their paths must stay under 107 characters.
+        self.ray_tmp = tempfile.mkdtemp(prefix="pm-ray-")
+        # Four nodes on a few cores beside the rest of the suite: one read task waited over 60 s for a
+        # CPU on a loaded 2-core machine, so a Ray Data stall fails after 180 s here (the suite: 60 s).
+        env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **os.environ,
+               "RAY_TMPDIR": self.ray_tmp, "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180"}
+        env.pop("RAY_ADDRESS", None)
+        command = [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+                   f"--basetemp={self.folder / 'tmp'}", f"--junitxml={self.folder / 'junit.xml'}"]
+        self.log = open(self.folder / "output.txt", "w+")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def results(self) -> dict[str, tuple[str, str]]:
+        """Wait for the cases; ``{case: (passed | failed | error | skipped, message)}``."""
+        try:
+            self.proc.wait(timeout=max(1, TIMEOUT_S - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"the multi-node cases ran past {TIMEOUT_S} s; their output ended:\n{self.output()[-6000:]}")
+        finally:
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        results = {}
+        if (self.folder / "junit.xml").exists():
+            for case in ET.parse(self.folder / "junit.xml").getroot().iter("testcase"):
+                problem = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+                outcome = "passed" if problem is None else problem.tag
+                results[case.get("name")] = (outcome, "" if problem is None else (problem.text or problem.get("message", "")))
+        return results
+
+
+_started: list[Cases] = []
+
+
+def start() -> Cases:
+    """Start the cases (once): the suite's conftest calls this as soon as it has collected them, so
+    they run beside the rest of the suite, and moves their report tests below to the end."""
+    if not _started:
+        _started.append(Cases())
+    return _started[0]
+
+
+def stop() -> None:
+    """End the session's cases if they still run (the suite stopped early), and remove their folders."""
+    for cases in _started:
+        if cases.proc.poll() is None:
+            cases.proc.send_signal(signal.SIGINT)  # pytest then shuts its cluster down
+            try:
+                cases.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                cases.proc.kill()
+        cases.log.close()
+        shutil.rmtree(cases.ray_tmp, ignore_errors=True)
+        shutil.rmtree(cases.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> tuple[subprocess.CompletedProcess | None, dict[str, tuple[str, str]]]:
-    """Run every case once; ``{case: (passed | failed | error | skipped, message)}``."""
-    folder = tmp_path_factory.mktemp("multinode")
-    # Short: Ray puts its unix sockets under it, and their paths must stay under 107 characters.
-    ray_tmp = tempfile.mkdtemp(prefix="pm-ray-")
-    # Four nodes on a few cores: one read task waited over 60 s for a CPU on a loaded 2-core machine,
-    # so a Ray Data stall fails after 180 s here (the rest of the suite: 60 s).
-    env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **os.environ,
-           "RAY_TMPDIR": ray_tmp, "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180"}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-               f"--basetemp={folder / 'tmp'}", f"--junitxml={folder / 'junit.xml'}"]
-    try:
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        pytest.fail(f"the multi-node cases ran past {TIMEOUT_S} s; their output ended:\n{out[-6000:]}")
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    results = {}
-    if (folder / "junit.xml").exists():
-        for case in ET.parse(folder / "junit.xml").getroot().iter("testcase"):
-            problem = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
-            outcome = "passed" if problem is None else problem.tag
-            results[case.get("name")] = (outcome, "" if problem is None else (problem.text or problem.get("message", "")))
-    return proc, results
+def outcomes() -> tuple[Cases, dict[str, tuple[str, str]]]:
+    cases = start()
+    return cases, cases.results()
 
 
 @pytest.mark.parametrize("case", NAMES)
 def test_multinode(case, outcomes):
-    proc, results = outcomes
+    cases, results = outcomes
     if case not in results:
-        pytest.fail(f"{case} did not run; the multi-node pytest exited {proc.returncode}:\n"
-                    f"{(proc.stdout + proc.stderr)[-6000:]}")
+        pytest.fail(f"{case} did not run; the multi-node pytest exited {cases.proc.returncode}:\n{cases.output()[-6000:]}")
     outcome, message = results[case]
     assert outcome == "passed", f"{case} {outcome} on the multi-node cluster:\n{message[-6000:]}"
