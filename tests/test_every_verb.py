@@ -1,6 +1,7 @@
 """One file with every kind of bad line pair IO knows, 1 MB texts, duplicate ids, a BOM and CRLF
-endings goes through every verb (embed, filter, mine, train, eval, tune, run) with the tiny model:
-each finishes, and every job's counts add up to the lines of the file, counted from the file."""
+endings goes through every verb (embed, filter, mine, train, eval, run here; tune in
+tests/tune/test_tune.py) with the tiny model: each finishes, and every job's counts add up to the
+lines of the file, counted from the file."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def _long_text(n_chars: int, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("messy")
+    return write_messy(tmp_path_factory.mktemp("messy"))
+
+
+def write_messy(folder: Path) -> dict:
+    """The messy training file and a held-out file in ``folder``, with their line counts."""
     good = [{"id": f"g{i}", **row} for i, row in enumerate(literal_pairs(GOOD_ROWS))]
     good[10]["passage"] = _long_text(1 << 20, 1)  # 1 MB texts: truncated to read.max_chars and counted
     good[11]["query"] = "long query " + _long_text(1 << 20, 2)
@@ -87,15 +92,11 @@ def test_embed_filter_mine_and_eval(ray_session, tiny_model, messy, tmp_path):
     assert set(messy["bad"]) <= set(inputs["rejected"])
 
 
-def test_tune_and_run_with_its_plain_train(ray_session, tiny_model, messy, tmp_path):
+def test_run_with_its_plain_train(ray_session, tiny_model, messy, tmp_path):
     """`pairmill train` on the messy file runs inside `run` (run.plain trains on the raw input: its
-    counts are checked below); a separate train call would repeat that job."""
+    counts are checked below); a separate train call would repeat that job. `pairmill tune` takes this
+    file in tests/tune/test_tune.py (its interrupted sweep), which would otherwise repeat a sweep."""
     out = tmp_path
-    assert main(["tune", messy["path"], "-o", str(out / "tune"), "--model", tiny_model, "--eval-data", messy["heldout"],
-                 "--num-samples", "1", *SHORT_TRAIN, "tune.grace_period=1", "tune.search=optuna"]) == 0
-    stats = job_stats(out / "tune")
-    check_counts(stats, messy["lines"], messy["bad"])
-
     assert main(["run", "-o", str(out / "run"), "--model", tiny_model, f"run.train={messy['path']}",
                  f"eval.data={messy['heldout']}", "filter.k=10", "filter.decontaminate_eps=0", "run.plain=true", *ENC, *MINE,
                  *SHORT_TRAIN]) == 0

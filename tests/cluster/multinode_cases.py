@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pairmill.config import EncoderConfig, EvalConfig, FilterConfig, MineConfig, RayConfig, ReadConfig, TrainConfig
+from pairmill.config import EncoderConfig, FilterConfig, MineConfig, RayConfig, ReadConfig
 from tests.conftest import literal_pairs, write_jsonl
 
 WORKERS = 3
@@ -110,24 +110,12 @@ def test_filter_spreads_its_encoder_pool_and_index_shards_over_nodes(cluster, ti
     assert "head" not in encoders + scorers + shards  # the head offers no CPU, like cluster.yaml's
 
 
-def test_two_worker_training_places_one_worker_per_node(cluster, tiny_model, tmp_path):
-    from training.train import train
-
-    src = write_jsonl(tmp_path / "pairs.jsonl", literal_pairs(64))
-    out = tmp_path / "trained"
-    # Two 1-CPU workers fit on one 2-CPU node, where Ray's default (PACK) puts them: only the
-    # strategy makes them land on two nodes.
-    settings = TrainConfig(num_workers=2, batch_size=8, max_steps=2, checkpoint_every=2, log_every=1,
-                           max_failures=0, placement_strategy="STRICT_SPREAD")
-    stats = train(str(src), str(out), encoder=EncoderConfig(model=tiny_model), read=ReadConfig(),
-                  train_cfg=settings, eval_cfg=EvalConfig(), ray=RayConfig())
-    assert stats["train"]["steps"] == 2 and (out / "_SUCCESS").exists() and (out / "model" / "config.json").exists()
-    workers = cluster.placed("RayTrainWorker")
-    assert len(workers) == 2 and len(set(workers)) == 2 and "head" not in workers, workers
-
-
-def test_two_trial_tune_run_finishes_with_best_model_and_results(cluster, tiny_model, tmp_path):
+def test_two_trial_tune_run_of_spread_two_worker_trials_finishes_with_best_model(cluster, tiny_model, tmp_path):
+    """Each trial trains on two half-CPU workers with placement_strategy=STRICT_SPREAD: two such
+    workers fit on one 2-CPU node, where Ray's default (PACK) puts them; only the strategy makes them
+    land on two nodes. (A plain `train` takes the same path: a trial runs pairmill's train job.)"""
     import csv
+    from collections import defaultdict
 
     from pairmill.config import SECTIONS, load_config
     from sentence_transformers import SentenceTransformer
@@ -139,20 +127,26 @@ def test_two_trial_tune_run_finishes_with_best_model_and_results(cluster, tiny_m
     names = ("tune", "encoder", "read", "train", "eval", "mine", "ray")
     sections = load_config({s: SECTIONS[s] for s in names}, None, [
         f"encoder.model={tiny_model}", f"eval.data={heldout}", "train.batch_size=8", "train.max_steps=2",
-        "train.eval_every=2", "train.log_every=1", "train.max_failures=0", "tune.num_samples=2",
+        "train.eval_every=2", "train.log_every=1", "train.max_failures=0", "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD", "tune.cpus_per_worker=0.5", "tune.num_samples=2",
         "tune.scheduler=none", "tune.lr=[1e-4,1e-3]", "tune.temperature="])
     out = tmp_path / "tune"
     stats = tune_runs(str(src), str(out), sections=sections)
 
-    # 6 CPUs on three nodes: each trial takes its 1-CPU worker plus 1 CPU of ingest, so both run at once
+    # 6 CPUs on three nodes: each trial takes two half-CPU workers plus 1 CPU of ingest, so both run at once
     assert stats["tune"]["max_concurrent"] == 3 and stats["tune"]["finished"] == 2
     with open(out / "results.csv") as f:
         results = list(csv.DictReader(f))
     assert [r["status"] for r in results] == ["finished", "finished"] and all(r["ndcg@10"] for r in results)
+    assert [int(r["steps"]) for r in results] == [2, 2]
     assert (out / "_SUCCESS").exists()
     assert SentenceTransformer(str(out / "best_model"), device="cpu").encode(["a query"]).shape == (1, 32)
-    workers = cluster.placed("RayTrainWorker")
-    assert "head" not in workers, workers
+    trials = defaultdict(list)  # a trial's workers share its train run's placement group
+    for actor in cluster.actors("RayTrainWorker"):
+        trials[actor.placement_group_id].append(cluster.name.get(actor.node_id, actor.node_id))
+    assert len(trials) == 2, trials
+    for nodes in trials.values():
+        assert len(nodes) == 2 and len(set(nodes)) == 2 and "head" not in nodes, trials
 
 
 def test_mining_finishes_with_the_same_result_after_losing_a_node(cluster, tmp_path):

@@ -1,6 +1,6 @@
 """The tune job: search-space and resource rules in memory; then on Ray, once each: an ASHA sweep
 that stops a trial early still finishes and exports, and a run interrupted by Ctrl-C resumes
-without redoing its finished trial."""
+without redoing its finished trial (optuna's search, on a file of every kind of bad line)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from pairmill.config import SECTIONS, ConfigError, TrainConfig, load_config
 from tests.conftest import literal_pairs, write_jsonl
+from tests.test_every_verb import check_counts, write_messy
 from tune.tune import BadInput, check_space, max_concurrent_trials, trial_resources, tune_runs, with_defaults
 
 TUNE_SECTIONS = ("tune", "encoder", "read", "train", "eval", "mine", "ray")
@@ -77,13 +78,16 @@ def data(tmp_path_factory):
             "heldout": str(write_jsonl(folder / "heldout.jsonl", rows[240:]))}
 
 
-def sections(data, tiny_model, *overrides):
+def settings(data, tiny_model, *overrides) -> list[str]:
     # trial 1 (the defaults) trains with lr 1e-3; trial 2 draws lr 0.5..1, which wrecks the model in
     # a step, so ASHA stops it at the first rung (step 2), where it trails the defaults
-    settings = [f"encoder.model={tiny_model}", f"eval.data={data['heldout']}", "train.batch_size=16",
-                "train.max_steps=6", "train.lr=1e-3", "train.eval_every=2", "train.log_every=2", "train.max_failures=0",
-                "tune.num_samples=2", "tune.grace_period=2", "tune.lr=[0.5,1.0]", "tune.temperature=", *overrides]
-    return load_config({s: SECTIONS[s] for s in TUNE_SECTIONS}, None, settings)
+    return [f"encoder.model={tiny_model}", f"eval.data={data['heldout']}", "train.batch_size=16",
+            "train.max_steps=6", "train.lr=1e-3", "train.eval_every=2", "train.log_every=2", "train.max_failures=0",
+            "tune.num_samples=2", "tune.grace_period=2", "tune.lr=[0.5,1.0]", "tune.temperature=", *overrides]
+
+
+def sections(data, tiny_model, *overrides):
+    return load_config({s: SECTIONS[s] for s in TUNE_SECTIONS}, None, settings(data, tiny_model, *overrides))
 
 
 def read_results(out: Path) -> list[dict]:
@@ -122,6 +126,11 @@ def test_asha_stops_a_trial_and_the_sweep_finishes_with_the_best_model(ray_sessi
     assert abs(model.encode(texts) - reference.encode(texts)).max() < 1e-6
 
 
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> dict:
+    return write_messy(tmp_path_factory.mktemp("messy"))
+
+
 class InterruptOnce(Callback):
     """Ctrl-C after the first trial completes, once (a flag file, because Tune restores its
     callbacks with the experiment)."""
@@ -135,9 +144,13 @@ class InterruptOnce(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, tiny_model, data, tmp_path):
+def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, tiny_model, messy, tmp_path):
+    """tune.search=optuna (its searcher is restored with the run), on the file of every kind of bad
+    line that tests/test_every_verb.py sends through the other verbs: the counts add up to its lines."""
     out = tmp_path / "tune"
-    cfg = sections(data, tiny_model, "tune.scheduler=none", "train.max_steps=4", "train.eval_every=4")
+    data = {"pairs": messy["path"], "heldout": messy["heldout"]}
+    overrides = ("tune.scheduler=none", "tune.search=optuna", "train.max_steps=4", "train.eval_every=4")
+    cfg = sections(data, tiny_model, *overrides)
     flag = tmp_path / "interrupt"
     flag.touch()
     from tune.tune import Interrupted
@@ -152,14 +165,18 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, ti
     assert len(finished) == 1
     first_done = (finished[0] / "_SUCCESS").stat().st_mtime_ns
 
-    stats = tune_runs(data["pairs"], str(out), sections=cfg)
+    # the same command again, as a user reruns it (the CLI builds the same settings)
+    from pairmill.cli import main
+
+    assert main(["tune", data["pairs"], "-o", str(out), *settings(data, tiny_model, *overrides)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
     assert stats["tune"]["resumed"] and stats["tune"]["finished"] == 2
     assert not resumable_staging(out).exists()
     assert (out / "trials" / finished[0].name / "_SUCCESS").stat().st_mtime_ns == first_done  # not trained again
     assert [r["status"] for r in read_results(out)] == ["finished", "finished"]
     assert (out / "_SUCCESS").exists() and (out / "best_model").is_dir()
+    check_counts(stats, messy["lines"], messy["bad"])
 
     # the same OUT with other settings is refused, not mixed
     with pytest.raises(BadInput, match=r"other settings \(tune.num_samples\)"):
-        tune_runs(data["pairs"], str(out), sections=sections(data, tiny_model, "tune.scheduler=none", "train.max_steps=4",
-                                                             "train.eval_every=4", "tune.num_samples=3"))
+        tune_runs(data["pairs"], str(out), sections=sections(data, tiny_model, *overrides, "tune.num_samples=3"))
