@@ -24,21 +24,20 @@ log = logging.getLogger(__name__)
 
 def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read: ReadConfig, ray: RayConfig) -> dict:
     """Run the embed job; returns the stats written to ``OUT/stats.json``."""
-    import shutil
-
     import ray as ray_lib
     from ray.data.aggregate import Count, Sum
     from ray.data.expressions import col
 
     from pairmill.cluster import encoder_pool, init_ray
-    from pairmill.output import JobFolder, count_by, parquet_rows
+    from pairmill.output import count_by, open_job, parquet_rows
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
-    with JobFolder(out) as job:
+    with open_job(out) as job:  # a local folder, or a prefix on object storage committed by a manifest
         t0 = time.perf_counter()
-        work = job.staging / "work"
-        parsed = ray_lib.data.read_parquet(str(write_validated(input_path, work / "validated", mode, **read_kwargs(read))))
+        fs = job.filesystem  # None: local
+        validated = write_validated(input_path, job.work("validated"), mode, **read_kwargs(read))
+        parsed = ray_lib.data.read_parquet(str(validated), filesystem=fs)
         parse_seconds = time.perf_counter() - t0
         kept = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns(mode))
         rejected = parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS)
@@ -58,13 +57,13 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
         # The first two passes only read and validate: their time is the validation cost. The
         # encoder pool runs last, so no later pass waits for its actors to release their CPUs.
         t0 = time.perf_counter()
-        rejected.write_parquet(job.path("rejected"))
+        rejected.write_parquet(job.path("rejected"), filesystem=fs)
         totals = parsed.select_columns(["truncated"]).aggregate(Count(), Sum("truncated"))
         validate_seconds = time.perf_counter() - t0 + parse_seconds
         t0 = time.perf_counter()
-        embedded.write_parquet(job.path("kept"))
+        embedded.write_parquet(job.path("kept"), filesystem=fs)
         encode_seconds = time.perf_counter() - t0
-        shutil.rmtree(work)
+        job.remove_work()
         input_rows = count_input_rows(input_path)  # from the input itself: the commit checks the outputs against it
         parsed_rows = int(totals["count()"])
         kept_rows = parquet_rows(job.path("kept"))

@@ -57,10 +57,10 @@ class OtherSettings(ValueError):
 
 
 def refuse_remote(out: str | Path) -> None:
-    """Jobs other than filter, mine, train and run write local (or NFS) folders only so far (issue #16)."""
+    """Jobs other than embed, filter, mine, train and run write local (or NFS) folders only so far (issue #16)."""
     if storage.is_remote(out):
         raise ValueError(f"{out}: this job writes its folder on a local or shared filesystem only, so far; "
-                         "on object storage, `pairmill filter`, `mine`, `train` and `run` write their folders")
+                         "on object storage, `pairmill embed`, `filter`, `mine`, `train` and `run` write their folders")
 
 
 def resumable_staging(out: str | Path) -> Path:

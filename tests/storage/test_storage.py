@@ -156,7 +156,7 @@ def test_a_failed_or_mismatched_job_leaves_no_parts(bucket):
 def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_session, tiny_model, bucket, tmp_path):
     """``pairmill filter s3://.../pairs.jsonl -o s3://.../filtered``: the same counts as on local
     files, a manifest-committed folder that the next job reads, and no credential in stats.json
-    (mine, train and eval on the bucket: the `run` test).
+    (mine, train and eval on the bucket: the `run` test); then ``pairmill embed`` bucket to bucket.
     The embedding stages are off: they touch no storage, and they would double the test's time."""
     from pairmill.cli import main as cli
     from tests.conftest import literal_pairs, write_jsonl
@@ -182,6 +182,16 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
     assert is_finished(f"{bucket}/filtered") and count_input_rows(f"{bucket}/filtered") == remote["kept"]
     assert not storage.list_files(f"{bucket}/filtered/_work")
     # mine bucket to bucket (its index part of the attempt) runs in the `run` test below
+
+    # embed bucket to bucket: every line counted, the vectors read back through the manifest
+    assert cli(["embed", remote_in, "-o", f"{bucket}/embedded", "--model", tiny_model]) == 0
+    embedded = json.loads(storage.read_text(f"{bucket}/embedded/stats.json"))
+    assert embedded["input_rows"] == 49 and embedded["kept"] + sum(embedded["rejected"].values()) == 49
+    assert sum(embedded["rejected"].values()) >= 6 and is_finished(f"{bucket}/embedded")
+    files = finished_files(f"{bucket}/embedded", "kept")
+    vectors = [v for fs, path in map(storage.split, files) for v in pq.read_table(path, filesystem=fs)["query_embedding"].to_pylist()]
+    assert len(vectors) == embedded["kept"] and {len(v) for v in vectors} == {32}
+    assert not storage.list_files(f"{bucket}/embedded/_work")
 
 
 def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray_session, tiny_model, bucket, tmp_path,
