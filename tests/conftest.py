@@ -27,9 +27,11 @@ for _name, _value in {**WORKER_ENV, **LOCAL_RAY_ENV}.items():
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
     """The multi-node cases (tests/cluster/test_multinode.py) start now, in a child pytest beside the
-    rest of the suite; the tests that report them go last, so they wait as little as possible."""
+    rest of the suite; the tests that report them go last, so they wait as little as possible.
+    PAIRMILL_TEST_MULTINODE=alone runs them in their place instead, nothing else running (to time them)."""
     multinode = [item for item in items if item.path.name == "test_multinode.py" and item.path.parent.name == "cluster"]
-    if multinode and not config.option.collectonly:
+    beside = os.environ.get("PAIRMILL_TEST_MULTINODE", "beside") != "alone"
+    if multinode and beside and not config.option.collectonly:
         from tests.cluster.test_multinode import start
 
         items[:] = [item for item in items if item not in multinode] + multinode
