@@ -134,7 +134,7 @@ def test_a_round_that_would_land_after_the_last_step_is_not_started(tmp_path, mo
     started = []
     monkeypatch.setattr(mining.refresh, "start_refresh", lambda *a, **k: started.append(a) or "ref")
     rounds = RefreshRounds(RefreshSettings(folder=str(tmp_path), every=12, slices=2, pairs="", index_folder=None,
-                                           encoder_kwargs={}, mine_cfg=None, store=None, pool=None),
+                                           encoder_kwargs={}, mine_cfg=MineConfig(), store=None, pool=None),
                            save_model=lambda folder: folder)
     rounds.start(12, total=36)
     assert len(started) == 1 and rounds.started == 1
@@ -157,7 +157,7 @@ def test_a_round_still_running_at_the_end_is_cancelled_not_awaited(ray_session, 
         time.sleep(600)
 
     rounds = RefreshRounds(RefreshSettings(folder=str(tmp_path), every=10, slices=1, pairs="", index_folder=None,
-                                           encoder_kwargs={}, mine_cfg=None, store=None, pool=None),
+                                           encoder_kwargs={}, mine_cfg=MineConfig(), store=None, pool=None),
                            save_model=lambda folder: folder)
     ref = slow_round.remote()
     rounds.inflight = {"ref": ref, "step": 10, "t0": time.perf_counter(), "save_seconds": 0.0, "skipped": 0}
