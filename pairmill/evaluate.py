@@ -127,7 +127,7 @@ def read_beir_jsonl(path: Path, kind: str) -> tuple[list[tuple[str, str]], dict]
     is not valid UTF-8 or JSON, has no ``_id`` or no text, or repeats an earlier ``_id`` is a counted
     rejection, never an exception. A document is "title text" (BEIR's dense retrieval), a null or
     absent title being none; a document with an empty text and a title is its title."""
-    from pairmill.pairs import DUPLICATE_ID, _row_id, decode_line, validate_records
+    from pairmill.pairs import _row_id, decode_line, reject_repeated_ids, validate_records
     from pairmill.read import read_lines
 
     records, ids, reasons = [], [], []
@@ -147,15 +147,9 @@ def read_beir_jsonl(path: Path, kind: str) -> tuple[list[tuple[str, str]], dict]
         reasons.append(reason)
     # one validation call for the file: the text field's rules (missing, type, empty, surrogates)
     checked = validate_records(records, [str(path)] * len(records), mode="text").column("reason").to_pylist()
-    rows: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for i, record in enumerate(records):
-        reasons[i] = reasons[i] or checked[i]
-        if reasons[i] is None and ids[i] in seen:
-            reasons[i] = DUPLICATE_ID
-        if reasons[i] is None:
-            seen.add(ids[i])
-            rows.append((ids[i], record["text"]))
+    reasons = [given or check for given, check in zip(reasons, checked)]
+    reject_repeated_ids(ids, reasons)
+    rows = [(ids[i], record["text"]) for i, record in enumerate(records) if reasons[i] is None]
     return rows, _file_counts(reasons)
 
 

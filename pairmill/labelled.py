@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pairmill.config import ReadConfig
-from pairmill.pairs import DUPLICATE_ID, REJECT_COLUMNS, decode_line, is_missing, raw_repr, validate_records
+from pairmill.pairs import REJECT_COLUMNS, decode_line, is_missing, raw_repr, reject_repeated_ids, validate_records
 from pairmill.read import _is_json_lines, _load_hf, detect_format, read_lines
 
 # reason -> what it means, beside pairmill.pairs.REJECT_REASONS (the README's table has both)
@@ -78,13 +78,8 @@ def validate_labelled(records: list, origins: list[str], raws: list[str | None] 
             if reason is not None and (required or reason != "missing_label"):
                 reasons[i] = reason
         labels.append(label if reasons[i] is None else None)
-    seen: set[str] = set()
     ids = parsed.column("id").to_pylist()
-    for i, rid in enumerate(ids):  # rows are in input order: the first valid row with an id keeps it
-        if reasons[i] is None:
-            if rid in seen:
-                reasons[i] = DUPLICATE_ID
-            seen.add(rid)
+    reject_repeated_ids(ids, reasons)  # rows are in input order: the first valid row with an id keeps it
     keep = [i for i, r in enumerate(reasons) if r is None]
     rejected_rows = [i for i, r in enumerate(reasons) if r is not None]
     raw_texts = parsed.column("raw").to_pylist()

@@ -277,6 +277,18 @@ def validate_records(
     return pa.Table.from_pydict(cols, schema=parsed_schema(mode))
 
 
+def reject_repeated_ids(ids: list, reasons: list) -> None:
+    """In input order, the first valid row (``reasons[i]`` None) with an id keeps it; later valid rows
+    with that id become ``duplicate_id``, in ``reasons`` in place. For inputs read in this process
+    (BEIR files, labelled sets); on Ray, ``pairmill.groups.mark_duplicate_ids`` per id bucket."""
+    seen: set = set()
+    for i, rid in enumerate(ids):
+        if reasons[i] is None:
+            if rid in seen:
+                reasons[i] = DUPLICATE_ID
+            seen.add(rid)
+
+
 def decode_line(raw: bytes, as_json: bool, text_field: str) -> Any:
     """bytes of one line -> a record dict, or a ``(reason, raw_text)`` tuple."""
     try:
