@@ -8,7 +8,9 @@ one, ``stats.json["metrics"]`` scores the predictions against it. ``kept/`` hold
 class), ``probabilities`` (every class, in ``stats.json["classes"]`` order) and
 ``neighbour_agreement``: the share of the ``setfit.neighbours`` nearest labelled training texts
 labelled as predicted. Texts are encoded in this process with the prefix and max length the head
-was fitted with (``head/head.json``), which win over the encoder section's.
+was fitted with (``head/head.json``), which win over the encoder section's. OUT may be on object
+storage (``s3://...``): its parts then go under the attempt's prefix and ``_SUCCESS`` lists them
+(``pairmill.output.BucketJobFolder``); the classifier folder (``--model``) is local.
 """
 
 from __future__ import annotations
@@ -66,12 +68,12 @@ def classify(input_path: str, out: str, *, model_dir: str, encoder_cfg, read, ne
     from pairmill.encoder import Encoder
     from pairmill.head import classification_report, load_head
     from pairmill.labelled import read_labelled, reject_counts, write_rows
-    from pairmill.output import JobFolder
+    from pairmill.output import open_job
 
     started = time.perf_counter()
     model, head_dir = classifier_folders(model_dir)
     head = load_head(head_dir)
-    with JobFolder(out) as job:
+    with open_job(out) as job:  # a local folder, or a prefix on object storage committed by a manifest
         t0 = time.perf_counter()
         kwargs = {k: v for k, v in read_kwargs(read).items() if k not in ("query_field", "passage_field")}
         valid, rejected, truncated, input_rows = read_labelled(input_path, label_field=read.label_field, required=False, **kwargs)

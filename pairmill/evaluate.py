@@ -121,7 +121,7 @@ def _file_counts(reasons: Sequence[str | None]) -> dict:
     return {"input_rows": len(reasons), "used": len(reasons) - sum(rejected.values()), "rejected": dict(sorted(rejected.items()))}
 
 
-def read_beir_jsonl(path: Path, kind: str) -> tuple[list[tuple[str, str]], dict]:
+def read_beir_jsonl(path: str | Path, kind: str) -> tuple[list[tuple[str, str]], dict]:
     """A BEIR ``corpus.jsonl`` (kind "corpus": ``_id``, ``title``, ``text``) or ``queries.jsonl``
     (kind "queries": ``_id``, ``text``) -> ([(id, text)], counts), with pair IO's rules: a line that
     is not valid UTF-8 or JSON, has no ``_id`` or no text, or repeats an earlier ``_id`` is a counted
@@ -153,14 +153,18 @@ def read_beir_jsonl(path: Path, kind: str) -> tuple[list[tuple[str, str]], dict]
     return rows, _file_counts(reasons)
 
 
-def read_qrels(path: Path, doc_index: dict[str, int], query_ids: set[str]) -> tuple[dict[str, dict[int, float]], dict]:
+def read_qrels(path: str | Path, doc_index: dict[str, int], query_ids: set[str]) -> tuple[dict[str, dict[int, float]], dict]:
     """``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score``; an optional header) -> graded
     relevance per query id, and counts: a line without three tab-separated fields or with a
     non-numeric score is ``bad_qrels_line``; one naming a document or query the files do not hold
     (or rejected) is ``unknown_id``; a score <= 0 is not relevant and counts as used."""
+    import io
+
+    from pairmill import storage
+
     graded: dict[str, dict[int, float]] = {}
     reasons: list[str | None] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with io.TextIOWrapper(storage.open_input(path), encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f):
             parts = line.rstrip("\r\n").split("\t")
             if n == 0 and parts[0] == "query-id":
@@ -184,15 +188,26 @@ def read_qrels(path: Path, doc_index: dict[str, int], query_ids: set[str]) -> tu
     return graded, _file_counts(reasons)
 
 
+def is_beir_folder(path: str | Path) -> bool:
+    """A folder (or a prefix on object storage) holding a BEIR ``corpus.jsonl``."""
+    from pairmill import storage
+
+    return storage.exists(storage.join(path, "corpus.jsonl")) and (storage.is_remote(path) or Path(path).is_dir())
+
+
 def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
-    folder = Path(folder)
-    qrels_file = folder / "qrels" / f"{split}.tsv"
-    for needed in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_file):
-        if not needed.exists():
-            raise FileNotFoundError(f"BEIR folder {folder}: missing {needed.name}")
-    docs, corpus_counts = read_beir_jsonl(folder / "corpus.jsonl", "corpus")
+    """A BEIR folder, local or on object storage (``s3://.../scifact``), as a retrieval task."""
+    from pairmill import storage
+
+    folder = str(folder).rstrip("/") if storage.is_remote(folder) else Path(folder)
+    corpus_file, queries_file = storage.join(folder, "corpus.jsonl"), storage.join(folder, "queries.jsonl")
+    qrels_file = storage.join(folder, "qrels", f"{split}.tsv")
+    for needed in (corpus_file, queries_file, qrels_file):
+        if not storage.exists(needed):
+            raise FileNotFoundError(f"BEIR folder {folder}: missing {needed.rsplit('/', 1)[-1]}")
+    docs, corpus_counts = read_beir_jsonl(corpus_file, "corpus")
     doc_index = {doc_id: i for i, (doc_id, _) in enumerate(docs)}
-    queries, query_counts = read_beir_jsonl(folder / "queries.jsonl", "queries")
+    queries, query_counts = read_beir_jsonl(queries_file, "queries")
     query_text = dict(queries)
     graded, qrels_counts = read_qrels(qrels_file, doc_index, set(query_text))
     qids = [q for q in query_text if q in graded]
@@ -205,8 +220,7 @@ def beir_task(folder: str | Path, split: str = "test") -> RetrievalTask:
         qrels=[graded[q] for q in qids],
         positives=[(i, d) for i, q in enumerate(qids) for d in graded[q]],
         exclude=[doc_index.get(q) for q in qids],
-        inputs={str(folder / "corpus.jsonl"): corpus_counts, str(folder / "queries.jsonl"): query_counts,
-                str(qrels_file): qrels_counts},
+        inputs={corpus_file: corpus_counts, queries_file: query_counts, qrels_file: qrels_counts},
     )
 
 
@@ -274,7 +288,7 @@ def load_task(data: str, corpus: str | None = None, read_kwargs: dict | None = N
     from pairmill.read import load_parsed_local
 
     read_kwargs = dict(read_kwargs or {})
-    if Path(data).is_dir() and (Path(data) / "corpus.jsonl").exists():
+    if is_beir_folder(data):
         if corpus:
             raise ValueError("--corpus adds passages to a pairs file; a BEIR folder brings its own corpus.jsonl")
         task = beir_task(data)

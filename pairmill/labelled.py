@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pairmill.config import ReadConfig
 from pairmill.pairs import REJECT_COLUMNS, decode_line, is_missing, raw_repr, reject_repeated_ids, validate_records
-from pairmill.read import _is_json_lines, _load_hf, detect_format, read_lines
+from pairmill.read import _is_json_lines, _load_hf, detect_format, read_arrow_file, read_lines
 
 # reason -> what it means, beside pairmill.pairs.REJECT_REASONS (the README's table has both)
 LABEL_REJECT_REASONS = {
@@ -45,6 +45,8 @@ def records_of(path: str | Path, text_field: str = ReadConfig.text_field) -> tup
 
             fs, inner = storage.split(f)
             rows = pq.read_table(inner, filesystem=fs).to_pylist()
+        elif fmt == "arrow":  # a saved HF dataset's file on object storage
+            rows = read_arrow_file(f).to_pylist()
         else:
             rows = _load_hf(f).to_list()
         records += rows
@@ -110,10 +112,15 @@ def reject_counts(rejected: pa.Table) -> dict[str, int]:
 
 
 def write_rows(table: pa.Table, folder: str | Path, name: str = "part-0.parquet") -> None:
+    """``folder/name`` as one Parquet file; ``folder`` local or a prefix on object storage."""
     import pyarrow.parquet as pq
 
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, Path(folder) / name)
+    from pairmill import storage
+
+    fs, inner = storage.split(folder)
+    if fs is None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, f"{inner}/{name}", filesystem=fs)
 
 
 def label_counts(labels: list[str]) -> dict[str, int]:

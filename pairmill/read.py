@@ -1,6 +1,12 @@
 """Reading inputs: JSONL (plain or .gz), text lines, Parquet and saved HF ``datasets`` folders, as
 a Ray Dataset (or a local table) of rows validated by ``pairmill.pairs.validate_records``.
 
+A saved HF dataset on object storage is read as what ``save_to_disk`` wrote: the Arrow stream
+files its ``state.json`` lists (a DatasetDict's ``train`` split, as locally), by pyarrow through
+the same filesystem as every other input (``ArrowStreamDatasource`` on Ray), rather than by
+``datasets.load_from_disk``, which needs fsspec's s3fs/gcsfs and copies the whole dataset to local
+disk first.
+
 Ray's own ``read_json``/``read_text`` stop the whole job on one malformed line or one invalid UTF-8
 byte, so JSONL and text files are read by ``LineDatasource``: it streams each file in 8 MiB chunks
 and yields raw ``bytes`` lines with their line numbers; decoding and JSON parsing happen in the
@@ -100,6 +106,27 @@ def _line_datasource_class():
     return LineDatasource
 
 
+def _arrow_stream_datasource_class():
+    from ray.data.datasource import FileBasedDatasource
+
+    class ArrowStreamDatasource(FileBasedDatasource):
+        """The record batches of Arrow IPC stream files (a saved HF dataset's ``data-*.arrow``)."""
+
+        _FILE_EXTENSIONS = ["arrow"]
+
+        def _read_stream(self, f, path: str):
+            for batch in pa.ipc.open_stream(f):
+                yield pa.Table.from_batches([batch])
+
+    return ArrowStreamDatasource
+
+
+def read_arrow_file(uri: str) -> pa.Table:
+    """One Arrow IPC stream file (local or remote) as a table, read in this process."""
+    with storage.open_input(uri) as f:
+        return pa.ipc.open_stream(f).read_all()
+
+
 def _line_block(raws: list[bytes], numbers: list[int], path: str) -> pa.Table:
     return pa.table(
         {"raw": pa.array(raws, pa.binary()), "line": pa.array(numbers, pa.int64()), "path": [path] * len(raws)}
@@ -143,7 +170,8 @@ class ParseRows:
 
 
 def detect_format(path: str | Path) -> tuple[str, list[str]]:
-    """('lines' | 'parquet' | 'hf', files) for an input path or URI (files are URIs for a URI).
+    """('lines' | 'parquet' | 'hf' | 'arrow', files) for an input path or URI (files are URIs for a
+    URI): 'hf' is a local saved HF dataset (its folder), 'arrow' one on object storage (its files).
 
     A pairmill job folder (with ``_SUCCESS`` and ``kept/``) reads as its ``kept/`` rows.
     """
@@ -181,9 +209,30 @@ def _detect_remote_format(uri: str) -> tuple[str, list[str]]:
     if "_SUCCESS" in names or any(n.startswith("kept/") for n in names):
         return _folder_format(f"{uri}/kept", [f for f in finished_files(uri, "kept") if f.endswith(".parquet")], [])
     if names & set(HF_MARKERS):
-        raise ValueError(f"{uri}: a saved HF dataset on object storage is not read yet; save it as Parquet "
-                         "(dataset.to_parquet(...)) and give that file or folder")
+        return "arrow", _remote_hf_files(uri, names)
     return _folder_format(uri, [f for f in files if f.endswith(".parquet")], [f for f in files if f.endswith(LINE_SUFFIXES)])
+
+
+def _remote_hf_files(uri: str, names: set[str]) -> list[str]:
+    """The Arrow files of a saved HF dataset on object storage, in its ``state.json``'s order; of a
+    DatasetDict, its ``train`` split's (``_load_hf``'s rule)."""
+    import json
+
+    if "dataset_dict.json" in names:
+        splits = json.loads(storage.read_text(f"{uri}/dataset_dict.json")).get("splits", [])
+        if "train" not in splits:
+            raise ValueError(f"{uri} is a DatasetDict with splits {splits}; save the split you want on its own")
+        log.info(f"{uri}: a DatasetDict; reading its 'train' split")
+        uri = f"{uri}/train"
+    state = f"{uri}/state.json"
+    if not storage.exists(state):
+        raise ValueError(f"{uri}: a saved HF dataset without state.json (save it with Dataset.save_to_disk)")
+    files = [f"{uri}/{entry['filename']}" for entry in json.loads(storage.read_text(state)).get("_data_files", [])]
+    missing = [f for f in files if not storage.exists(f)]
+    if not files or missing:
+        raise ValueError(f"{uri}: a saved HF dataset whose state.json lists {len(files)} data file(s), "
+                         f"{len(missing)} of them missing ({missing[:3]}); save it again with Dataset.save_to_disk")
+    return files
 
 
 def _folder_format(path, parquet: list[str], lines: list[str]) -> tuple[str, list[str]]:
@@ -228,6 +277,8 @@ def read_raw(path: str | Path):
         return ray.data.read_datasource(_line_datasource_class()(files, filesystem=fs, scheme=scheme)), fmt
     if fmt == "parquet":
         return ray.data.read_parquet(files, filesystem=fs), fmt
+    if fmt == "arrow":
+        return ray.data.read_datasource(_arrow_stream_datasource_class()(files, filesystem=fs)), fmt
     return ray.data.from_huggingface(_load_hf(files[0])), fmt
 
 
@@ -256,6 +307,8 @@ def load_parsed_local(path: str | Path, mode: Mode = "pairs", **validate_kwargs)
 
         tables = [ParseRows(mode, f, **validate_kwargs)(pq.read_table(inner, filesystem=fs))
                   for f in files for fs, inner in [storage.split(f)]]
+    elif fmt == "arrow":
+        tables = [ParseRows(mode, f, **validate_kwargs)(read_arrow_file(f)) for f in files]
     else:
         tables = [ParseRows(mode, files[0], **validate_kwargs)(_load_hf(files[0]).data.table)]
     return pa.concat_tables(tables) if tables else parsed_schema(mode).empty_table()
@@ -281,4 +334,10 @@ def count_input_rows(path: str | Path) -> int:
         return sum(pq.read_metadata(inner, filesystem=fs).num_rows for fs, inner in map(storage.split, files))
     if fmt == "hf":
         return len(_load_hf(files[0]))
+    if fmt == "arrow":  # stream files (no footer): their batches, read one at a time
+        rows = 0
+        for f in files:
+            with storage.open_input(f) as stream:
+                rows += sum(batch.num_rows for batch in pa.ipc.open_stream(stream))
+        return rows
     return int(read_raw(path)[0].count())
