@@ -19,17 +19,19 @@ Design note.
   safe because every pairs folder a round reads has distinct ids (the train job validates its
   input with ``pairmill.groups.read_unique``; a later row reusing an id is ``duplicate_id``).
 - Staleness: each row's negatives carry the step of the model that mined them (0: the mine job).
+- Where: ``out``, ``pairs`` and the index may be local (or NFS) folders or prefixes on object
+  storage (a train job whose OUT is a bucket); every read and write here goes through the
+  filesystem of its path, so the round's actors need no shared disk.
 - Cost per round: encode the corpus + 2 x the slice's pairs, build the index, search the slice.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import pyarrow as pa
 
+from pairmill import storage
 from pairmill.pairs import text_key
 
 REFRESHED_COLUMNS = ["id", "negatives", "negative_ids", "negative_scores"]
@@ -150,15 +152,30 @@ def corpus_texts(pairs: str, index_folder: str | None):
 
     from mining.positives import add_keys, partitions, with_bucket
     from pairmill.groups import bucket_count
+    from pairmill.output import parquet_files
 
-    if index_folder and sorted(Path(index_folder).glob("*.texts.parquet")):
-        files = [str(f) for f in sorted(Path(index_folder).glob("*.texts.parquet"))]
-        return ray.data.read_parquet(files).map_batches(_corpus_from_index, batch_format="pyarrow")
-    ds = ray.data.read_parquet(pairs).select_columns(["query", "passage"]).map_batches(add_keys, batch_format="pyarrow")
+    files = [f for f in parquet_files(index_folder) if str(f).endswith(".texts.parquet")] if index_folder else []
+    if files:
+        return ray.data.read_parquet([storage.split(f)[1] for f in files], filesystem=storage.split(files[0])[0]).map_batches(
+            _corpus_from_index, batch_format="pyarrow")
+    ds = _read_parquet(pairs).select_columns(["query", "passage"]).map_batches(add_keys, batch_format="pyarrow")
     rows = ds.count()
     buckets = bucket_count(rows, partitions(rows))
     return (ds.map_batches(with_bucket, fn_kwargs={"column": "passage_key", "buckets": buckets}, batch_format="pyarrow")
             .groupby("bucket", num_partitions=partitions(rows)).map_groups(_first_text, batch_format="pyarrow"))
+
+
+def _read_parquet(folder: str):
+    """A parquet folder, local or on object storage, as a Ray Dataset."""
+    import ray
+
+    fs, inner = storage.split(folder)
+    return ray.data.read_parquet(inner, filesystem=fs)
+
+
+def _write_parquet(ds, folder: str) -> None:
+    fs, inner = storage.split(folder)
+    ds.write_parquet(inner, filesystem=fs)
 
 
 def refresh_negatives(
@@ -174,12 +191,14 @@ def refresh_negatives(
     store: NegativeStore | None = None,
     actors: int | None = None,
     pool=None,
+    filesystems: dict | None = None,
 ) -> dict:
     """One refresh round: re-encode with ``model``, rebuild the index in ``OUT/index``, re-mine the
     slice's pairs into ``OUT/negatives`` and (with a store) swap them in. Returns its stats.
     ``pool`` (a ``pairmill.cluster.PoolSize``) sizes the encoder actors exactly, e.g. a fraction of
-    a CPU next to Train workers; else ``encoder_pool(actors)`` sizes them from the whole cluster."""
-    import ray
+    a CPU next to Train workers; else ``encoder_pool(actors)`` sizes them from the whole cluster.
+    ``filesystems`` (``pairmill.storage.carried``): those of the URIs given, for this task and its
+    encoder actors to resolve them with."""
     import pyarrow.parquet as pq
 
     from mining.mine import build_index, build_lexical, encode_pool_args
@@ -187,43 +206,43 @@ def refresh_negatives(
     from mining.search import write_mined
     from pairmill.cluster import encoder_pool
     from pairmill.encoder import EncodeBatch
-    from pairmill.output import parquet_rows
+    from pairmill.output import parquet_files, parquet_rows
     from pairmill.pairs import output_columns
 
     started = time.perf_counter()
-    out_dir = Path(out)
-    work = out_dir / "work"
+    storage.adopt(filesystems)
+    work = storage.join(out, "work")
     encoder = {**encoder_kwargs, "model": model}
     args = encode_pool_args(pool or encoder_pool(actors), encoder.get("batch_size"))
-    source = ray.data.read_parquet(pairs)
+    source = _read_parquet(pairs)
     columns = [c for c in output_columns("pairs") if c in source.schema().names]
-    (
+    _write_parquet(
         source.select_columns(columns)
         .map_batches(add_keys, batch_format="pyarrow")
         .map_batches(in_slice, fn_kwargs={"slice_": slice_}, batch_format="pyarrow")
-        .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder, "keep_columns": True},
-                     **args)
-        .write_parquet(str(work / "pairs"))
-    )
-    rows = parquet_rows(work / "pairs")
-    (
+        .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder, "keep_columns": True,
+                                                          "filesystems": filesystems},
+                     **args),
+        storage.join(work, "pairs"))
+    rows = parquet_rows(storage.join(work, "pairs"))
+    _write_parquet(
         corpus_texts(pairs, index_folder)
         .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "text", "encoder_kwargs": encoder, "keep_columns": True,
-                                                         "text_kind": "passage"}, **args)
-        .map_batches(_as_distinct, batch_format="pyarrow")
-        .write_parquet(str(work / "distinct"))
-    )
-    corpus_rows = parquet_rows(work / "distinct")
+                                                         "text_kind": "passage", "filesystems": filesystems}, **args)
+        .map_batches(_as_distinct, batch_format="pyarrow"),
+        storage.join(work, "distinct"))
+    distinct = storage.join(work, "distinct")
+    corpus_rows = parquet_rows(distinct)
     encoded = time.perf_counter()
-    index = build_index(work / "distinct", corpus_rows, mine_cfg, out_dir / "index", {"model": model, "step": step})
+    index = build_index(distinct, corpus_rows, mine_cfg, storage.join(out, "index"), {"model": model, "step": step})
     lexical = None
     try:
         # mine.method bm25 / hybrid: BM25 ranks the same corpus in every round (its ranking does not
         # depend on the model; rebuilt per round from this round's corpus files, a tokenising pass
         # next to the re-encoding), while the cosine scores and the dense side come from the new model.
-        lexical = build_lexical(work / "distinct", mine_cfg, len(index.shards))
+        lexical = build_lexical(distinct, mine_cfg, len(index.shards))
         if rows:
-            write_mined(work / "pairs", rows, index, mine_cfg, str(out_dir / "negatives"), REFRESHED_COLUMNS,
+            write_mined(storage.join(work, "pairs"), rows, index, mine_cfg, storage.join(out, "negatives"), REFRESHED_COLUMNS,
                         lexical=lexical)
     finally:
         index.close()
@@ -231,11 +250,11 @@ def refresh_negatives(
             lexical.close()
     refreshed = 0
     if store is not None and rows:
-        for f in sorted((out_dir / "negatives").glob("*.parquet")):
-            table = pq.read_table(f)
+        for fs, inner in map(storage.split, parquet_files(storage.join(out, "negatives"))):
+            table = pq.read_table(inner, filesystem=fs)
             store.update(table, step)
             refreshed += table.num_rows
-    shutil.rmtree(work)
+    storage.remove(work)
     return {
         "step": step,
         "slice": list(slice_),

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 def distill_model(model: str | None, out: str, *, pca_dims: int | None, device: str = "cpu") -> dict:
     """Distil ``model`` (a folder, a hub name, or None for the bundled model) into a static model at
     ``out``; returns what ``distill.json`` records."""
+    from pairmill.output import refuse_remote
+
+    refuse_remote(out)  # committed by rename: before the minutes of distilling, not after
     try:
         from model2vec.distill import distill
     except ImportError as e:

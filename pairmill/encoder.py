@@ -428,10 +428,13 @@ class EncodeBatch:
     the texts are a retrieval corpus).
     """
 
-    def __init__(self, mode: Literal["pairs", "text"], encoder_kwargs: dict, keep_columns: bool = False, text_kind: str = "text"):
+    def __init__(self, mode: Literal["pairs", "text"], encoder_kwargs: dict, keep_columns: bool = False, text_kind: str = "text",
+                 filesystems: dict | None = None):
+        from pairmill import storage
         from pairmill.cluster import actor_threads
         from pairmill.encoder import Encoder
 
+        storage.adopt(filesystems)  # a model on object storage (a refresh round's): the driver's filesystem
         self.mode = mode
         self.keep_columns = keep_columns
         self.text_kind = text_kind

@@ -57,10 +57,11 @@ class OtherSettings(ValueError):
 
 
 def refuse_remote(out: str | Path) -> None:
-    """Jobs other than embed, filter, mine, train and run write local (or NFS) folders only so far (issue #16)."""
+    """``JobFolder`` commits by rename: a local (or NFS) folder only; ``open_job`` picks ``BucketJobFolder`` for a URI."""
     if storage.is_remote(out):
-        raise ValueError(f"{out}: this job writes its folder on a local or shared filesystem only, so far; "
-                         "on object storage, `pairmill embed`, `filter`, `mine`, `train` and `run` write their folders")
+        raise ValueError(f"{out}: this job writes its folder on a local or shared filesystem only (`pairmill setfit` "
+                         "and `distill`, so far); on object storage, `pairmill embed`, `filter`, `mine`, `train`, "
+                         "`tune`, `classify` and `run` write their folders")
 
 
 def resumable_staging(out: str | Path) -> Path:
@@ -284,13 +285,14 @@ def open_resumable(out: str | Path, settings: dict, *, settings_file: str, has_w
     resumed (nothing is redone: the job only finishes again); anything else with other settings is
     refused with an ``OtherSettings`` naming them, and left untouched.
 
-    On object storage (not ``in_place``) OUT is its own staging: ``has_work`` gets OUT's URI, the
-    settings file is saved there, and the job is a ``BucketJobFolder`` whose manifest lists
+    On object storage OUT is its own staging (``in_place`` or not: a tune trial's folder is committed
+    by its own manifest): ``has_work`` gets OUT's URI, the settings file is saved there, and the job
+    is a ``BucketJobFolder`` whose manifest lists
     ``parts`` (under the attempt's prefix) and the top-level ``files``; what the run resumes from
     (checkpoints, the settings file) stays outside the manifest, so a rerun neither needs a rename
     nor breaks the last commit until it commits again."""
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
-    if storage.is_remote(out) and not in_place:
+    if storage.is_remote(out):
         final = str(out).rstrip("/")
         if has_work(final):
             _refuse_other_settings(final, settings, settings_file, what)
@@ -398,16 +400,20 @@ def format_summary(stats: dict, out: str) -> str:
 
 def local_model(uri: str, cache: str | Path | None = None) -> str:
     """A model folder on object storage as a local folder, downloaded once into ``cache``
-    (default ``~/.cache/pairmill/models``): a train job folder or its ``model`` (the files its
-    ``_SUCCESS`` lists under ``model/<attempt>/``), or any other prefix (every file under it).
+    (default ``~/.cache/pairmill/models``): a train job folder or its ``model``, a tune job folder
+    or its ``best_model`` (the files the job's ``_SUCCESS`` lists under ``model/<attempt>/``), or any
+    other prefix (every file under it).
     The copy is named by the URI and what was listed, so a recommitted model is fetched again."""
     import hashlib
     import tempfile
 
     uri = uri.rstrip("/")
-    job, name = (uri.rsplit("/", 1)[0], "model") if uri.endswith("/model") else (uri, "model")
-    manifest = finished_manifest(job)
-    listed = sorted(f for f in (manifest or {}).get("files", {}) if f.startswith(f"{name}/"))
+    parent, leaf = uri.rsplit("/", 1)
+    for job, name in ((parent, leaf), (uri, "model"), (uri, "best_model")):  # OUT/model or OUT/best_model; OUT
+        manifest = finished_manifest(job)
+        listed = sorted(f for f in (manifest or {}).get("files", {}) if f.startswith(f"{name}/"))
+        if listed:
+            break
     if listed:  # model/<attempt>/<file>: the attempt's prefix is not part of the folder
         files = [(f"{job}/{f}", f.split("/", 2)[2], manifest["files"][f]) for f in listed]
     else:

@@ -15,6 +15,9 @@ A custom S3 endpoint (MinIO, a test server) is the standard ``AWS_ENDPOINT_URL``
 ``AWS_ENDPOINT_URL_S3``), as the AWS tools read it. ``pyarrow.fs.FileSystem.from_uri`` honours it
 (checked with pyarrow 26; the bare ``S3FileSystem()`` constructor does not) and stores it in the
 filesystem's options, so the workers, which get the filesystem pickled, need only credentials.
+Code that runs in a Ray task or actor and is handed URIs (a tune trial's train run, a refresh
+round, its encoder actors) gets the driver's filesystems with them (``carried``) and ``adopt``s
+them first, so a URI resolves there as it did on the driver.
 """
 
 from __future__ import annotations
@@ -61,6 +64,22 @@ def _filesystem(uri: str) -> pafs.FileSystem:
     return _FILESYSTEMS[key]
 
 
+def carried(*paths) -> dict[str, pafs.FileSystem]:
+    """``{"scheme://bucket": filesystem}`` of the URIs among ``paths`` (others are skipped), resolved
+    here: what a Ray task or actor handed these URIs ``adopt``s."""
+    return {f"{urlsplit(p).scheme.lower()}://{urlsplit(p).netloc}": _filesystem(p) for p in map(str, paths) if is_remote(p)}
+
+
+def adopt(filesystems: dict[str, pafs.FileSystem] | None) -> None:
+    """Resolve URIs under each ``scheme://bucket`` of ``filesystems`` (``carried``) to the filesystem
+    given, in this process: a worker's environment may lack the endpoint the driver resolved with."""
+    import os
+
+    for root, fs in (filesystems or {}).items():
+        scheme, bucket = root.split("://", 1)
+        _FILESYSTEMS[(scheme, bucket, *(os.environ.get(name) for name in ENDPOINT_VARS))] = fs
+
+
 def split(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path in it) of a URI; ``(None, path)`` unchanged for a local path."""
     if not is_remote(path):
@@ -77,6 +96,12 @@ def join(base: str | Path, *names: str) -> str:
 def _uri(like: str, path: str) -> str:
     """A filesystem path back as a URI of the same scheme as ``like``."""
     return f"{urlsplit(like).scheme}://{path}"
+
+
+def uri_of(like: str | Path, path: str) -> str:
+    """A path that Ray (Train, Tune) reports inside ``like``'s filesystem (``bucket/key``, no
+    scheme) as a URI of ``like``'s scheme; unchanged when ``like`` is local or ``path`` has one."""
+    return _uri(str(like), path) if is_remote(like) and not is_remote(path) else path
 
 
 def exists(path: str | Path) -> bool:
@@ -130,8 +155,13 @@ def write_text(path: str | Path, text: str) -> int:
     return len(data)
 
 
-def remove(path: str) -> None:
-    """Delete a remote file or everything under a remote folder; nothing when it is not there."""
+def remove(path: str | Path) -> None:
+    """Delete a file or everything under a folder (local or remote); nothing when it is not there."""
+    if not is_remote(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+        return
     fs, inner = split(path)
     kind = fs.get_file_info(inner).type
     if kind == pafs.FileType.File:

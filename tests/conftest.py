@@ -1,5 +1,12 @@
 """Shared fixtures: one local Ray per session, a tiny random BERT saved as a sentence-transformers
-folder (no download), and a few literal pairs."""
+folder (no download), a few literal pairs, and an S3-compatible server with a fresh bucket per test.
+
+The S3 server is moto's server mode on 127.0.0.1. Credentials reach Ray workers only through their
+environment, which they inherit from the driver when Ray starts, and the session's one local Ray
+(``ray_session``) may be started by any test. So the dummy credentials are set when pytest imports
+this file (before any test runs); they are forced, not defaulted, so no test ever signs with a real
+account's keys. The endpoint is set per test (``bucket``): the workers do not need it, since the
+filesystem pairmill hands them carries it (``pairmill.storage``)."""
 
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ from pairmill.cluster import LOCAL_RAY_ENV, WORKER_ENV  # noqa: E402  (imports n
 
 for _name, _value in {**WORKER_ENV, **LOCAL_RAY_ENV}.items():
     os.environ.setdefault(_name, _value)
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "pairmill-test-key-id", "AWS_SECRET_ACCESS_KEY": "pairmill-test-secret"}
+os.environ.update(TEST_CREDENTIALS, AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+os.environ.pop("AWS_SESSION_TOKEN", None)
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
@@ -134,6 +144,42 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """The S3 server's endpoint URL (a free port, picked by the OS)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch) -> str:
+    """``s3://<a new empty bucket>``, with AWS_ENDPOINT_URL naming the test server for this test."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    name = f"pairmill-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload(local, uri: str) -> str:
+    """Copy a local file to ``uri``; returns the URI."""
+    from pairmill import storage
+
+    fs, inner = storage.split(uri)
+    with fs.open_output_stream(inner, compression=None) as f:  # the bytes as they are, .gz or not
+        f.write(Path(local).read_bytes())
+    return uri
 
 
 def literal_pairs(n: int = 60) -> list[dict]:

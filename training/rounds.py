@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import posixpath
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,14 @@ class RefreshSettings:
 
     every: int  # train.refresh_every
     slices: int  # train.refresh_slices: a round re-mines 1/slices of the pairs, in rotation
-    folder: str  # OUT/refresh: one step-N folder per round (its model, index and negatives)
+    folder: str  # OUT/refresh: one step-N folder per round (its model, index and negatives); a URI for a bucket OUT
     store: Any  # mining.refresh.NegativeStore: pair id -> the newest negatives
-    pairs: str  # validated pairs (parquet) the rounds re-mine
-    index_folder: str | None  # a mine job's index to re-encode, else the pairs' own passages
+    pairs: str  # validated pairs (a parquet folder or prefix) the rounds re-mine
+    index_folder: str | None  # a mine job's index (its *.texts.parquet) to re-encode, else the pairs' own passages
     encoder_kwargs: dict
     mine_cfg: Any  # MineConfig: the selection rules
     pool: Any  # pairmill.cluster.PoolSize of the encoder actors
+    filesystems: dict = field(default_factory=dict)  # pairmill.storage.carried: the buckets of folder and pairs
 
 
 class RefreshRounds:
@@ -53,11 +55,16 @@ class RefreshRounds:
     saves the live model and starts a round as a Ray task; it never waits for one: at most one
     round is in flight, a due round finds the previous one still running is skipped (counted),
     and a finished round is noticed by a zero-timeout ``ray.wait`` at the next step. Its counters
-    travel in the checkpoint's state.json, so a resumed run continues the slice rotation."""
+    travel in the checkpoint's state.json, so a resumed run continues the slice rotation.
+
+    With OUT on object storage every round's folder is on the bucket too (the round's encoder actors
+    and shards may run on any node): the live model is saved locally and uploaded, and each node's
+    encoders fetch it once into their model cache (``pairmill.output.local_model``)."""
 
     def __init__(self, cfg: RefreshSettings, save_model):
         self.cfg = cfg
-        self.folder = Path(cfg.folder)
+        self.folder = cfg.folder
+        storage.adopt(cfg.filesystems)  # rank 0 writes the rounds' models and records there
         self.save_model = save_model  # folder -> the live model saved there as a ST folder
         self.inflight: dict | None = None  # {"ref", "step", "t0", "save_seconds"}
         self.started = self.skipped = self.late_skipped = 0
@@ -95,21 +102,30 @@ class RefreshRounds:
                  f"{self.finished[-1]['steps_trained_meanwhile']} steps, so it would land after step {total}")
             return
         t0 = time.perf_counter()
-        out = self.folder / f"step-{step}"
-        model = self.save_model(out / "model")
+        out = storage.join(self.folder, f"step-{step}")
+        model = self._save_model(storage.join(out, "model"))
         save_seconds = time.perf_counter() - t0
         slices = self.cfg.slices
         mine_cfg = curriculum(self.cfg.mine_cfg, step, total)
         ref = start_refresh(
-            str(model), step, pairs=self.cfg.pairs, index_folder=self.cfg.index_folder, out=str(out),
+            str(model), step, pairs=self.cfg.pairs, index_folder=self.cfg.index_folder, out=out,
             encoder_kwargs=self.cfg.encoder_kwargs, mine_cfg=mine_cfg,
             slice_=(self.started % slices, slices), store=self.cfg.store, pool=self.cfg.pool,
+            filesystems=self.cfg.filesystems,
         )
         self.inflight = {"ref": ref, "step": step, "t0": time.perf_counter(), "save_seconds": save_seconds, "skipped": 0}
         self.started += 1
         log.info(f"train: refresh round {self.started} started at step {step} "
              f"(slice {(self.started - 1) % slices + 1}/{slices}, rank window [{mine_cfg.range_min}, {mine_cfg.range_max}); "
              f"model saved in {save_seconds:.1f}s)")
+
+    def _save_model(self, folder: str) -> str:
+        """The live model saved at ``folder``: written there, or for a bucket written locally and uploaded."""
+        if not storage.is_remote(folder):
+            return str(self.save_model(folder))
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.upload_folder(self.save_model(Path(tmp) / "model"), folder)
+        return folder
 
     def wait_if_older(self, step: int, steps: int) -> dict | None:
         """Test seam (``TestHooks.round_overlap_steps``): a round in flight for ``steps`` steps or
@@ -136,10 +152,10 @@ class RefreshRounds:
                   "rounds_skipped_meanwhile": round_["skipped"], "wall_seconds": round(time.perf_counter() - round_["t0"], 3),
                   "save_seconds": round(round_["save_seconds"], 3)}
         self.finished.append(record)
-        with open(self.folder / "rounds.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # whole, from the records the checkpoints carry (an object store cannot append)
+        storage.write_text(storage.join(self.folder, "rounds.jsonl"), "".join(json.dumps(r) + "\n" for r in self.finished))
         for older in self.finished[:-1]:  # the newest finished round holds the live index; older ones are spent
-            shutil.rmtree(self.folder / f"step-{older['step']}", ignore_errors=True)
+            storage.remove(storage.join(self.folder, f"step-{older['step']}"))
         log.info(f"train: refresh round of step {record['step']} finished at step {step}: "
              f"{record['refreshed']} pairs re-mined in {record['seconds']:.1f}s ({record['rounds_skipped_meanwhile']} due "
              "round(s) skipped meanwhile)")
@@ -204,7 +220,7 @@ def curriculum(mine_cfg, step: int, total: int):
     return dataclasses.replace(mine_cfg, range_min=low, range_max=high)
 
 
-def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> RefreshSettings:
+def refresh_settings(pairs_path, valid, out_dir: str | Path, store, encoder, train_cfg, mine_cfg, actors, train_gpus: int) -> RefreshSettings:
     """What a refresh round needs, sized to run beside the Train workers without taking the CPUs or
     GPUs they and the data ingest need (RAY_NOTES: small-machine deadlock)."""
     import dataclasses
@@ -214,16 +230,13 @@ def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg
     from pairmill.cluster import PoolSize
     from pairmill.config import encoder_kwargs
 
-    source = Path(pairs_path)
-    folder = out_dir / "refresh"
-    if not storage.is_remote(pairs_path) and (source / "_SUCCESS").exists() and (source / "kept").is_dir():
-        pairs = source / "kept"  # a job folder's rows are already validated, with the same ids
-    else:
-        pairs = folder / "pairs"
-        shutil.rmtree(pairs, ignore_errors=True)
-        valid.write_parquet(str(pairs))
-    index = _bucket_index_texts(pairs_path, folder / "index") if storage.is_remote(pairs_path) else source / "index"
-    index_folder = str(index) if any(index.glob("*.texts.parquet")) else None  # else: the pairs' own passages
+    folder = storage.join(out_dir, "refresh")
+    pairs, index_folder = _job_folders(str(pairs_path))
+    if pairs is None:  # not a finished job folder: the validated rows, written once
+        pairs = storage.join(folder, "pairs")
+        storage.remove(pairs)
+        fs, inner = storage.split(pairs)
+        valid.write_parquet(inner, filesystem=fs)
     free_gpus = int(ray.cluster_resources().get("GPU", 0)) - train_gpus
     if free_gpus >= 1:
         pool = PoolSize(size=min(actors or 1, free_gpus), num_cpus=1, num_gpus=1)
@@ -244,19 +257,24 @@ def refresh_settings(pairs_path, valid, out_dir: Path, store, encoder, train_cfg
         mine_cfg=dataclasses.replace(mine_cfg, shard_cpus=min(mine_cfg.shard_cpus or REFRESH_SHARD_CPUS, REFRESH_SHARD_CPUS),
                                      shard_gpus=0.0),
         pool=pool,
+        filesystems=storage.carried(folder, pairs_path),
     )
 
 
-def _bucket_index_texts(job: str, local: Path) -> Path:
-    """The texts of a mine job's index on object storage (the files its ``_SUCCESS`` lists under
-    ``index/``), copied into ``local`` once: what a round encodes as its corpus. Rounds read them
-    where OUT is (refresh with a bucket OUT is refused so far), so only the texts travel, not the index."""
+def _job_folders(pairs_path: str) -> tuple[str | None, str | None]:
+    """(kept rows, index texts) of a finished job folder given as PAIRS, read where they are: its
+    rows are validated already, with the same ids, and a mine job's index holds the corpus it
+    searched. On object storage these are the attempt prefixes its ``_SUCCESS`` vouches for.
+    (None, None) for any other input; an index folder is None without ``*.texts.parquet``."""
     from pairmill.output import finished_files, is_finished
 
-    shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    if is_finished(job):
-        for uri in finished_files(job, "index"):
-            if uri.endswith(".texts.parquet"):
-                storage.download(uri, local / uri.rsplit("/", 1)[-1])
-    return local
+    if not is_finished(pairs_path):
+        return None, None
+    if storage.is_remote(pairs_path):
+        kept = finished_files(pairs_path, "kept")
+        texts = [f for f in finished_files(pairs_path, "index") if f.endswith(".texts.parquet")]
+        return (posixpath.dirname(kept[0]) if kept else None), (posixpath.dirname(texts[0]) if texts else None)
+    source = Path(pairs_path)
+    if not (source / "kept").is_dir():
+        return None, None
+    return str(source / "kept"), (str(source / "index") if any((source / "index").glob("*.texts.parquet")) else None)

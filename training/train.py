@@ -62,6 +62,8 @@ keep the batch's own (step 0 = the mine job); the mean staleness (steps behind) 
 steps and starts a round as a Ray task on a slice of the queries; training never waits for it. One
 round in flight at most (a due round is skipped and counted); a round still running at the end is
 cancelled. Its encoder actors and shards take fractions of a CPU so they fit beside the workers.
+With OUT on object storage the rounds' folders are on the bucket as well (``OUT/refresh``, outside
+the manifest, like ``checkpoints/``), so a round's actors on any node reach them.
 
 Cost per step and worker: 2 + H encoder forwards and backwards of B/W texts (H = hard negatives),
 the all-gather of the embeddings, DDP's all-reduce of the gradients; GradCache adds one forward.
@@ -171,9 +173,6 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     if not refreshing and (mine_cfg.range_min_final is not None or mine_cfg.range_max_final is not None):
         log.warning("train: mine.range_min_final / mine.range_max_final have no effect with train.refresh_every=0: "
                     "the curriculum moves the rank window of refresh rounds")
-    if remote and refreshing:
-        raise ValueError(f"{out}: train.refresh_every writes its rounds (models, indexes) on a local or shared "
-                         "filesystem only, so far; use a local -o, or train.refresh_every=0")
     sections = {"encoder": encoder, "read": read, "train": train_cfg, "eval": eval_cfg, "ray": ray,
                 **({"mine": mine_cfg} if refreshing else {})}
     resume_free = resume_free_keys(TrainConfig)  # e.g. log_every: a rerun may change them and still resume
@@ -293,7 +292,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     t0 = time.perf_counter()
     with result.checkpoint.as_directory() as folder:
         final_state = json.loads((Path(folder) / "state.json").read_text())
-        _export(folder, job.path("model"), encoder.model, train_cfg)
+        export_checkpoint(folder, job.path("model"), encoder.model, train_cfg)
     export_seconds = time.perf_counter() - t0
     best = None
     if task is not None and result.best_checkpoints:
@@ -348,7 +347,7 @@ def _remove(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _export(checkpoint_dir: str, model_dir: str, model: str | None, train_cfg) -> None:
+def export_checkpoint(checkpoint_dir: str, model_dir: str, model: str | None, train_cfg) -> None:
     """The sentence-transformers folder of a checkpoint into ``model_dir``; for a bucket, built in a
     local temporary folder and uploaded (a model is written by libraries that want a local path)."""
     if not storage.is_remote(model_dir):

@@ -27,6 +27,13 @@ Resume. Tune checkpoints its experiment state in ``OUT/tune``; rerunning the sam
 (``Tuner.can_restore``) and continues (``Tuner.restore``): finished trials are kept, an interrupted
 trial restarts and its ``train`` run resumes from its own last checkpoint.
 
+Object storage. With OUT on a bucket (``s3://...``) nothing is staged: Ray Tune keeps its
+experiment state there itself (``RunConfig(storage_path, storage_filesystem)``, and the same
+filesystem to ``can_restore``/``restore``), each trial is a ``train`` job folder on the bucket
+committed by its own ``_SUCCESS`` manifest, and the tune job's manifest (``pairmill.output.
+BucketJobFolder``) lists ``best_model/<attempt>/`` and the top-level files. ``tune/`` and
+``trials/`` stay outside it: they are what a rerun resumes from, as a train job's checkpoints are.
+
 Output. ``OUT/best_model`` (the best trial's best checkpoint, exported by ``training.train``),
 ``OUT/best_config.yaml`` (the settings that made it), ``OUT/results.csv`` (a row per trial),
 ``OUT/trials.png`` (the metric over steps per trial), ``OUT/stats.json`` and ``_SUCCESS`` last.
@@ -43,9 +50,12 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from pairmill import storage
 from pairmill.pairs import is_missing
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,8 @@ log = logging.getLogger(__name__)
 TRIALS = "trials"  # OUT/trials/<trial_id>: one train job folder per trial
 EXPERIMENT = "tune"  # OUT/tune: Ray Tune's experiment state (what a rerun restores)
 SETTINGS = "tune_settings.json"
+BUCKET_PARTS = ("best_model",)  # on object storage: under the attempt's prefix, listed by _SUCCESS
+BUCKET_FILES = ("best_config.yaml", "results.csv", "trials.png")
 DATA_CPUS = 1.0  # room each trial leaves for its Ray Data ingest (read + split feeding the workers)
 
 
@@ -156,10 +168,12 @@ def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float]
 # ----------------------------------------------------------------------------- the trial
 
 
-def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_per_worker: dict, log_level: int) -> None:
+def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_per_worker: dict, log_level: int,
+              filesystems: dict | None = None) -> None:
     """The Tune function trainable: one train run with this trial's values. Its reports reach Tune
     through ``TuneReportCallback`` (``tune.report`` is not called here: Train's workers report);
-    its lines show at ``log_level``, the driver's (``pairmill.log.level()``)."""
+    its lines show at ``log_level``, the driver's (``pairmill.log.level()``). ``filesystems``: the
+    driver's for the URIs among its paths (``pairmill.storage.carried``)."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -171,21 +185,22 @@ def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_p
     # trial, so a trial that Tune stops takes its train run (and its Train workers) with it.
     run = ray.remote(_logged_train).options(num_cpus=0, scheduling_strategy="DEFAULT", max_retries=0)
     ray.get(run.remote(
-        log_level, pairs, str(Path(out) / TRIALS / trial_id),
+        log_level, filesystems, pairs, storage.join(out, TRIALS, trial_id),
         encoder=sections["encoder"], read=sections["read"], train_cfg=trial_train_config(sections["train"], config),
         eval_cfg=sections["eval"], ray=sections["ray"], mine_cfg=sections["mine"],
         run_name=f"train-{trial_id}", callbacks=[TuneReportCallback()], resources_per_worker=resources_per_worker,
-        in_place=True,  # the trial folder is inside the tune job's staging folder, committed with it
+        in_place=True,  # the trial folder is inside the tune job's staging folder (on a bucket: its own manifest)
     ))
 
 
-def _logged_train(log_level: int, *args, **kwargs) -> dict:
+def _logged_train(log_level: int, filesystems: dict | None, *args, **kwargs) -> dict:
     """``training.train.train`` in a Ray task, whose process has no log handler of its own: its
     lines (and its Train workers', which take this level) show at the driver's level."""
     from pairmill.log import configure
     from training.train import train
 
     configure(log_level)
+    storage.adopt(filesystems)
     return train(*args, **kwargs)
 
 
@@ -206,10 +221,12 @@ class TrialRecord:
         return max(scored, key=lambda h: h[metric]) if scored else None
 
 
-def trial_records(grid, out: Path, metric: str, max_steps: int | None = None) -> list[TrialRecord]:
+def trial_records(grid, out: str | Path, metric: str, max_steps: int | None = None) -> list[TrialRecord]:
     """One record per trial of a ``ResultGrid``, in trial order (the default trial first). A trial
-    is finished when its train run wrote ``_SUCCESS``, or reported ``max_steps`` (ASHA may stop a
-    trial at its last report, while it exports its own model)."""
+    is finished when its train run committed (``_SUCCESS``), or reported ``max_steps`` (ASHA may stop a
+    trial at its last report, while it exports its own model). Checkpoint paths are URIs for a bucket OUT."""
+    from pairmill.output import is_finished
+
     records = []
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
@@ -218,11 +235,12 @@ def trial_records(grid, out: Path, metric: str, max_steps: int | None = None) ->
         if frame is not None and metric in frame.columns:
             for row in frame.to_dict("records"):
                 if not is_missing(row.get("step")):
+                    path = row.get("checkpoint_path")
                     history.append({"step": int(row["step"]), metric: row[metric],
-                                    "checkpoint_path": row.get("checkpoint_path")})
+                                    "checkpoint_path": storage.uri_of(out, path) if isinstance(path, str) else None})
         if result.error is not None:
             status = "error"
-        elif (out / TRIALS / trial_id / "_SUCCESS").exists() or (max_steps and history and history[-1]["step"] >= max_steps):
+        elif is_finished(storage.join(out, TRIALS, trial_id)) or (max_steps and history and history[-1]["step"] >= max_steps):
             status = "finished"
         elif history:
             status = "stopped early"
@@ -311,17 +329,32 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
-def _open_job(out: Path, settings: dict):
-    """The tune job's folder (``pairmill.output.open_resumable``, staged in ``.OUT.partial``): an
-    interrupted run's trials are resumed; a finished OUT rerun with the same settings is restored
-    (its finished trials kept, so nothing trains again); other settings are refused, untouched."""
+def _open_job(out: str | Path, settings: dict):
+    """The tune job's folder (``pairmill.output.open_resumable``, staged in ``.OUT.partial``; on a
+    bucket, OUT itself): an interrupted run's trials are resumed; a finished OUT rerun with the same
+    settings is restored (its finished trials kept, so nothing trains again); other settings are
+    refused, untouched."""
     from pairmill.output import OtherSettings, open_resumable
 
     try:
-        return open_resumable(out, settings, settings_file=SETTINGS, has_work=lambda folder: (folder / EXPERIMENT).exists(),
-                              what="tuning run")
+        return open_resumable(out, settings, settings_file=SETTINGS, what="tuning run", parts=BUCKET_PARTS,
+                              files=BUCKET_FILES, has_work=lambda folder: storage.exists(storage.join(folder, EXPERIMENT)))
     except OtherSettings as e:
         raise BadInput(str(e)) from None
+
+
+@contextmanager
+def _local_files(out_dir: str | Path):
+    """A local folder to write the job's own files into: ``out_dir`` itself, or on a bucket a
+    temporary folder whose files are uploaded to ``out_dir`` on the way out (error or not)."""
+    if not storage.is_remote(out_dir):
+        yield Path(out_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            yield Path(tmp)
+        finally:
+            storage.upload_folder(tmp, out_dir)
 
 
 def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = None) -> dict:
@@ -330,15 +363,15 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     import ray
     import yaml
     from ray import tune
+    from ray.train import Checkpoint
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
     from pairmill.log import level as log_level
-    from pairmill.output import refuse_remote
-    from training.model import export_model
-    from training.train import lora_settings
+    from pairmill.output import is_finished
+    from training.train import export_checkpoint
 
     started = time.perf_counter()
     tune_cfg, train_cfg, eval_cfg = sections["tune"], sections["train"], sections["eval"]
@@ -361,17 +394,17 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     sections = {**sections, "train": train_cfg,
                 "encoder": dataclasses.replace(sections["encoder"], model=_absolute(sections["encoder"].model)),
                 "eval": dataclasses.replace(eval_cfg, data=_absolute(eval_cfg.data), corpus=_absolute(eval_cfg.corpus))}
-    pairs = str(Path(pairs).expanduser().resolve())
-    if not Path(pairs).exists():
+    pairs = pairs if storage.is_remote(pairs) else str(Path(pairs).expanduser().resolve())
+    if not storage.exists(pairs):
         raise BadInput(f"{pairs}: no such file or folder (PAIRS: JSONL(.gz), Parquet, an HF dataset or a job folder)")
 
-    refuse_remote(out)  # its trials' folders are local or shared (NFS) so far (issue #16)
     init_ray(sections["ray"].address, sections["ray"].num_cpus)
-    final_dir = Path(out).expanduser().resolve()
+    final_dir = out.rstrip("/") if storage.is_remote(out) else Path(out).expanduser().resolve()
     job = _open_job(final_dir, {"input": pairs, "sections": config_to_dict({k: v for k, v in sections.items() if k != "ray"})})
-    out_dir = job.staging  # everything is written here; commit renames it to OUT
-    experiment = out_dir / EXPERIMENT
-    restorable = tune.Tuner.can_restore(str(experiment))
+    out_dir = job.staging  # everything is written here; commit renames it to OUT (a bucket: OUT itself)
+    experiment = storage.join(out_dir, EXPERIMENT)
+    fs, experiment_path = storage.split(experiment)  # fs None: local; else Tune writes to the bucket itself
+    restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
 
     use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray.cluster_resources().get("GPU"))
     per_trial = trial_resources(train_cfg.num_workers, tune_cfg.cpus_per_worker, use_gpu)
@@ -385,12 +418,14 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     resources_per_worker = {"CPU": tune_cfg.cpus_per_worker}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, pairs=pairs, out=str(out_dir), sections=sections,
-                             resources_per_worker=resources_per_worker, log_level=log_level()),
+                             resources_per_worker=resources_per_worker, log_level=log_level(),
+                             filesystems=storage.carried(out_dir, pairs, *(p for p in (
+                                 sections["eval"].data, sections["eval"].corpus, sections["encoder"].model) if p))),
         {"CPU": 0.01},  # the trial function only waits on its train run ({"CPU": 0} is refused)
     )
     if restorable:
         log.info(f"tune: resuming the interrupted tuning run in {experiment} (finished trials are kept)")
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, param_space=search_space(space))
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, param_space=search_space(space), storage_filesystem=fs)
     else:
         if tune_cfg.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -410,7 +445,8 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
             param_space=search_space(space),
             tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=tune_cfg.num_samples,
                                         search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=limit),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), callbacks=callbacks),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage.split(out_dir)[1], storage_filesystem=fs,
+                                      callbacks=callbacks),
         )
     log.info(f"tune: {tune_cfg.num_samples} trial(s) ({tune_cfg.search} search, {tune_cfg.scheduler}), "
              f"{concurrent} at a time, each {per_trial}; varying "
@@ -422,8 +458,9 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
 
     records = trial_records(grid, out_dir, metric, train_cfg.max_steps)
     keys = list(space)
-    write_results_csv(records, keys, metric, out_dir / "results.csv")
-    plot_trials(records, metric, out_dir / "trials.png")
+    with _local_files(out_dir) as made:
+        write_results_csv(records, keys, metric, made / "results.csv")
+        plot_trials(records, metric, made / "trials.png")
     # Ctrl-C marks a running trial TERMINATED too: one that never reported nor failed did not end
     ended = grid.num_terminated + grid.num_errors - sum(r.status == "not finished" for r in records)
     if ended < len(grid) or len(records) < tune_cfg.num_samples:
@@ -432,23 +469,25 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     candidates = [(r, r.best(metric)) for r in records if r.best(metric) is not None]
     if not candidates:
         errors = "; ".join(f"{r.trial_id}: {r.error}" for r in records if r.error)
-        raise RuntimeError(f"no trial reported {metric} (see {out_dir / 'results.csv'}): {errors}")
+        raise RuntimeError(f"no trial reported {metric} (see {storage.join(out_dir, 'results.csv')}): {errors}")
     best_record, best = max(candidates, key=lambda c: c[1][metric])  # the earliest trial wins ties: the defaults
 
     t0 = time.perf_counter()
     checkpoint = best.get("checkpoint_path")
-    if not checkpoint or not Path(checkpoint).exists():  # only kept checkpoints can be exported
-        kept = [h for h in best_record.history if h.get("checkpoint_path") and Path(h["checkpoint_path"]).exists()]
+    if not checkpoint or not storage.exists(checkpoint):  # only kept checkpoints can be exported
+        kept = [h for h in best_record.history if h.get("checkpoint_path") and storage.exists(h["checkpoint_path"])]
         if not kept:
-            raise RuntimeError(f"trial {best_record.trial_id} has no checkpoint left under {out_dir / TRIALS}")
+            raise RuntimeError(f"trial {best_record.trial_id} has no checkpoint left under {storage.join(out_dir, TRIALS)}")
         best = max(kept, key=lambda h: h[metric])
         checkpoint = best["checkpoint_path"]
     best_train = trial_train_config(train_cfg, {k: best_record.config[k] for k in keys})
-    export_model(checkpoint, out_dir / "best_model", model=sections["encoder"].model, lora=lora_settings(best_train),
-                 merge=best_train.lora_merge)
+    checkpoint_fs, checkpoint_path = storage.split(checkpoint)
+    with Checkpoint(checkpoint_path, filesystem=checkpoint_fs).as_directory() as folder:  # a bucket's: fetched by Ray
+        export_checkpoint(folder, job.path("best_model"), sections["encoder"].model, best_train)
     best_sections = {k: v for k, v in sections.items() if k not in ("tune", "mine", "ray")}
-    (out_dir / "best_config.yaml").write_text(yaml.safe_dump(
-        json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
+    with _local_files(out_dir) as made:
+        (made / "best_config.yaml").write_text(yaml.safe_dump(
+            json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
     export_seconds = time.perf_counter() - t0
 
     # Input counts: the rows of PAIRS from the file itself; valid and rejected rows from a finished
@@ -457,8 +496,8 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     from pairmill.read import count_input_rows
 
     input_rows = count_input_rows(pairs)
-    done = [out_dir / TRIALS / r.trial_id / "stats.json" for r in records]
-    done = [json.loads(path.read_text()) for path in done if path.exists()]
+    trials = [storage.join(out_dir, TRIALS, r.trial_id) for r in records]
+    done = [json.loads(storage.read_text(storage.join(t, "stats.json"))) for t in trials if is_finished(t)]
     valid_rows, rejected = (done[0]["kept"], done[0]["rejected"]) if done else count_input(pairs, sections["read"])
     read_seconds = time.perf_counter() - t0
     default_best = records[0].best(metric)
@@ -467,7 +506,9 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
         job.stage("read+validate", input_rows, valid_rows, read_seconds)
     job.stage("tune", valid_rows, valid_rows, tune_seconds)
     job.stage("export", 1, 1, export_seconds)
-    best_checkpoint = str(final_dir / Path(checkpoint).relative_to(out_dir)) if Path(checkpoint).is_relative_to(out_dir) else checkpoint
+    best_checkpoint = checkpoint  # on a bucket OUT is written in place; a local one is renamed from staging
+    if not storage.is_remote(checkpoint) and Path(checkpoint).is_relative_to(out_dir):
+        best_checkpoint = str(final_dir / Path(checkpoint).relative_to(out_dir))
     stats = {
         "input_rows": input_rows,
         "kept": valid_rows,
@@ -505,8 +546,8 @@ def format_summary(stats: dict, out: str) -> str:
         f"{t['error']} error(s){'; resumed' if t['resumed'] else ''}; {t['max_concurrent']} at a time",
         f"    default trial       {default['trial_id']} {metric} {default_score} {default['config']}",
         f"    best trial          {best['trial_id']} {metric} {best[metric]:.4f} (step {best['step']}) {best['config']}",
-        f"    best model          {Path(out) / 'best_model'}  (settings: {Path(out) / 'best_config.yaml'})",
-        f"    results             {Path(out) / 'results.csv'}, {Path(out) / 'trials.png'}",
+        f"    best model          {storage.join(out, 'best_model')}  (settings: {storage.join(out, 'best_config.yaml')})",
+        f"    results             {storage.join(out, 'results.csv')}, {storage.join(out, 'trials.png')}",
     ])
 
 

@@ -16,7 +16,7 @@ from pairmill import storage
 from pairmill.output import BucketJobFolder, JobFolder, StatsMismatch, finished_files, is_finished, open_job, parquet_rows
 from pairmill.read import count_input_rows, detect_format, load_parsed_local, read_parsed
 from tests.pairmill.test_pairs import BAD_LINES, _bad_file
-from tests.storage.conftest import upload
+from tests.conftest import upload
 
 SAMPLE = resources.files("pairmill") / "sample" / "train.jsonl.gz"
 
@@ -40,7 +40,8 @@ def _without_origin(rows: list[dict]) -> list[dict]:
 
 def test_reading_from_a_bucket_gives_the_local_rows_and_rejections(ray_session, bucket, tmp_path):
     """The bundled sample and a file of bad lines, read in-process and on Ray (whose workers reach
-    the bucket with the filesystem they are sent), Parquet from its footers, a folder as a prefix."""
+    the bucket with the filesystem they are sent), Parquet from its footers, a folder as a prefix,
+    and saved HF datasets (a Dataset, a DatasetDict's train split) from their Arrow files."""
     bad = _bad_file(tmp_path / "bad.jsonl", gz=False)
     sample_uri = upload(SAMPLE, f"{bucket}/in/train.jsonl.gz")
     bad_uri = upload(bad, f"{bucket}/in/bad.jsonl")
@@ -62,6 +63,64 @@ def test_reading_from_a_bucket_gives_the_local_rows_and_rejections(ray_session, 
     assert load_parsed_local(f"{bucket}/pq")["id"].to_pylist() == table["id"].to_pylist()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         detect_format(f"{bucket}/nothing.jsonl")
+
+    import datasets
+
+    rows = table.select(["id", "query", "passage"]).slice(0, 30).to_pylist() + [{"id": "x", "query": "q", "passage": ""}]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(tmp_path / "hf_dict"))
+    for name in ("hf", "hf_dict"):
+        storage.upload_folder(tmp_path / name, f"{bucket}/{name}")
+        fmt, files = detect_format(f"{bucket}/{name}")
+        assert fmt == "arrow" and len(files) == (2 if name == "hf" else 1) and count_input_rows(f"{bucket}/{name}") == 31
+        local = _without_origin(load_parsed_local(tmp_path / name).to_pylist())
+        assert _without_origin(load_parsed_local(f"{bucket}/{name}").to_pylist()) == local
+        assert sorted(_without_origin(read_parsed(f"{bucket}/{name}").take_all()), key=str) == sorted(local, key=str)
+        assert [r["reason"] for r in local].count("empty_text") == 1
+
+
+def test_a_beir_folder_on_a_bucket_is_the_local_task(bucket, tmp_path):
+    from pairmill.evaluate import load_task
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    write = lambda name, lines: (folder / name).write_text("\n".join(lines) + "\n")  # noqa: E731
+    write("corpus.jsonl", [json.dumps({"_id": f"d{i}", "title": "t", "text": f"doc {i}"}) for i in range(4)] + ["not json"])
+    write("queries.jsonl", [json.dumps({"_id": f"q{i}", "text": f"query {i}"}) for i in range(3)])
+    write("qrels/test.tsv", ["query-id\tcorpus-id\tscore", "q0\td0\t1", "q1\td1\t2", "q2\tmissing\t1", "bad"])
+    storage.upload_folder(folder, f"{bucket}/beir")
+    local, remote = load_task(str(folder)), load_task(f"{bucket}/beir/")
+    assert (remote.queries, remote.corpus, remote.qrels, remote.exclude) == (local.queries, local.corpus, local.qrels, local.exclude)
+    assert remote.inputs == {f"{bucket}/beir/{name}": counts for name, counts in zip(
+        ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"), local.inputs.values())}
+    assert remote.inputs[f"{bucket}/beir/qrels/test.tsv"]["rejected"] == {"bad_qrels_line": 1, "unknown_id": 1}
+
+
+def test_classify_writes_its_folder_on_a_bucket(bucket, tiny_model, tmp_path):
+    """``pairmill classify --model DIR s3://.../texts.jsonl -o s3://.../classified``: in-process, no Ray."""
+    import shutil
+
+    from pairmill.cli import main as cli
+    from pairmill.encoder import Encoder
+    from pairmill.head import fit_head
+    from tests.conftest import write_jsonl
+
+    texts = ["the data of a program", "a network of machines", "memory and disk", "a tree of nodes"]
+    fit_head(Encoder(tiny_model, device="cpu").encode(texts, kind="query"), ["a", "b", "a", "b"]).save(tmp_path / "cls" / "head")
+    shutil.copytree(tiny_model, tmp_path / "cls" / "model")
+    lines = [json.dumps({"text": t, "label": y}) for t, y in zip(texts, "abab")] + ["not json"]
+    texts_uri = upload(write_jsonl(tmp_path / "texts.jsonl", lines), f"{bucket}/texts.jsonl")
+    assert cli(["classify", "--model", str(tmp_path / "cls"), texts_uri, "-o", f"{bucket}/classified"]) == 0
+    stats = json.loads(storage.read_text(f"{bucket}/classified/stats.json"))
+    assert stats["input_rows"] == 5 and stats["kept"] == 4 and stats["rejected"] == {"invalid_json": 1}
+    assert is_finished(f"{bucket}/classified") and stats["metrics"]["rows"] == 4
+    manifest = json.loads(storage.read_text(f"{bucket}/classified/_SUCCESS"))
+    rows = [r for fs, path in map(storage.split, finished_files(f"{bucket}/classified", "kept"))
+            for r in pq.read_table(path, filesystem=fs).to_pylist()]
+    assert [r["text"] for r in rows] == texts and all(r["predicted"] in ("a", "b") for r in rows)
+    assert set(manifest["files"]) == {f"kept/{manifest['attempt']}/part-0.parquet",
+                                      f"rejected/{manifest['attempt']}/part-0.parquet", "stats.json"}
 
 
 def _stats(kept: int) -> dict:
@@ -176,7 +235,7 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
         assert remote[key] == local[key], key
     assert local["input_rows"] == 49 and local["dropped"]["exact_duplicate"] == 3 and sum(local["rejected"].values()) == 6
     assert [(s["name"], s["rows_in"], s["rows_out"]) for s in remote["stages"]] == [(s["name"], s["rows_in"], s["rows_out"]) for s in local["stages"]]
-    from tests.storage.conftest import TEST_CREDENTIALS
+    from tests.conftest import TEST_CREDENTIALS
 
     assert not any(value in text for value in TEST_CREDENTIALS.values())
     assert is_finished(f"{bucket}/filtered") and count_input_rows(f"{bucket}/filtered") == remote["kept"]
@@ -199,8 +258,9 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
     """``pairmill run -o s3://.../run1 run.train=s3://.../pairs/``: every stage's folder on the bucket
     (committed by its manifest), and the train stage, killed after its step-2 checkpoint, resumed from
     Ray Train's checkpoints on the bucket by the same command (not restarted), its model then read
-    back from the bucket by the eval stage. Filter's embedding stages and refresh are off: they touch
-    no storage. One Ray Train run (~60 s here) pays for both the run and the resume."""
+    back from the bucket by the eval stage. Filter's embedding stages and refresh are off: they
+    touch no storage (refresh rounds on a bucket: tests/training/test_refresh_train.py). One Ray
+    Train run (~60 s here) pays for both the run and the resume."""
     import training.train
     from pairmill.cli import main as cli
     from tests.conftest import literal_pairs, write_jsonl
@@ -247,18 +307,14 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
     report = json.loads(storage.read_text(f"{out}/report.json"))
     assert report["trained"]["queries"] == report["base"]["queries"] == 16 and report["trained"] != report["base"]
     assert storage.exists(f"{out}/report.md") and is_finished(f"{out}/eval")
-    from tests.storage.conftest import TEST_CREDENTIALS
+    from tests.conftest import TEST_CREDENTIALS
 
     assert not any(value in storage.read_text(f"{out}/report.json") for value in TEST_CREDENTIALS.values())
 
-    # refresh rounds of a train run on the bucket's mine folder (OUT local) re-encode the texts of its index
-    import ray
+    # refresh rounds of a train run on this mine folder re-mine its kept rows against its index's
+    # texts, where they are: the attempt prefixes its _SUCCESS vouches for
+    from training.rounds import _job_folders
 
-    from pairmill.config import EncoderConfig, MineConfig, TrainConfig
-    from training.rounds import refresh_settings
-
-    valid = ray.data.from_items([{"id": "a", "query": "q", "passage": "p", "negatives": []}])
-    settings = refresh_settings(f"{out}/mine", valid, tmp_path / "train", None, EncoderConfig(model=tiny_model),
-                                TrainConfig(refresh_every=2), MineConfig(), None, train_gpus=0)
-    assert settings.index_folder == str(tmp_path / "train" / "refresh" / "index")
-    assert pq.read_table(settings.index_folder).num_rows == 60  # the corpus mine indexed
+    kept, index = _job_folders(f"{out}/mine")
+    assert kept == finished_files(f"{out}/mine", "kept")[0].rsplit("/", 1)[0] and parquet_rows(kept) == 60
+    assert index.startswith(f"{out}/mine/index/") and any(f.endswith(".texts.parquet") for f in finished_files(f"{out}/mine", "index"))

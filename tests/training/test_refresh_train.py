@@ -70,11 +70,16 @@ def expected_use(rounds: list[dict], steps: int, batch: int) -> tuple[float, int
 OVERLAP = 3
 
 
-def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, tmp_path):
+def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, bucket, tmp_path):
     """refresh_every=10 on one worker: rounds start every 10 steps unless one is in flight (skipped);
     each finishes while training steps on, then batches train on its negatives. The test seam waits
     for a round once it has been in flight OVERLAP steps, so rounds finish within this short run on
-    2 cores (a sleep per step used to stand in for an accelerator's free CPUs: slower and less sure)."""
+    2 cores (a sleep per step used to stand in for an accelerator's free CPUs: slower and less sure).
+    OUT is on an S3 bucket: the rounds' models, indexes and negatives are written there, by rank 0 and
+    by the round's task and actors, which get the driver's filesystem (no endpoint in their environment)."""
+    from pairmill import storage
+    from pairmill.output import is_finished
+
     rows = literal_pairs(40)
     for i, row in enumerate(rows):  # the "mine job" negatives (step 0): two other passages
         row["negatives"] = [rows[(i + k + 1) % len(rows)]["passage"] for k in range(2)]
@@ -84,19 +89,19 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     reused = [{"id": "r3", "query": "a reused id", "passage": "another pair's text"},
               {"id": "r5", "query": "also reused", "passage": "yet another text"}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows + reused)
-    out = tmp_path / "train"
+    out = f"{bucket}/train"
     encoder = EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: ", batch_size=16)
     settings = dict(num_workers=1, batch_size=8, max_steps=30, lr=1e-3, hard_negatives=2, query_max_length=16,
                     passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=10)
     t0 = time.perf_counter()
-    stats = train(str(pairs), str(out), encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
+    stats = train(str(pairs), out, encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
                   eval_cfg=EvalConfig(), ray=RayConfig(), mine_cfg=MineConfig(**SELECTION),
                   hooks=TestHooks(round_overlap_steps=OVERLAP))
     print(f"train {time.perf_counter() - t0:.1f}s")
     print(json.dumps(stats["refresh"]))
 
     refresh = stats["refresh"]
-    assert stats["train"]["steps"] == 30 and (out / "_SUCCESS").exists()
+    assert stats["train"]["steps"] == 30 and is_finished(out)
     assert stats["rejected"] == {"duplicate_id": 2} and stats["kept"] == 40 and stats["input_rows"] == 42
     assert refresh["rounds_finished"] >= 1 and refresh["rounds_started"] >= refresh["rounds_finished"]
     assert refresh["rounds_started"] + refresh["rounds_skipped"] == 2  # due at steps 10 and 20 (not at the last)
@@ -110,19 +115,21 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     staleness, used = expected_use(refresh["rounds"], 30, 8)
     assert used <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
     assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness
-    assert (out / "refresh" / f"step-{last['step']}" / "index" / "manifest.json").exists()
+    live = f"{out}/refresh/step-{last['step']}"
+    assert storage.exists(f"{live}/index/manifest.json") and not storage.list_files(f"{live}/work")
     for older in refresh["rounds"][:-1]:  # the newest round holds the live index; older ones are removed
-        assert not (out / "refresh" / f"step-{older['step']}").exists()
+        assert not storage.list_files(f"{out}/refresh/step-{older['step']}")
     import pyarrow.parquet as pq
 
-    refreshed = pq.read_table(out / "refresh" / f"step-{last['step']}" / "negatives").to_pylist()
+    refreshed = pq.read_table(storage.split(f"{live}/negatives")[1], filesystem=storage.split(live)[0]).to_pylist()
     assert len(refreshed) == len({r["id"] for r in refreshed}) == 40
     by_id = {r["id"]: r for r in refreshed}
     for i in (3, 5):  # mined for the pair that kept the id: its own passage is never its negative
         assert rows[i]["passage"] not in by_id[f"r{i}"]["negatives"]
-    assert (out / "refresh" / f"step-{last['step']}" / "model").is_dir()
+    assert storage.exists(f"{live}/model/modules.json")
+    assert [json.loads(line)["step"] for line in storage.read_text(f"{out}/refresh/rounds.jsonl").splitlines()] == [10, 20]
     assert refresh["seconds_per_round"] > 0 and refresh["seconds_per_step"] > 0
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    final = [json.loads(line) for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()][-1]
     assert final["refresh_rounds_finished"] == refresh["rounds_finished"] and "negative_staleness" in final
 
 

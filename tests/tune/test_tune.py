@@ -1,6 +1,7 @@
 """The tune job: search-space and resource rules in memory; then on Ray, once each: an ASHA sweep
 that stops a trial early still finishes and exports, and a run interrupted by Ctrl-C resumes
-without redoing its finished trial (optuna's search, on a file of every kind of bad line)."""
+without redoing its finished trial (optuna's search, on a file of every kind of bad line), that
+one with its input, held-out BEIR folder and OUT on an S3 bucket."""
 
 from __future__ import annotations
 
@@ -90,9 +91,12 @@ def sections(data, tiny_model, *overrides):
     return load_config({s: SECTIONS[s] for s in TUNE_SECTIONS}, None, settings(data, tiny_model, *overrides))
 
 
-def read_results(out: Path) -> list[dict]:
-    with open(out / "results.csv") as f:
-        return list(csv.DictReader(f))
+def read_results(out: Path | str) -> list[dict]:
+    import io
+
+    from pairmill import storage
+
+    return list(csv.DictReader(io.StringIO(storage.read_text(storage.join(out, "results.csv")))))
 
 
 def test_asha_stops_a_trial_and_the_sweep_finishes_with_the_best_model(ray_session, tiny_model, data, tmp_path):
@@ -144,39 +148,56 @@ class InterruptOnce(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, tiny_model, messy, tmp_path):
+def write_beir(folder: Path, rows: list[dict]) -> Path:
+    """``rows`` as a BEIR folder: a query each, its passage the one relevant document."""
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": r["passage"]}) + "\n" for i, r in enumerate(rows)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n" for i, r in enumerate(rows)))
+    (folder / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(len(rows))))
+    return folder
+
+
+def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, tiny_model, messy, bucket, tmp_path):
     """tune.search=optuna (its searcher is restored with the run), on the file of every kind of bad
-    line that tests/test_every_verb.py sends through the other verbs: the counts add up to its lines."""
-    out = tmp_path / "tune"
-    data = {"pairs": messy["path"], "heldout": messy["heldout"]}
+    line that tests/test_every_verb.py sends through the other verbs: the counts add up to its lines.
+    All on a bucket: Tune keeps its experiment there and restores it, each trial is a train job
+    folder there with its own manifest, and the tune job commits by its own."""
+    from pairmill import storage
+    from pairmill.output import finished_manifest, is_finished, local_model
+    from tests.conftest import upload
+
+    out = f"{bucket}/tune"
+    storage.upload_folder(write_beir(tmp_path / "beir", literal_pairs(300)[260:]), f"{bucket}/heldout")
+    data = {"pairs": upload(messy["path"], f"{bucket}/messy.jsonl"), "heldout": f"{bucket}/heldout"}
     overrides = ("tune.scheduler=none", "tune.search=optuna", "train.max_steps=4", "train.eval_every=4")
     cfg = sections(data, tiny_model, *overrides)
     flag = tmp_path / "interrupt"
     flag.touch()
     from tune.tune import Interrupted
 
-    from pairmill.output import resumable_staging
-
     with pytest.raises(Interrupted, match="rerun the same command"):
-        tune_runs(data["pairs"], str(out), sections=cfg, callbacks=[InterruptOnce(flag)])
-    # nothing at OUT until the job commits: the interrupted run is in its staging folder
-    assert not flag.exists() and not out.exists()
-    finished = [p.parent for p in (resumable_staging(out) / "trials").glob("*/_SUCCESS")]
+        tune_runs(data["pairs"], out, sections=cfg, callbacks=[InterruptOnce(flag)])
+    # nothing is finished at OUT until the job commits; Tune's experiment and the trials are there
+    assert not flag.exists() and not is_finished(out) and storage.exists(f"{out}/tune")
+    trials = {uri[len(out) + 8:].split("/")[0] for uri, _ in storage.list_files(f"{out}/trials")}
+    finished = [t for t in trials if is_finished(f"{out}/trials/{t}")]
     assert len(finished) == 1
-    first_done = (finished[0] / "_SUCCESS").stat().st_mtime_ns
+    first_done = storage.read_text(f"{out}/trials/{finished[0]}/_SUCCESS")
 
     # the same command again, as a user reruns it (the CLI builds the same settings)
     from pairmill.cli import main
 
-    assert main(["tune", data["pairs"], "-o", str(out), *settings(data, tiny_model, *overrides)]) == 0
-    stats = json.loads((out / "stats.json").read_text())
+    assert main(["tune", data["pairs"], "-o", out, *settings(data, tiny_model, *overrides)]) == 0
+    stats = json.loads(storage.read_text(f"{out}/stats.json"))
     assert stats["tune"]["resumed"] and stats["tune"]["finished"] == 2
-    assert not resumable_staging(out).exists()
-    assert (out / "trials" / finished[0].name / "_SUCCESS").stat().st_mtime_ns == first_done  # not trained again
+    assert storage.read_text(f"{out}/trials/{finished[0]}/_SUCCESS") == first_done  # not trained again
     assert [r["status"] for r in read_results(out)] == ["finished", "finished"]
-    assert (out / "_SUCCESS").exists() and (out / "best_model").is_dir()
+    manifest = finished_manifest(out)
+    assert {"stats.json", "results.csv", "trials.png", "best_config.yaml"} <= set(manifest["files"])
+    assert stats["tune"]["best"]["checkpoint"].startswith(f"{out}/trials/")
+    assert (Path(local_model(f"{out}/best_model")) / "modules.json").exists()  # what --model s3://.../best_model reads
     check_counts(stats, messy["lines"], messy["bad"])
 
     # the same OUT with other settings is refused, not mixed
     with pytest.raises(BadInput, match=r"other settings \(tune.num_samples\)"):
-        tune_runs(data["pairs"], str(out), sections=sections(data, tiny_model, *overrides, "tune.num_samples=3"))
+        tune_runs(data["pairs"], out, sections=sections(data, tiny_model, *overrides, "tune.num_samples=3"))
