@@ -3,14 +3,17 @@
 Design note. The index returns, per query, candidates ranked by score. A candidate is a false
 negative when it is a positive of that query: the pair's own passage, a passage text-identical to
 it (the corpus holds each normalised text once, so these share one corpus id), or the passage of
-another pair with the same query. Those are removed first; the rank window
-``[range_min, range_max)`` is then taken over the remaining candidates (so "rank 0" is the hardest
-non-positive), and the positive-aware filter of NV-Retriever ("TopK-PercPos") drops candidates
-scoring above ``margin_ratio`` x the positive's score, plus an optional absolute ``max_score``: a
-candidate that close to the positive is more often an unlabelled positive than a negative.
-From what is left, ``top`` takes the highest-scoring, ``random`` samples uniformly. A query left with
-fewer than ``num_negatives`` gets fewer: the shortfall is counted, never padded silently.
-Cost: O(queries x candidates).
+another pair with the same query. Those are removed first, then the positive-aware filter of
+NV-Retriever ("TopK-PercPos") drops candidates scoring above ``margin_ratio`` x the positive's
+score, plus an optional absolute ``max_score``: a candidate that close to the positive is more
+often an unlabelled positive than a negative. The rank window ``[range_min, range_max)`` is taken
+over what is left (so "rank 0" is the hardest candidate below the margin), as NV-Retriever takes
+its top-k after the filter. Filtering first matters for pairs whose positive ranks low (a noisy
+web pair kept at rank 50 has ~50 passages scoring above it): a window taken first would hold only
+candidates above the margin and leave the pair with no negative (1,229 of 11,845 registry pairs
+did); ``mining.search`` searches such pairs again, deeper. From the window, ``top`` takes the
+highest-scoring, ``random`` samples uniformly. A query left with fewer than ``num_negatives`` gets
+fewer: the shortfall is counted, never padded silently. Cost: O(queries x candidates).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Selection:
     ids: np.ndarray  # (Q, n) int64 corpus ids, -1 where a query got fewer than n
     scores: np.ndarray  # (Q, n) float32, nan where ids == -1
     short: int  # queries with fewer than n negatives
-    filtered: np.ndarray  # (Q,) int64: candidates inside the window dropped by the positive-aware filter
+    filtered: np.ndarray  # (Q,) int64: searched candidates the positive-aware filter (and max_score) dropped
 
     @property
     def filtered_by_margin(self) -> int:
@@ -69,14 +72,14 @@ def select_negatives(
     filtered = np.zeros(q, dtype=np.int64)
     for i in range(q):
         keep = (cand_ids[i] >= 0) & ~np.isin(cand_ids[i], list(positives[i]))
-        ids, scores = cand_ids[i][keep][range_min:range_max], cand_scores[i][keep][range_min:range_max]
+        ids, scores = cand_ids[i][keep], cand_scores[i][keep]
         ok = np.ones(len(ids), dtype=bool)
         if margin_ratio is not None:
             ok &= scores <= margin_ratio * positive_scores[i]
         if max_score is not None:
             ok &= scores <= max_score
         filtered[i] = int((~ok).sum())
-        ids, scores = ids[ok], scores[ok]
+        ids, scores = ids[ok][range_min:range_max], scores[ok][range_min:range_max]
         if sampling == "random" and len(ids) > num_negatives:
             pick = np.sort(rng.choice(len(ids), num_negatives, replace=False))  # keep score order
             ids, scores = ids[pick], scores[pick]

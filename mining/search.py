@@ -5,8 +5,11 @@ negatives with ``mining.negatives.select_negatives``, fetch their texts. Shared 
 Design note. Identical query vectors in a batch are searched once. Rows whose query has few
 positives (``mining.positives``) search ``range_max`` + their positives deep in one batched call;
 rows of a query with too many search once per distinct (query, vector) with those positives
-excluded inside the index. Cost per batch: the distinct queries x that depth over the corpus, then
-one fetch of the chosen negatives' texts and vectors.
+excluded inside the index. Rows left short of negatives because every candidate scored above the
+margin (their positive ranks low) search again, ``DEEPER`` times as deep each time up to a cap.
+Cost per batch: the distinct queries x that depth over the corpus, the short rows' deeper searches
+(mining 18,208 unfiltered registry pairs, a fifth of them junk that stays short, took 28 s; the
+13,248 the k=auto filter kept, 12.5 s), then one fetch of the chosen negatives' texts and vectors.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ NEAR_DUPLICATE = 0.95  # cosine between a negative and its positive above which 
 MINED_COLUMNS = ["negatives", "negative_ids", "negative_scores", "positive_score", "padded_negatives",
                  "margin_filtered", "near_duplicate_negatives"]
 RRF_K = 60  # mine.method=hybrid: reciprocal rank fusion's constant (Cormack et al. 2009 found 60 near best)
+DEEPER = 8  # a row left short behind the margin searches again this many times deeper ...
+MAX_DEPTH = 1920  # ... up to this past its positives (+ INLINE_POSITIVES: FAISS GPU stops at k=2048)
+LEXICAL_MAX_DEPTH = 240  # ... or this with bm25/hybrid, whose candidates' vectors are fetched (B, depth, D)
 
 
 def pad_random(ids: np.ndarray, positives: list[set[int]], pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,17 +128,42 @@ def mine_batch(batch: pa.Table, index, selection: dict, keep: list[str], pad: st
     range_max = selection["range_max"]
     # Excluded searches never return a positive: those rows need no second check against 100k keys.
     positives = [set() if keys is None else set(keys) for keys in inline]
-    if method == "dense":
-        scores, ids = dense_candidates(index, queries, query_keys, inline, stored, range_max)
-    elif lexical is None or method not in ("bm25", "hybrid"):
+    if method not in ("dense", "bm25", "hybrid") or (method != "dense" and lexical is None):
         raise ValueError(f"mine.method={method!r} needs a LexicalIndex (lexical=...); valid methods: dense, bm25, hybrid")
-    else:
-        ids = lexical_candidates(lexical, batch.column("query").to_pylist(), query_keys, inline, stored, range_max)
+    query_texts = batch.column("query").to_pylist() if method != "dense" else None
+
+    def candidates(rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of ``rows``' candidates, ``depth`` past their positives."""
+        sub_inline, sub_keys = [inline[r] for r in rows], query_keys[rows]
+        if method == "dense":
+            scores, ids = dense_candidates(index, queries[rows], sub_keys, sub_inline, stored, depth)
+            return ids, scores
+        ids = lexical_candidates(lexical, [query_texts[r] for r in rows], sub_keys, sub_inline, stored, depth)
         if method == "hybrid":  # ranks among non-positives in each list, as select_negatives counts them
-            _, dense_ids = dense_candidates(index, queries, query_keys, inline, stored, range_max)
-            ids, _ = reciprocal_rank_fusion([without(dense_ids, positives), without(ids, positives)], RRF_K)
-        scores = cosine_scores(index, queries, ids)
+            _, dense_ids = dense_candidates(index, queries[rows], sub_keys, sub_inline, stored, depth)
+            sub_positives = [positives[r] for r in rows]
+            ids, _ = reciprocal_rank_fusion([without(dense_ids, sub_positives), without(ids, sub_positives)], RRF_K)
+        return ids, cosine_scores(index, queries[rows], ids)
+
+    every = np.arange(batch.num_rows)
+    ids, scores = candidates(every, range_max)
     chosen = select_negatives(ids, scores, positive_scores, positives, **selection)
+    # A pair whose positive ranks low has every searched candidate above the margin (a noisy pair the
+    # consistency filter kept at rank 500): search those DEEPER times as deep, and again, up to the
+    # cap, where the candidates below the margin are. A search that came back short saw the whole corpus.
+    depth, rows = range_max, every
+    cap = MAX_DEPTH if method == "dense" else LEXICAL_MAX_DEPTH  # lexical candidates fetch a vector each
+    while depth < cap:
+        full = np.array([((row >= 0) & ~np.isin(row, list(positives[r]))).sum() >= depth  # non-positives found
+                         for r, row in zip(rows, ids)], dtype=bool)
+        short = (chosen.ids[rows] < 0).any(axis=1) & (chosen.filtered[rows] > 0) & full
+        rows, depth = rows[short], min(depth * DEEPER, cap)
+        if not len(rows):
+            break
+        ids, scores = candidates(rows, depth)
+        again = select_negatives(ids, scores, positive_scores[rows], [positives[r] for r in rows], **selection)
+        chosen.ids[rows], chosen.scores[rows], chosen.filtered[rows] = again.ids, again.scores, again.filtered
+    chosen.short = int((chosen.ids < 0).any(axis=1).sum())
     neg_ids, neg_scores, padded = chosen.ids, chosen.scores, np.zeros(batch.num_rows, dtype=np.int64)
     if pad == "random" and chosen.short:
         # Asked for: short queries get random corpus passages, appended after the mined ones and

@@ -76,3 +76,53 @@ def test_refresh_rounds_move_the_window_by_step():
     assert (only_max.range_min, only_max.range_max) == (0, 40)
     with pytest.raises(ConfigError, match="range_min_final"):
         MineConfig(range_min_final=28, range_max_final=30)  # 2 candidates cannot give 4 negatives
+
+
+class _MemoryIndex:
+    """The ShardedIndex calls mine_batch makes, over an in-memory corpus (no Ray), counting searches."""
+
+    def __init__(self, vectors: np.ndarray):
+        from pairmill.vectors import exact_search
+
+        self.vectors_, self.exact_search, self.depths = vectors, exact_search, []
+
+    def search(self, queries, k, exclude=None):
+        self.depths.append((len(queries), k))
+        return self.exact_search(self.vectors_, queries, k)
+
+    def fetch(self, ids):
+        texts = np.where(ids >= 0, np.vectorize(lambda i: f"passage {i}", otypes=[object])(np.maximum(ids, 0)), None)
+        return texts, np.where((ids >= 0)[..., None], self.vectors_[np.maximum(ids, 0)], np.nan).astype(np.float32)
+
+
+def test_a_pair_whose_positive_ranks_low_gets_negatives_from_below_the_margin():
+    import pyarrow as pa
+
+    from mining.search import mine_batch
+
+    # Passage 0 is the pair's positive (cosine 0.5 to the query); passages 1-59 score 0.9 .. 0.6 above it,
+    # 60-99 score 0.45 .. 0.05 below it. The window of 10 sees only passages above 0.95 x 0.5.
+    dim = 2
+    cos = np.concatenate([[0.5], np.linspace(0.9, 0.6, 59), np.linspace(0.45, 0.05, 40)])
+    vectors = np.stack([cos, np.sqrt(1 - cos**2)], axis=1).astype(np.float32)  # (100, 2) unit
+    index = _MemoryIndex(vectors)
+    batch = pa.table({
+        "id": ["a"], "query": ["q"], "passage": ["passage 0"],
+        "query_embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32(), dim)),
+        "passage_embedding": pa.array([vectors[0].tolist()], pa.list_(pa.float32(), dim)),
+        "positive_keys": pa.array([[0]], pa.list_(pa.int64())), "query_key": pa.array([7], pa.int64()),
+    })
+    selection = {"num_negatives": 2, "range_min": 0, "range_max": 10, "margin_ratio": 0.95, "max_score": None,
+                 "sampling": "top", "seed": 0}
+    out = mine_batch(batch, index, selection, keep=["id", "query", "passage"]).to_pylist()[0]
+    assert out["negative_ids"] == [60, 61]  # the hardest below 0.475, found by the one deeper search
+    assert np.allclose(out["negative_scores"], [0.45, 0.45 - 0.4 / 39], atol=1e-5)
+    assert out["margin_filtered"] == 59 and index.depths == [(1, 11), (1, 81)]
+    # A window of 5: 40 deep still sees only passages above the margin, 320 deep finds them.
+    index.depths.clear()
+    out = mine_batch(batch, index, {**selection, "range_max": 5}, keep=["id"]).to_pylist()[0]
+    assert out["negative_ids"] == [60, 61] and index.depths == [(1, 6), (1, 41), (1, 321)]
+    # A corpus too small for the window already came back whole: no second search.
+    small = _MemoryIndex(vectors[:8])
+    out = mine_batch(batch, small, selection, keep=["id"]).to_pylist()[0]
+    assert out["negative_ids"] == [] and small.depths == [(1, 11)]
