@@ -30,6 +30,8 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
 7. ``e5-inbatch``: E5's order: the k=auto filter scored by the ``plain`` arm's model of seed 0 (a
    model first trained on the raw pairs) instead of the bundled one, then in-batch training of the
    bundled model on what it kept: arm 6 with a filter model that has seen this data.
+8. ``dedup-mined``: no consistency filter (``filter.consistency=false``: exact and semantic dedup
+   only), then mined as ``web`` (one hard negative per pair): the negatives without the filter.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
 is every finished arm: the benchmark resumes where it stopped. Each arm writes
@@ -51,7 +53,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("plain", "filtered", "mined", "refresh", "web", "web-inbatch", "e5-inbatch")
+ARMS = ("plain", "filtered", "mined", "refresh", "web", "web-inbatch", "e5-inbatch", "dedup-mined")
 JUNK = re.compile(
     r"\b(todo|tbd|lorem|ipsum|placeholder|short description|description here|add a description|"
     r"example package|sample package|test package|my first|hello world|no description|test project)\b",
@@ -155,6 +157,7 @@ def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> 
         "web": [str(out / "web-mine"), *web_settings("train"), f"train.refresh_every={args.refresh_every}"],
         "web-inbatch": [str(out / "web-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
         "e5-inbatch": [str(out / "e5-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
+        "dedup-mined": [str(out / "dedup-mine"), "train.hard_negatives=1", "train.refresh_every=0"],
     }[arm]
     started = time.perf_counter()
     cli("train", settings[0], "-o", str(folder / "train"), *settings[1:], *common)
@@ -210,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--mine", nargs="+", default=[], metavar="mine.key=value",
+                        help="mining settings of the web and dedup-mined arms, after configs/web.yaml's (another -o "
+                             "for each: OUT's mined folders are reused as they are)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="train settings for every arm, e.g. train.batch_size=64")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -232,13 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         if not finished(out / "web-filter"):
             cli("filter", raw, "-o", str(out / "web-filter"), *web_settings("encoder", "read", "filter"))
         if "web" in args.arms and not finished(out / "web-mine"):
-            cli("mine", str(out / "web-filter"), "-o", str(out / "web-mine"), *web_settings("encoder", "read", "mine"))
+            cli("mine", str(out / "web-filter"), "-o", str(out / "web-mine"), *web_settings("encoder", "read", "mine"), *args.mine)
     if "e5-inbatch" in args.arms and not finished(out / "e5-filter"):
         # E5's order: the filter's model is one trained on the raw pairs first (the plain arm, seed 0).
         run_arm("plain", 0, out, {"raw": raw}, args, tasks)
         cli("filter", raw, "-o", str(out / "e5-filter"), "--model", str(out / "seed0" / "plain" / "train" / "model"),
             *web_settings("encoder", "read", "filter"))
-    for name in ("filter", "mine", "web-filter", "web-mine", "e5-filter"):
+    if "dedup-mined" in args.arms:
+        if not finished(out / "dedup-filter"):
+            cli("filter", raw, "-o", str(out / "dedup-filter"), "filter.consistency=false")
+        if not finished(out / "dedup-mine"):
+            cli("mine", str(out / "dedup-filter"), "-o", str(out / "dedup-mine"), *web_settings("encoder", "read", "mine"),
+                *args.mine)
+    for name in ("filter", "mine", "web-filter", "web-mine", "e5-filter", "dedup-filter", "dedup-mine"):
         if finished(out / name):
             stats = json.loads((out / name / "stats.json").read_text())
             jobs[name] = {key: stats.get(key) for key in ("input_rows", "kept", "dropped", "rejected", "consistency",
