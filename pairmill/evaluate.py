@@ -348,8 +348,11 @@ def main(args) -> int:
     metrics = evaluate_model(encoder_cfg, eval_cfg, task)
     print(format_table({encoder_cfg.model or "all-MiniLM-L6-v2 (bundled)": metrics}))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        from pairmill import storage
+
+        if not storage.is_remote(args.json):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         # the metric keys (DESIGN.md), and what was read: per file, rows used and left out by reason
-        Path(args.json).write_text(json.dumps({**metrics, "inputs": task.inputs}, indent=2))
+        storage.write_text(args.json, json.dumps({**metrics, "inputs": task.inputs}, indent=2))
         print(f"[pairmill] metrics written to {args.json}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 from importlib import resources
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,7 +81,7 @@ def test_reading_from_a_bucket_gives_the_local_rows_and_rejections(ray_session, 
         assert [r["reason"] for r in local].count("empty_text") == 1
 
 
-def test_a_beir_folder_on_a_bucket_is_the_local_task(bucket, tmp_path):
+def test_a_beir_folder_on_a_bucket_is_the_local_task(bucket, tiny_model, tmp_path):
     from pairmill.evaluate import load_task
 
     folder = tmp_path / "beir"
@@ -95,6 +96,13 @@ def test_a_beir_folder_on_a_bucket_is_the_local_task(bucket, tmp_path):
     assert remote.inputs == {f"{bucket}/beir/{name}": counts for name, counts in zip(
         ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"), local.inputs.values())}
     assert remote.inputs[f"{bucket}/beir/qrels/test.tsv"]["rejected"] == {"bad_qrels_line": 1, "unknown_id": 1}
+    # `pairmill eval` on it, its --json written to the bucket (not to a local folder named "s3:")
+    from pairmill.cli import main
+
+    assert main(["eval", "--model", tiny_model, "--data", f"{bucket}/beir/", "--json", f"{bucket}/eval/m.json"]) == 0
+    written = json.loads(storage.read_text(f"{bucket}/eval/m.json"))
+    assert set(written["inputs"]) == set(remote.inputs) and 0 <= written["ndcg@10"] <= 1
+    assert not (Path.cwd() / "s3:").exists()
 
 
 def test_classify_writes_its_folder_on_a_bucket(bucket, tiny_model, tmp_path):
