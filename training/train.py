@@ -188,7 +188,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     t0 = time.perf_counter()
     validated = storage.join(out_dir, "work", "validated")
     if not storage.exists(storage.join(validated, "_DONE")):  # a resumed run reads the rows, in the order, the first one did
-        _remove(validated)
+        storage.remove(validated)
         write_validated(pairs_path, validated, "text" if train_cfg.simcse else "pairs", **read_kwargs(read))
         storage.write_text(storage.join(validated, "_DONE"), "")
     fs, validated_path = storage.split(validated)  # fs None: local
@@ -300,7 +300,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         # where the checkpoint will be once the staging folder is OUT
         path = storage.join(final_dir, posixpath.relpath(checkpoint.path, storage.split(out_dir)[1]))
         best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": path}
-    _remove(storage.join(out_dir, "work"))
+    storage.remove(storage.join(out_dir, "work"))
     job.stage("read+validate", input_rows, valid_rows, read_seconds)
     job.stage("train", valid_rows, final_state["pairs"], train_seconds)
     job.stage("export", 1, 1, export_seconds)
@@ -338,13 +338,6 @@ def _has_checkpoints(folder: str) -> bool:
     if storage.is_remote(folder):
         return any("/step_" in uri[len(folder):] for uri, _ in storage.list_files(folder))
     return any(Path(folder).glob("step_*"))
-
-
-def _remove(path: str) -> None:
-    if storage.is_remote(path):
-        storage.remove(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def export_checkpoint(checkpoint_dir: str, model_dir: str, model: str | None, train_cfg) -> None:
