@@ -18,6 +18,12 @@ filesystem's options, so the workers, which get the filesystem pickled, need onl
 Code that runs in a Ray task or actor and is handed URIs (a tune trial's train run, a refresh
 round, its encoder actors) gets the driver's filesystems with them (``carried``) and ``adopt``s
 them first, so a URI resolves there as it did on the driver.
+
+A GCS emulator (the tests use gcp-storage-emulator) is google-cloud-cpp's
+``CLOUD_STORAGE_EMULATOR_ENDPOINT=http://host:port``. pyarrow's ``from_uri`` leaves it to the client
+library, which then still asks the default chain for an OAuth token first (no emulator checks one;
+off GCP that is retried for minutes, then fails). So pairmill builds that filesystem itself,
+anonymous, with the endpoint in its options: it rides to the workers as the S3 endpoint does.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
 _FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}  # (scheme, bucket, endpoint vars) -> filesystem
 
 
@@ -49,9 +55,14 @@ def _filesystem(uri: str) -> pafs.FileSystem:
             f"{parts.scheme}://{parts.hostname}{parts.path}: a URI with credentials or options in it (user:secret@, "
             "?access_key=...) is refused, since paths are written to stats.json. Give credentials through the "
             "environment or the cloud's default chain (AWS_ACCESS_KEY_ID / AWS_PROFILE / an instance role; "
-            "gcloud auth application-default login), and a custom S3 endpoint as AWS_ENDPOINT_URL"
+            "gcloud auth application-default login), a custom S3 endpoint as AWS_ENDPOINT_URL, a GCS emulator as "
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT"
         )
     key = (parts.scheme.lower(), parts.netloc, *(os.environ.get(name) for name in ENDPOINT_VARS))
+    emulator = os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT")
+    if key not in _FILESYSTEMS and emulator and parts.scheme.lower() in ("gs", "gcs"):
+        endpoint = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+        _FILESYSTEMS[key] = pafs.GcsFileSystem(anonymous=True, scheme=endpoint.scheme, endpoint_override=endpoint.netloc)
     if key not in _FILESYSTEMS:
         try:
             _FILESYSTEMS[key] = pafs.FileSystem.from_uri(uri)[0]

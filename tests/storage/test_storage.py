@@ -220,11 +220,11 @@ def test_a_failed_or_mismatched_job_leaves_no_parts(bucket):
         JobFolder(f"{bucket}/train")  # jobs not yet on object storage say so, and write nothing
 
 
-def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_session, tiny_model, bucket, tmp_path):
-    """``pairmill filter s3://.../pairs.jsonl -o s3://.../filtered``: the same counts as on local
-    files, a manifest-committed folder that the next job reads, and no credential in stats.json
-    (mine, train and eval on the bucket: the `run` test); then ``pairmill embed`` bucket to bucket.
-    The embedding stages are off: they touch no storage, and they would double the test's time."""
+def filter_locally_and_on(bucket: str, tiny_model: str, tmp_path: Path) -> tuple[str, str]:
+    """``pairmill filter`` of the same 49 lines (40 pairs, 3 repeats, 6 bad lines) from a local file
+    to a local folder and from ``bucket/pairs.jsonl`` to ``bucket/filtered``, checked to count alike;
+    (the input's URI, the bucket folder's stats.json text). The embedding stages are off: they touch
+    no storage, and they would double the time."""
     from pairmill.cli import main as cli
     from tests.conftest import literal_pairs, write_jsonl
 
@@ -243,6 +243,17 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
         assert remote[key] == local[key], key
     assert local["input_rows"] == 49 and local["dropped"]["exact_duplicate"] == 3 and sum(local["rejected"].values()) == 6
     assert [(s["name"], s["rows_in"], s["rows_out"]) for s in remote["stages"]] == [(s["name"], s["rows_in"], s["rows_out"]) for s in local["stages"]]
+    return remote_in, text
+
+
+def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_session, tiny_model, bucket, tmp_path):
+    """``pairmill filter s3://.../pairs.jsonl -o s3://.../filtered``: the same counts as on local
+    files, a manifest-committed folder that the next job reads, and no credential in stats.json
+    (mine, train and eval on the bucket: the `run` test); then ``pairmill embed`` bucket to bucket."""
+    from pairmill.cli import main as cli
+
+    remote_in, text = filter_locally_and_on(bucket, tiny_model, tmp_path)
+    remote = json.loads(text)
     from tests.conftest import TEST_CREDENTIALS
 
     assert not any(value in text for value in TEST_CREDENTIALS.values())
