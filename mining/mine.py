@@ -90,7 +90,7 @@ def mine(
     from ray.data.expressions import col
 
     from pairmill.cluster import disk_shuffle, encoder_pool, init_ray
-    from pairmill.encoder import EncodeBatch
+    from pairmill.encoder import EncodeBatch, encoder_stage
     from pairmill.config import encoder_kwargs, read_kwargs
     from pairmill import storage
     from pairmill.output import PARTS, count_by, open_job, parquet_bytes, parquet_rows
@@ -105,7 +105,6 @@ def mine(
                  "mine.range_min_final / range_max_final move it in train's refresh rounds")
     fingerprint = encoder.fingerprint()
     pool = encoder_pool(ray.actors)
-    encode_args = encode_pool_args(pool, encoder.batch_size)
     with open_job(out, PARTS + ("index",)) as job:  # on object storage the index is part of the attempt
         fs, work = job.filesystem, job.work  # work("pairs"): the job's scratch folders
         # -- 1. pairs with embeddings, written once to work/pairs -----------------------------
@@ -120,12 +119,11 @@ def mine(
             parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS).write_parquet(
                 job.path("rejected"), filesystem=fs
             )
-            log.info(f"mine: encoding pairs on {pool.size} actor(s)")
+            log.info(f"mine: encoding pairs on {pool}")
             valid = parsed.filter(expr=col("reason").is_null()).select_columns(output_columns("pairs"))
-            pairs = valid.map_batches(
-                EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder_kwargs(encoder),
-                                                    "keep_columns": True}, **encode_args
-            )
+            pairs = valid.map_batches(**encoder_stage(
+                EncodeBatch, {"mode": "pairs", "encoder_kwargs": encoder_kwargs(encoder), "keep_columns": True}, pool,
+                encoder.batch_size))
         pairs.map_batches(add_keys, batch_format="pyarrow").write_parquet(work("pairs"), filesystem=fs)
         valid_rows = parquet_rows(work("pairs"))
         disk_shuffle(parquet_bytes(work("pairs")))
@@ -145,12 +143,9 @@ def mine(
             extra = (
                 extra_parsed.filter(expr=col("reason").is_null())
                 .select_columns(output_columns("text"))
-                .map_batches(
-                    EncodeBatch,
-                    fn_constructor_kwargs={"mode": "text", "encoder_kwargs": encoder_kwargs(encoder),
-                                           "keep_columns": True, "text_kind": "passage"},
-                    **encode_args,
-                )
+                .map_batches(**encoder_stage(
+                    EncodeBatch, {"mode": "text", "encoder_kwargs": encoder_kwargs(encoder), "keep_columns": True,
+                                  "text_kind": "passage"}, pool, encoder.batch_size))
                 .map_batches(_as_corpus_rows, batch_format="pyarrow")
             )
             extra.write_parquet(work("corpus"), filesystem=fs)
@@ -228,20 +223,6 @@ def mine(
             }
         )
     return stats
-
-
-def encode_pool_args(pool, batch_size: int | None) -> dict:
-    """``map_batches`` arguments of an encoder actor pool of ``pool`` (a ``PoolSize``)."""
-    import ray
-
-    return {
-        "compute": ray.data.ActorPoolStrategy(size=pool.size),
-        "num_cpus": pool.num_cpus,
-        "num_gpus": pool.num_gpus,
-        # Many rows per call: the encoder sorts them by length, so padding shrinks.
-        "batch_size": max(1024, 8 * (batch_size or 32)),
-        "batch_format": "pyarrow",
-    }
 
 
 def build_index(distinct: str | Path, rows: int, mine_cfg, folder: str | Path, manifest_extra: dict):

@@ -201,11 +201,11 @@ def refresh_negatives(
     encoder actors to resolve them with."""
     import pyarrow.parquet as pq
 
-    from mining.mine import build_index, build_lexical, encode_pool_args
+    from mining.mine import build_index, build_lexical
     from mining.positives import add_keys
     from mining.search import write_mined
     from pairmill.cluster import encoder_pool
-    from pairmill.encoder import EncodeBatch
+    from pairmill.encoder import EncodeBatch, encoder_stage
     from pairmill.output import parquet_files, parquet_rows
     from pairmill.pairs import output_columns
 
@@ -213,22 +213,21 @@ def refresh_negatives(
     storage.adopt(filesystems)
     work = storage.join(out, "work")
     encoder = {**encoder_kwargs, "model": model}
-    args = encode_pool_args(pool or encoder_pool(actors), encoder.get("batch_size"))
+    pool = pool or encoder_pool(actors)
     source = _read_parquet(pairs)
     columns = [c for c in output_columns("pairs") if c in source.schema().names]
     _write_parquet(
         source.select_columns(columns)
         .map_batches(add_keys, batch_format="pyarrow")
         .map_batches(in_slice, fn_kwargs={"slice_": slice_}, batch_format="pyarrow")
-        .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "pairs", "encoder_kwargs": encoder, "keep_columns": True,
-                                                          "filesystems": filesystems},
-                     **args),
+        .map_batches(**encoder_stage(EncodeBatch, {"mode": "pairs", "encoder_kwargs": encoder, "keep_columns": True,
+                                                   "filesystems": filesystems}, pool, encoder.get("batch_size"))),
         storage.join(work, "pairs"))
     rows = parquet_rows(storage.join(work, "pairs"))
     _write_parquet(
         corpus_texts(pairs, index_folder)
-        .map_batches(EncodeBatch, fn_constructor_kwargs={"mode": "text", "encoder_kwargs": encoder, "keep_columns": True,
-                                                         "text_kind": "passage", "filesystems": filesystems}, **args)
+        .map_batches(**encoder_stage(EncodeBatch, {"mode": "text", "encoder_kwargs": encoder, "keep_columns": True,
+                                                   "text_kind": "passage", "filesystems": filesystems}, pool, encoder.get("batch_size")))
         .map_batches(_as_distinct, batch_format="pyarrow"),
         storage.join(work, "distinct"))
     distinct = storage.join(work, "distinct")

@@ -147,12 +147,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def actor_threads() -> int:
     """Threads for torch or FAISS in a Ray actor: the CPUs Ray assigned, capped at the node's cores.
 
-    Fractional CPUs still get one thread. Outside an actor (a test, a script) every core.
+    Fractional CPUs still get one thread. A task gets its CPUs the same way; outside Ray (a test, a
+    script, the driver) every core.
     """
     import ray
 
     cores = os.cpu_count() or 1
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:  # the driver
         return cores
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     return max(1, min(int(assigned), cores))
@@ -163,6 +164,13 @@ class PoolSize:
     size: int
     num_cpus: float
     num_gpus: float
+    # Encode in ``size`` tasks at a time on Ray's reused worker processes, each keeping the encoder it
+    # loaded, instead of a pool of ``size`` actors (``pairmill.encoder.encoder_stage`` says why).
+    tasks: bool = False
+
+    def __str__(self) -> str:
+        unit = "task(s) at a time" if self.tasks else "actor(s)"
+        return f"{self.size} encoder {unit}, {self.num_cpus} CPU / {self.num_gpus} GPU each"
 
 
 def encoder_pool(actors: int | None = None, cpus_per_actor: int = 4) -> PoolSize:
@@ -192,7 +200,14 @@ def encoder_pool(actors: int | None = None, cpus_per_actor: int = 4) -> PoolSize
     cpus_per_actor = max(1, min(cpus_per_actor, int(node_cpus)))
     size = actors or max(1, (cpus - 1) // max(1, min(cpus_per_actor, cpus - 1)))
     per_actor = max(1, min(cpus_per_actor, (cpus - 1) // size))
-    return PoolSize(size=size, num_cpus=per_actor, num_gpus=0)
+    return PoolSize(size=size, num_cpus=per_actor, num_gpus=0, tasks=one_node())
+
+
+def one_node() -> bool:
+    """True on a Ray of one live node (a local Ray, or a cluster that has not grown)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"]) == 1
 
 
 def search_cpus(shards: int = 1) -> float:

@@ -13,7 +13,7 @@ import logging
 import time
 
 from pairmill.config import EncoderConfig, RayConfig, ReadConfig, encoder_kwargs, read_kwargs
-from pairmill.encoder import EncodeBatch
+from pairmill.encoder import EncodeBatch, encoder_stage
 from pairmill.output import format_summary
 from pairmill.groups import write_validated
 from pairmill.pairs import REJECT_COLUMNS, Mode, output_columns
@@ -43,17 +43,9 @@ def embed(input_path: str, out: str, *, mode: Mode, encoder: EncoderConfig, read
         rejected = parsed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_COLUMNS)
 
         pool = encoder_pool(ray.actors)
-        log.info(f"embed: {pool.size} encoder actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
+        log.info(f"embed: {pool}")
         embedded = kept.map_batches(
-            EncodeBatch,
-            fn_constructor_kwargs={"mode": mode, "encoder_kwargs": encoder_kwargs(encoder)},
-            compute=ray_lib.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
-            # Many rows per call: the encoder sorts them by length, so padding shrinks.
-            batch_size=max(1024, 8 * (encoder.batch_size or 32)),
-            batch_format="pyarrow",
-        )
+            **encoder_stage(EncodeBatch, {"mode": mode, "encoder_kwargs": encoder_kwargs(encoder)}, pool, encoder.batch_size))
         # The first two passes only read and validate: their time is the validation cost. The
         # encoder pool runs last, so no later pass waits for its actors to release their CPUs.
         t0 = time.perf_counter()

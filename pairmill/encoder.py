@@ -421,7 +421,8 @@ class Encoder:
 
 
 class EncodeBatch:
-    """``map_batches`` callable: one encoder per actor, loaded once.
+    """``map_batches`` callable: the process's encoder (``loaded_encoder``) over a batch; run by
+    ``encoder_stage`` as an actor pool or as tasks.
 
     Returns ``id`` and the embedding columns, or, with ``keep_columns``, the input batch with the
     embedding columns appended. ``text_kind`` picks the prefix of a text column ("passage" when
@@ -432,13 +433,12 @@ class EncodeBatch:
                  filesystems: dict | None = None):
         from pairmill import storage
         from pairmill.cluster import actor_threads
-        from pairmill.encoder import Encoder
 
         storage.adopt(filesystems)  # a model on object storage (a refresh round's): the driver's filesystem
         self.mode = mode
         self.keep_columns = keep_columns
         self.text_kind = text_kind
-        self.encoder = Encoder(**encoder_kwargs, num_threads=actor_threads())
+        self.encoder = loaded_encoder(encoder_kwargs, num_threads=actor_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.mode == "pairs":
@@ -453,3 +453,61 @@ class EncodeBatch:
                 batch = batch.append_column(name, column)
             return batch
         return pa.table({"id": batch.column("id"), **columns})
+
+
+_LOADED: dict[tuple, Encoder] = {}  # this process's encoder (one at a time): loaded_encoder
+
+
+def loaded_encoder(encoder_kwargs: dict, num_threads: int | None = None) -> Encoder:
+    """This process's encoder for ``encoder_kwargs``, loaded once and kept, one at a time: a Ray task
+    worker runs later tasks of the same stage, the next stage and the next job, which then skip
+    loading the model and, above all, importing sentence-transformers (~11 CPU-s here, for
+    transformers, scikit-learn and SciPy). The key holds the model folder's files (name, size,
+    time), so a model rewritten in place is loaded again."""
+    model = resolve_model(encoder_kwargs.get("model"))  # a bucket's model: its local copy, named by what was listed
+    state = []
+    if os.path.isdir(model):
+        for root, _, files in os.walk(model):
+            for name in files:
+                info = os.stat(os.path.join(root, name))
+                state.append((os.path.relpath(os.path.join(root, name), model), info.st_size, info.st_mtime_ns))
+    kwargs = {**encoder_kwargs, "model": model}
+    key = (repr(sorted(kwargs.items())), num_threads, tuple(sorted(state)))
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = Encoder(**kwargs, num_threads=num_threads)
+    elif num_threads:
+        torch.set_num_threads(num_threads)  # another task may have changed it since
+    return _LOADED[key]
+
+
+def _call(batch: pa.Table, cls: type, kwargs: dict) -> pa.Table:
+    """``map_batches`` task of ``encoder_stage``: ``cls(**kwargs)`` on the batch (cheap to build: the
+    encoder in it is the process's ``loaded_encoder``)."""
+    return cls(**kwargs)(batch)
+
+
+def encoder_stage(cls: type, kwargs: dict, pool, batch_size: int | None) -> dict:
+    """``map_batches`` arguments that run ``cls(**kwargs)`` (``EncodeBatch`` or a callable built on
+    it) over the data on ``pool`` (a ``pairmill.cluster.PoolSize``).
+
+    ``pool.tasks`` (one machine, no GPU): at most ``pool.size`` tasks at a time, on Ray's task
+    workers, which Ray reuses (a local Ray keeps them 10 minutes: ``LOCAL_RAY_SYSTEM_CONFIG``) and
+    which keep their encoder (``loaded_encoder``). An actor's process is never reused: every actor
+    pool, one per encoding stage, imported sentence-transformers and loaded the model again, ~11 of
+    a small job's CPU-seconds each time on this machine (filter, mine and refresh rounds each encode;
+    ``pairmill run`` does all of them). Else a pool of ``pool.size`` actors: on a cluster they bound
+    how many processes hold a model, and a GPU's task workers are not reused (Ray's default
+    ``max_calls=1`` for GPU tasks)."""
+    import ray
+
+    common = {
+        "num_cpus": pool.num_cpus,
+        "num_gpus": pool.num_gpus,
+        "batch_size": max(1024, 8 * (batch_size or 32)),  # many rows per call: the encoder sorts them by length
+        "batch_format": "pyarrow",
+    }
+    if pool.tasks:
+        return {"fn": _call, "fn_kwargs": {"cls": cls, "kwargs": kwargs}, "compute": ray.data.TaskPoolStrategy(size=pool.size),
+                **common}
+    return {"fn": cls, "fn_constructor_kwargs": kwargs, "compute": ray.data.ActorPoolStrategy(size=pool.size), **common}

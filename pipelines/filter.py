@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from pairmill.cluster import LARGE_BYTES
 from pairmill.config import EncoderConfig, FilterConfig, RayConfig, ReadConfig
-from pairmill.encoder import EncodeBatch
+from pairmill.encoder import EncodeBatch, encoder_stage
 from pairmill.config import encoder_kwargs, read_kwargs
 from pairmill.output import format_summary
 from pairmill.vectors import to_matrix
@@ -408,16 +408,8 @@ def filter_pairs(
             ds = ds.groupby("id_bucket", num_partitions=partitions).map_groups(id_group, batch_format="pyarrow")
         if embedded:
             pool = encoder_pool(ray.actors)
-            log.info(f"filter: encoder pool of {pool.size} actor(s), {pool.num_cpus} CPU / {pool.num_gpus} GPU each")
-            ds = ds.map_batches(
-                EmbedPairs,
-                fn_constructor_kwargs={"encoder_kwargs": encoder_kwargs(encoder)},
-                compute=ray_lib.data.ActorPoolStrategy(size=pool.size),
-                num_cpus=pool.num_cpus,
-                num_gpus=pool.num_gpus,
-                batch_size=max(1024, 8 * (encoder.batch_size or 32)),  # the encoder sorts a batch by length
-                batch_format="pyarrow",
-            )
+            log.info(f"filter: {pool}")
+            ds = ds.map_batches(**encoder_stage(EmbedPairs, {"encoder_kwargs": encoder_kwargs(encoder)}, pool, encoder.batch_size))
         marked = hold(ds, job.work("marked"), estimate, job.filesystem)
         passes["read+dedup+encode"] = time.perf_counter() - t0
         counts, seconds = tally(marked, ("t_dedup", "t_ids", "t_encode", "truncated"))

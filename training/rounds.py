@@ -227,7 +227,7 @@ def refresh_settings(pairs_path, valid, out_dir: str | Path, store, encoder, tra
 
     import ray
 
-    from pairmill.cluster import PoolSize
+    from pairmill.cluster import PoolSize, one_node
     from pairmill.config import encoder_kwargs
 
     folder = storage.join(out_dir, "refresh")
@@ -243,7 +243,7 @@ def refresh_settings(pairs_path, valid, out_dir: str | Path, store, encoder, tra
     else:
         if train_gpus:
             log.warning("train: the Train workers hold every GPU; refresh rounds encode on CPU")
-        pool = PoolSize(size=actors or 1, num_cpus=REFRESH_ACTOR_CPUS, num_gpus=0)
+        pool = PoolSize(size=actors or 1, num_cpus=REFRESH_ACTOR_CPUS, num_gpus=0, tasks=one_node())
     if mine_cfg.shard_gpus:
         log.warning(f"train: mine.shard_gpus={mine_cfg.shard_gpus} has no effect on refresh rounds (CPU shards beside training)")
     return RefreshSettings(

@@ -80,3 +80,30 @@ def test_the_bf16_probe_measures_speed_and_neighbours(tiny_model):
     result = probe_bf16(Encoder(tiny_model, precision="fp32"), rounds=1)
     assert set(result) == {"precision", "speedup", "top10_overlap"} and 0 <= result["top10_overlap"] <= 1
     assert (result["precision"] == "bf16") == (result["speedup"] >= BF16_MIN_SPEEDUP and result["top10_overlap"] >= 0.95)
+
+
+def test_a_process_keeps_one_loaded_encoder_until_its_model_changes(tiny_model, tmp_path):
+    """``loaded_encoder``, what an encoding task finds on a reused Ray worker: the same settings get
+    the same encoder (no second load); other settings or a model folder rewritten in place (a
+    refresh round's, a rerun's) load again, and the process keeps one encoder at a time."""
+    import shutil
+
+    from pairmill import encoder as encoder_module
+    from pairmill.encoder import loaded_encoder
+    from tests.conftest import write_tiny_model
+
+    settings = {"model": tiny_model, "batch_size": 4}
+    first = loaded_encoder(settings, num_threads=1)
+    assert loaded_encoder(dict(settings), num_threads=1) is first
+    assert loaded_encoder({**settings, "batch_size": 8}, num_threads=1) is not first
+    assert len(encoder_module._LOADED) == 1
+
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    before = loaded_encoder({"model": str(folder)})
+    texts = ["memory and disk"]
+    write_tiny_model(tmp_path / "other", seed=1)
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "other" / "st", folder)  # the same path, other weights
+    after = loaded_encoder({"model": str(folder)})
+    assert after is not before and len(encoder_module._LOADED) == 1
+    assert not np.allclose(after.encode(texts), before.encode(texts))
