@@ -222,14 +222,16 @@ class TrialRecord:
 
 
 def trial_records(grid, out: str | Path, metric: str, max_steps: int | None = None) -> list[TrialRecord]:
-    """One record per trial of a ``ResultGrid``, in trial order (the default trial first). A trial
+    """One record per trial of a ``ResultGrid``, in the order Tune made them (the default trial first:
+    ``_creation_order``). A trial
     is finished when its train run committed (``_SUCCESS``), or reported ``max_steps`` (ASHA may stop a
     trial at its last report, while it exports its own model). Checkpoint paths are URIs for a bucket OUT."""
     from pairmill.output import is_finished
 
-    records = []
+    records, order = [], {}
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        order[trial_id] = _creation_order(result, trial_id)
         frame = result.metrics_dataframe
         history = []
         if frame is not None and metric in frame.columns:
@@ -248,7 +250,19 @@ def trial_records(grid, out: str | Path, metric: str, max_steps: int | None = No
             status = "not finished"
         error = f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300] if result.error else ""
         records.append(TrialRecord(trial_id, dict(result.config or {}), status, history, error))
-    return sorted(records, key=lambda r: r.trial_id)
+    return sorted(records, key=lambda r: (order[r.trial_id], r.trial_id))
+
+
+def _creation_order(result, trial_id: str) -> float:
+    """The trial's number in creation order: the counter that starts Tune's ``experiment_tag``
+    (``3_lr=0.5``), in its results and in its folder's name (``train_<trial_id>_<tag>_<date>``). Trial
+    ids are no order: a searcher's (optuna's) are random hex, only the default variant generator's count up."""
+    tag = str((result.metrics or {}).get("experiment_tag") or "")
+    if not tag:
+        name = Path(result.path or "").name
+        tag = name.split(f"{trial_id}_", 1)[1] if f"{trial_id}_" in name else ""
+    match = re.match(r"(\d+)(_|$)", tag)
+    return int(match.group(1)) if match else float("inf")
 
 
 def _trial_id_from_path(path: str | None) -> str:

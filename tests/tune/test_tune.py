@@ -1,7 +1,7 @@
-"""The tune job: search-space and resource rules in memory; then on Ray, once each: an ASHA sweep
-that stops a trial early still finishes and exports, and a run interrupted by Ctrl-C resumes
-without redoing its finished trial (optuna's search, on a file of every kind of bad line), that
-one with its input, held-out BEIR folder and OUT on an S3 bucket."""
+"""The tune job: search-space and resource rules in memory; then on Ray, once: an ASHA sweep
+(optuna's search, on a file of every kind of bad line) stops a trial early, is interrupted by
+Ctrl-C, and resumes without redoing its finished or stopped trials, to the best model; its input,
+held-out BEIR folder and OUT on an S3 bucket."""
 
 from __future__ import annotations
 
@@ -71,20 +71,13 @@ def test_concurrent_trials_fit_the_cluster():
 # ----------------------------------------------------------------------------- on Ray
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tune_data")
-    rows = literal_pairs(300)
-    return {"pairs": str(write_jsonl(folder / "pairs.jsonl", rows[:240])),
-            "heldout": str(write_jsonl(folder / "heldout.jsonl", rows[240:]))}
-
-
 def settings(data, tiny_model, *overrides) -> list[str]:
-    # trial 1 (the defaults) trains with lr 1e-3; trial 2 draws lr 0.5..1, which wrecks the model in
-    # a step, so ASHA stops it at the first rung (step 2), where it trails the defaults
+    # trial 1 (the defaults) trains with lr 1e-3; trials 2 and 3 draw lr 0.5..1, which wrecks the model
+    # in a step, so ASHA stops trial 2 at the first rung (step 2), where it trails the defaults
     return [f"encoder.model={tiny_model}", f"eval.data={data['heldout']}", "train.batch_size=16",
             "train.max_steps=6", "train.lr=1e-3", "train.eval_every=2", "train.log_every=2", "train.max_failures=0",
-            "tune.num_samples=2", "tune.grace_period=2", "tune.lr=[0.5,1.0]", "tune.temperature=", *overrides]
+            "tune.num_samples=3", "tune.grace_period=2", "tune.lr=[0.5,1.0]", "tune.temperature=", "tune.search=optuna",
+            *overrides]
 
 
 def sections(data, tiny_model, *overrides):
@@ -99,51 +92,21 @@ def read_results(out: Path | str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(storage.read_text(storage.join(out, "results.csv")))))
 
 
-def test_asha_stops_a_trial_and_the_sweep_finishes_with_the_best_model(ray_session, tiny_model, data, tmp_path):
-    from sentence_transformers import SentenceTransformer
-
-    out = tmp_path / "tune"
-    stats = tune_runs(data["pairs"], str(out), sections=sections(data, tiny_model))
-
-    rows = read_results(out)
-    assert [r["status"] for r in rows] == ["finished", "stopped early"]
-    assert rows[0]["default"] == "True" and float(rows[0]["lr"]) == 1e-3
-    assert 0.5 <= float(rows[1]["lr"]) <= 1.0
-    assert int(rows[0]["steps"]) == 6 and int(rows[1]["steps"]) == 2
-    assert float(rows[0]["ndcg@10"]) > float(rows[1]["ndcg@10"])
-    t = stats["tune"]
-    assert (t["trials"], t["finished"], t["stopped_early"], t["max_concurrent"], t["resumed"]) == (2, 1, 1, 1, False)
-    assert t["best"]["trial_id"] == rows[0]["trial_id"] and t["best"]["ndcg@10"] >= t["default"]["ndcg@10"]
-    assert stats["input_rows"] == stats["kept"] == 240
-    assert (out / "_SUCCESS").exists() and json.loads((out / "stats.json").read_text())["tune"]["trials"] == 2
-    assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "lr: 0.001" in (out / "best_config.yaml").read_text()
-
-    # best_model is the best report's checkpoint, exported as a sentence-transformers folder
-    model = SentenceTransformer(str(out / "best_model"), device="cpu")
-    from training.model import load_trainable_state, setup_model
-    import torch
-
-    reference = setup_model(tiny_model, None)
-    load_trainable_state(reference, torch.load(Path(t["best"]["checkpoint"]) / "model.pt"))
-    texts = ["the data of a program", "memory and disk 3"]
-    assert abs(model.encode(texts) - reference.encode(texts)).max() < 1e-6
-
-
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory) -> dict:
     return write_messy(tmp_path_factory.mktemp("messy"))
 
 
 class InterruptOnce(Callback):
-    """Ctrl-C after the first trial completes, once (a flag file, because Tune restores its
-    callbacks with the experiment)."""
+    """Ctrl-C when the ``after``-th trial completes (finished or stopped early), once (a flag file,
+    because Tune restores its callbacks with the experiment)."""
 
-    def __init__(self, flag: Path):
-        self.flag = str(flag)
+    def __init__(self, flag: Path, after: int):
+        self.flag, self.after, self.completed = str(flag), after, 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if os.path.exists(self.flag):
+        self.completed += 1
+        if self.completed >= self.after and os.path.exists(self.flag):
             os.remove(self.flag)
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -157,47 +120,76 @@ def write_beir(folder: Path, rows: list[dict]) -> Path:
     return folder
 
 
-def test_interrupted_run_resumes_without_redoing_finished_trials(ray_session, tiny_model, messy, bucket, tmp_path):
-    """tune.search=optuna (its searcher is restored with the run), on the file of every kind of bad
-    line that tests/test_every_verb.py sends through the other verbs: the counts add up to its lines.
-    All on a bucket: Tune keeps its experiment there and restores it, each trial is a train job
-    folder there with its own manifest, and the tune job commits by its own."""
+def test_asha_stops_a_trial_and_an_interrupted_sweep_resumes_to_the_best_model(ray_session, tiny_model, messy, bucket,
+                                                                               tmp_path):
+    """An optuna search (its searcher is restored with the run) under ASHA, on the file of every kind
+    of bad line that tests/test_every_verb.py sends through the other verbs: the counts add up to its
+    lines. Ctrl-C after trial 2, which ASHA stopped at its first rung behind trial 1 (the defaults);
+    the rerun trains trial 3 alone and exports the best checkpoint. All on a bucket: Tune keeps its
+    experiment there and restores it, each trial is a train job folder there with its own manifest,
+    and the tune job commits by its own."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
     from pairmill import storage
     from pairmill.output import finished_manifest, is_finished, local_model
     from tests.conftest import upload
+    from training.model import load_trainable_state, setup_model
+    from tune.tune import Interrupted
 
     out = f"{bucket}/tune"
     storage.upload_folder(write_beir(tmp_path / "beir", literal_pairs(300)[260:]), f"{bucket}/heldout")
     data = {"pairs": upload(messy["path"], f"{bucket}/messy.jsonl"), "heldout": f"{bucket}/heldout"}
-    overrides = ("tune.scheduler=none", "tune.search=optuna", "train.max_steps=4", "train.eval_every=4")
-    cfg = sections(data, tiny_model, *overrides)
     flag = tmp_path / "interrupt"
     flag.touch()
-    from tune.tune import Interrupted
 
+    # ASHA must stop trial 2 before the interruption: Tune does not keep the scheduler's rungs for a rerun
     with pytest.raises(Interrupted, match="rerun the same command"):
-        tune_runs(data["pairs"], out, sections=cfg, callbacks=[InterruptOnce(flag)])
+        tune_runs(data["pairs"], out, sections=sections(data, tiny_model), callbacks=[InterruptOnce(flag, after=2)])
     # nothing is finished at OUT until the job commits; Tune's experiment and the trials are there
     assert not flag.exists() and not is_finished(out) and storage.exists(f"{out}/tune")
-    trials = {uri[len(out) + 8:].split("/")[0] for uri, _ in storage.list_files(f"{out}/trials")}
+    trials = sorted({uri[len(out) + 8:].split("/")[0] for uri, _ in storage.list_files(f"{out}/trials")})
     finished = [t for t in trials if is_finished(f"{out}/trials/{t}")]
-    assert len(finished) == 1
+    assert len(finished) == 1  # trial 1; trial 2 was stopped, so never committed
     first_done = storage.read_text(f"{out}/trials/{finished[0]}/_SUCCESS")
 
     # the same command again, as a user reruns it (the CLI builds the same settings)
     from pairmill.cli import main
 
-    assert main(["tune", data["pairs"], "-o", out, *settings(data, tiny_model, *overrides)]) == 0
+    assert main(["tune", data["pairs"], "-o", out, *settings(data, tiny_model)]) == 0
+    assert is_finished(out)
     stats = json.loads(storage.read_text(f"{out}/stats.json"))
-    assert stats["tune"]["resumed"] and stats["tune"]["finished"] == 2
     assert storage.read_text(f"{out}/trials/{finished[0]}/_SUCCESS") == first_done  # not trained again
-    assert [r["status"] for r in read_results(out)] == ["finished", "finished"]
+    rows = read_results(out)
+    # in creation order, the defaults first, though optuna's trial ids are random hex (no order)
+    assert rows[0]["trial_id"] == finished[0] == stats["tune"]["default"]["trial_id"]
+    # trial 2 kept as stopped at step 2 (a rerun of it would have gone on to step 6). Trial 3, run
+    # by the rerun alone, finishes: its fresh ASHA has no other trial's score at any rung to cut it on
+    assert [r["status"] for r in rows] == ["finished", "stopped early", "finished"]
+    assert [int(r["steps"]) for r in rows] == [6, 2, 6]
+    assert rows[0]["default"] == "True" and float(rows[0]["lr"]) == 1e-3
+    assert all(0.5 <= float(r["lr"]) <= 1.0 for r in rows[1:])
+    assert float(rows[0]["ndcg@10"]) > max(float(r["ndcg@10"]) for r in rows[1:])
+    t = stats["tune"]
+    assert (t["trials"], t["finished"], t["stopped_early"], t["max_concurrent"], t["resumed"]) == (3, 2, 1, 1, True)
+    assert t["best"]["trial_id"] == rows[0]["trial_id"] and t["best"]["ndcg@10"] >= t["default"]["ndcg@10"]
+    check_counts(stats, messy["lines"], messy["bad"])
     manifest = finished_manifest(out)
     assert {"stats.json", "results.csv", "trials.png", "best_config.yaml"} <= set(manifest["files"])
-    assert stats["tune"]["best"]["checkpoint"].startswith(f"{out}/trials/")
-    assert (Path(local_model(f"{out}/best_model")) / "modules.json").exists()  # what --model s3://.../best_model reads
-    check_counts(stats, messy["lines"], messy["bad"])
+    with storage.open_input(f"{out}/trials.png") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "lr: 0.001" in storage.read_text(f"{out}/best_config.yaml")
+
+    # best_model is the best report's checkpoint, exported as a sentence-transformers folder; it is
+    # what --model s3://.../best_model reads
+    assert t["best"]["checkpoint"].startswith(f"{out}/trials/{rows[0]['trial_id']}/")
+    model = SentenceTransformer(local_model(f"{out}/best_model"), device="cpu")
+    storage.download(f"{t['best']['checkpoint']}/model.pt", tmp_path / "best.pt")
+    reference = setup_model(tiny_model, None)
+    load_trainable_state(reference, torch.load(tmp_path / "best.pt"))
+    texts = ["the data of a program", "memory and disk 3"]
+    assert abs(model.encode(texts) - reference.encode(texts)).max() < 1e-6
 
     # the same OUT with other settings is refused, not mixed
     with pytest.raises(BadInput, match=r"other settings \(tune.num_samples\)"):
-        tune_runs(data["pairs"], out, sections=sections(data, tiny_model, *overrides, "tune.num_samples=3"))
+        tune_runs(data["pairs"], out, sections=sections(data, tiny_model, "tune.num_samples=4"))
