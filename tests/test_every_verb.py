@@ -1,7 +1,7 @@
 """One file with every kind of bad line pair IO knows, 1 MB texts, duplicate ids, a BOM and CRLF
-endings goes through every verb (embed, filter, mine, train, eval, run here; tune in
-tests/tune/test_tune.py) with the tiny model: each finishes, and every job's counts add up to the
-lines of the file, counted from the file."""
+endings goes through every verb (embed, filter, mine, eval here; run and train, as run's plain arm,
+in tests/storage/test_storage.py, on a bucket; tune in tests/tune/test_tune.py) with the tiny model:
+each finishes, and every job's counts add up to the lines of the file, counted from the file."""
 
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ def job_stats(folder: Path) -> dict:
 
 ENC = ["encoder.batch_size=16"]
 MINE = ["mine.shard_cpus=0.5", "mine.num_negatives=2", "mine.range_max=8", "mine.margin_ratio=none"]  # a random model scores all alike
-SHORT_TRAIN = ["train.max_steps=2", "train.batch_size=8", "train.log_every=1"]
 
 
 def test_embed_filter_mine_and_eval(ray_session, tiny_model, messy, tmp_path):
@@ -92,25 +91,3 @@ def test_embed_filter_mine_and_eval(ray_session, tiny_model, messy, tmp_path):
     assert set(messy["bad"]) <= set(inputs["rejected"])
 
 
-def test_run_with_its_plain_train(ray_session, tiny_model, messy, tmp_path):
-    """`pairmill train` on the messy file runs inside `run` (run.plain trains on the raw input: its
-    counts are checked below); a separate train call would repeat that job. `pairmill tune` takes this
-    file in tests/tune/test_tune.py (its interrupted sweep), which would otherwise repeat a sweep."""
-    out = tmp_path
-    assert main(["run", "-o", str(out / "run"), "--model", tiny_model, f"run.train={messy['path']}",
-                 f"eval.data={messy['heldout']}", "filter.k=10", "filter.decontaminate_eps=0", "run.plain=true", *ENC, *MINE,
-                 *SHORT_TRAIN]) == 0
-    filtered = job_stats(out / "run" / "filter")
-    check_counts(filtered, messy["lines"], messy["bad"])
-    assert filtered["kept"] >= 8  # a batch to train on (a random model's cosines are all alike: exact decontamination)
-    for stage in ("mine", "train"):  # they read the previous stage's kept rows
-        check_counts(job_stats(out / "run" / stage), filtered["kept"], [], duplicate_ids=None)
-    report = json.loads((out / "run" / "report.json").read_text())
-    assert report["trained"]["queries"] == 90 - GOOD_ROWS
-    # run.plain: the raw pairs, the chain's step budget, the same held-out evaluation, in report.md
-    plain = json.loads((out / "run" / "plain" / "report.json").read_text())
-    plain_train = job_stats(out / "run" / "plain" / "train")
-    check_counts(plain_train, messy["lines"], messy["bad"])
-    assert plain_train["train"]["steps"] == 2
-    assert plain["steps"] == report["stages"]["train"]["train"]["steps"] and plain["plain"]["queries"] == 90 - GOOD_ROWS
-    assert "## Full chain vs plain in-batch training" in (out / "run" / "report.md").read_text()

@@ -274,23 +274,24 @@ def test_filter_from_a_bucket_to_a_bucket_counts_what_the_local_run_counts(ray_s
 
 def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray_session, tiny_model, bucket, tmp_path,
                                                                             monkeypatch):
-    """``pairmill run -o s3://.../run1 run.train=s3://.../pairs/``: every stage's folder on the bucket
-    (committed by its manifest), and the train stage, killed after its step-2 checkpoint, resumed from
-    Ray Train's checkpoints on the bucket by the same command (not restarted), its model then read
-    back from the bucket by the eval stage. Filter's embedding stages and refresh are off: they
-    touch no storage (refresh rounds on a bucket: tests/training/test_refresh_train.py). One Ray
-    Train run (~60 s here) pays for both the run and the resume."""
+    """``pairmill run -o s3://.../run1 run.train=s3://.../pairs/ run.plain=true`` on the file of every
+    kind of bad line (tests/test_every_verb.py), so ``train`` reads that file too (the plain arm
+    trains on the raw input): every stage's folder on the bucket (committed by its manifest), every
+    job's counts adding up to the file's lines, and the train stage, killed after its step-2
+    checkpoint, resumed from Ray Train's checkpoints on the bucket by the same command (not
+    restarted), its model then read back from the bucket by the eval stage. Filter's embedding stages
+    and refresh are off: they touch no storage (refresh rounds on a bucket:
+    tests/training/test_refresh_train.py). One `run` pays for the bucket, the resume and the messy file."""
     import training.train
     from pairmill.cli import main as cli
-    from tests.conftest import literal_pairs, write_jsonl
+    from tests.test_every_verb import GOOD_ROWS, check_counts, write_messy
     from training.loop import TestHooks
 
-    rows = literal_pairs(80)
-    lines = [json.dumps(r) for r in rows[:60] + rows[:3]] + [line.decode("utf-8", "replace") for line, _ in BAD_LINES[:6]]
-    upload(write_jsonl(tmp_path / "pairs.jsonl", lines), f"{bucket}/pairs/part-0.jsonl")
-    heldout = upload(write_jsonl(tmp_path / "heldout.jsonl", rows[64:]), f"{bucket}/heldout.jsonl")
+    messy = write_messy(tmp_path)
+    upload(messy["path"], f"{bucket}/pairs/part-0.jsonl")
+    heldout = upload(messy["heldout"], f"{bucket}/heldout.jsonl")
     out = f"{bucket}/run1"
-    command = ["run", "-o", out, "--model", tiny_model, f"run.train={bucket}/pairs/", f"eval.data={heldout}",
+    command = ["run", "-o", out, "--model", tiny_model, f"run.train={bucket}/pairs/", f"eval.data={heldout}", "run.plain=true",
                "filter.consistency=false", "filter.semdedup=false", "filter.decontaminate_eps=0", "encoder.batch_size=16",
                "mine.shard_cpus=0.5", "mine.num_negatives=2", "mine.range_max=8", "mine.margin_ratio=none",
                "train.num_workers=1", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2",
@@ -307,14 +308,17 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
 
     assert cli(command) == 0
     stats = {stage: json.loads(storage.read_text(f"{out}/{stage}/stats.json")) for stage in ("filter", "mine", "train")}
-    assert stats["filter"]["input_rows"] == 69 and stats["filter"]["kept"] == 60
-    assert stats["filter"]["dropped"] == {"exact_duplicate": 3} and sum(stats["filter"]["rejected"].values()) == 6
-    assert stats["mine"]["input_rows"] == stats["mine"]["kept"] == 60 and stats["mine"]["negatives"]["total"] == 60 * 2
+    check_counts(stats["filter"], messy["lines"], messy["bad"])
+    kept = stats["filter"]["kept"]
+    assert kept >= GOOD_ROWS - 2 and stats["filter"]["dropped"] == {"exact_duplicate": 1}  # the copy without its id
+    for stage in ("mine", "train"):  # they read the previous stage's kept rows
+        check_counts(stats[stage], kept, [], duplicate_ids=None)
+    assert stats["mine"]["kept"] == kept and stats["mine"]["negatives"]["total"] == kept * 2
     index_files = finished_files(f"{out}/mine", "index")  # the sharded index is part of mine's attempt
     assert any(f.endswith("manifest.json") for f in index_files) and any(f.endswith(".faiss") for f in index_files)
     assert not storage.list_files(f"{out}/mine/_work") and not storage.list_files(f"{out}/filter/_work")
     train = stats["train"]
-    assert train["input_rows"] == train["kept"] == 60 and train["rejected"] == {}
+    assert train["kept"] == kept and train["rejected"] == {}
     assert train["train"]["steps"] == 4 and train["train"]["resumed_from_step"] == 2  # resumed, not restarted
     lines = [json.loads(line) for line in storage.read_text(f"{out}/train/metrics.jsonl").splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the killed attempt's lines up to its checkpoint, then the rerun's
@@ -323,8 +327,15 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
     assert any(f.startswith(f"model/{manifest['attempt']}/") and f.endswith("config.json") for f in manifest["files"])
     assert not storage.list_files(f"{out}/train/work")
 
+    # run.plain: the raw messy pairs, the chain's step budget, the same held-out evaluation, in report.md
+    plain = json.loads(storage.read_text(f"{out}/plain/report.json"))
+    plain_train = json.loads(storage.read_text(f"{out}/plain/train/stats.json"))
+    check_counts(plain_train, messy["lines"], messy["bad"])
+    assert plain_train["train"]["steps"] == plain["steps"] == 4 and plain["plain"]["queries"] == 90 - GOOD_ROWS
+    assert "## Full chain vs plain in-batch training" in storage.read_text(f"{out}/report.md")
+
     report = json.loads(storage.read_text(f"{out}/report.json"))
-    assert report["trained"]["queries"] == report["base"]["queries"] == 16 and report["trained"] != report["base"]
+    assert report["trained"]["queries"] == report["base"]["queries"] == 90 - GOOD_ROWS and report["trained"] != report["base"]
     assert storage.exists(f"{out}/report.md") and is_finished(f"{out}/eval")
     from tests.conftest import TEST_CREDENTIALS
 
@@ -334,6 +345,7 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
     # texts, where they are: the attempt prefixes its _SUCCESS vouches for
     from training.rounds import _job_folders
 
+    kept_rows = kept
     kept, index = _job_folders(f"{out}/mine")
-    assert kept == finished_files(f"{out}/mine", "kept")[0].rsplit("/", 1)[0] and parquet_rows(kept) == 60
+    assert kept == finished_files(f"{out}/mine", "kept")[0].rsplit("/", 1)[0] and parquet_rows(kept) == kept_rows
     assert index.startswith(f"{out}/mine/index/") and any(f.endswith(".texts.parquet") for f in finished_files(f"{out}/mine", "index"))
