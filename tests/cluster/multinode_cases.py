@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -140,7 +141,16 @@ def test_two_trial_tune_run_of_spread_two_worker_trials_finishes_with_best_model
     assert [r["status"] for r in results] == ["finished", "finished"] and all(r["ndcg@10"] for r in results)
     assert [int(r["steps"]) for r in results] == [2, 2]
     assert (out / "_SUCCESS").exists()
-    assert SentenceTransformer(str(out / "best_model"), device="cpu").encode(["a query"]).shape == (1, 32)
+    # best_model is the best report's checkpoint (its path in OUT after the staging folder's rename), exported
+    import torch
+
+    from training.model import load_trainable_state, setup_model
+
+    reference = setup_model(tiny_model, None)
+    load_trainable_state(reference, torch.load(Path(stats["tune"]["best"]["checkpoint"]) / "model.pt"))
+    texts = ["a query", "memory and disk 3"]
+    exported = SentenceTransformer(str(out / "best_model"), device="cpu").encode(texts)
+    assert exported.shape == (2, 32) and abs(exported - reference.encode(texts)).max() < 1e-6
     trials = defaultdict(list)  # a trial's workers share its train run's placement group
     for actor in cluster.actors("RayTrainWorker"):
         trials[actor.placement_group_id].append(cluster.name.get(actor.node_id, actor.node_id))
