@@ -461,7 +461,7 @@ _LOADED: dict[tuple, Encoder] = {}  # this process's encoder (one at a time): lo
 def loaded_encoder(encoder_kwargs: dict, num_threads: int | None = None) -> Encoder:
     """This process's encoder for ``encoder_kwargs``, loaded once and kept, one at a time: a Ray task
     worker runs later tasks of the same stage, the next stage and the next job, which then skip
-    loading the model and, above all, importing sentence-transformers (~11 CPU-s here, for
+    loading the model and, above all, importing sentence-transformers (~10 CPU-s here, for
     transformers, scikit-learn and SciPy). The key holds the model folder's files (name, size,
     time), so a model rewritten in place is loaded again."""
     model = resolve_model(encoder_kwargs.get("model"))  # a bucket's model: its local copy, named by what was listed
@@ -494,7 +494,7 @@ def encoder_stage(cls: type, kwargs: dict, pool, batch_size: int | None) -> dict
     ``pool.tasks`` (one machine, no GPU): at most ``pool.size`` tasks at a time, on Ray's task
     workers, which Ray reuses (a local Ray keeps them 10 minutes: ``LOCAL_RAY_SYSTEM_CONFIG``) and
     which keep their encoder (``loaded_encoder``). An actor's process is never reused: every actor
-    pool, one per encoding stage, imported sentence-transformers and loaded the model again, ~11 of
+    pool, one per encoding stage, imported sentence-transformers and loaded the model again, ~10 of
     a small job's CPU-seconds each time on this machine (filter, mine and refresh rounds each encode;
     ``pairmill run`` does all of them). Else a pool of ``pool.size`` actors: on a cluster they bound
     how many processes hold a model, and a GPU's task workers are not reused (Ray's default
