@@ -22,6 +22,7 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -90,10 +91,12 @@ TIMED = "import subprocess, sys, time; t = time.perf_counter(); rc = subprocess.
         "print('WALL', time.perf_counter() - t); sys.exit(rc)"
 
 
-def arm_pairmill(train_file: Path, held_file: Path, out: Path, classes: int, steps: int, seed: int, lock: str | None) -> dict:
+def arm_pairmill(train_file: Path, held_file: Path, out: Path, classes: int, steps: int, seed: int, lock: str | None,
+                 settings: list[str]) -> dict:
     per_class = steps * BATCH // classes
     cmd = [sys.executable, "-m", "pairmill.cli", "setfit", str(train_file), "-o", str(out / "job"), "--eval-data",
-           str(held_file), "-q", f"setfit.pairs_per_class={per_class}", f"train.batch_size={BATCH}", f"train.seed={seed}"]
+           str(held_file), "-q", f"setfit.pairs_per_class={per_class}", f"train.batch_size={BATCH}", f"train.seed={seed}",
+           *settings]
     timed = (["flock", lock] if lock else []) + [sys.executable, "-c", TIMED] + cmd
     done = subprocess.run(timed, check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     seconds = float([line for line in done.stdout.splitlines() if line.startswith("WALL ")][-1].split()[1])
@@ -139,6 +142,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["base-lr", "pairmill", "setfit"])
     parser.add_argument("--setfit-python", help="a Python with the setfit library (arm c); skipped without")
     parser.add_argument("--lock", help="run each pairmill arm under `flock LOCK` (one local Ray at a time on a shared machine)")
+    parser.add_argument("--pairmill-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more settings for the pairmill arm (train.temperature=0.1); its results are an arm of their own")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -153,19 +158,20 @@ def main() -> None:
             train_file = out / f"train-n{n}-s{seed}.jsonl"
             train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
             for arm in args.arms:
-                folder = out / f"{arm}-n{n}-s{seed}"
+                label = " ".join(["pairmill", *args.pairmill_set]) if arm == "pairmill" else arm
+                folder = out / f"{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)}-n{n}-s{seed}"
                 if (folder / "result.json").exists() or (arm == "setfit" and not args.setfit_python):
                     continue
                 folder.mkdir(exist_ok=True)
                 if arm == "base-lr":
                     result = arm_base(train, held_rows, seed)
                 elif arm == "pairmill":
-                    result = arm_pairmill(train_file, held_file, folder, classes, args.steps, seed, args.lock)
+                    result = arm_pairmill(train_file, held_file, folder, classes, args.steps, seed, args.lock, args.pairmill_set)
                 else:
                     result = arm_setfit(args.setfit_python, train_file, held_file, folder, args.steps, seed)
-                result.update(arm=arm, n=n, seed=seed, steps=args.steps if arm != "base-lr" else 0, held_out=len(held_rows))
+                result.update(arm=label, n=n, seed=seed, steps=args.steps if arm != "base-lr" else 0, held_out=len(held_rows))
                 (folder / "result.json").write_text(json.dumps(result, indent=2))
-                print(f"{arm} n={n} seed={seed}: accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f} "
+                print(f"{label} n={n} seed={seed}: accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f} "
                       f"{result['seconds']:.0f}s", flush=True)
     print(table(out))
 
