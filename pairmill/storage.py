@@ -29,6 +29,9 @@ anonymous, with the endpoint in its options: it rides to the workers as the S3 e
 from __future__ import annotations
 
 import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -199,6 +202,25 @@ def upload_folder(local: str | Path, uri: str) -> None:
     """Copy a local folder's files (recursively) under ``uri``."""
     fs, inner = split(uri)
     pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@contextmanager
+def staged(uri: str | Path, *, upload_on_error: bool = False) -> Iterator[Path]:
+    """A local folder for files that belong under ``uri``: ``uri`` itself when it is local; for
+    object storage a temporary folder, uploaded under ``uri`` when the block ends (also when it
+    raises, with ``upload_on_error``). For writers that take only local paths: sentence-transformers'
+    ``save``, ``np.savez``, matplotlib."""
+    if not is_remote(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            yield Path(tmp)
+        except BaseException:
+            if upload_on_error:
+                upload_folder(tmp, str(uri))
+            raise
+        upload_folder(tmp, str(uri))
 
 
 def download(uri: str, local: str | Path) -> None:

@@ -395,6 +395,8 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
             epoch += 1
     if rounds is not None:
         rounds.close(step)
+    if rank == 0 and cfg.metrics_filesystem is not None:  # the last step's report uploaded it whole
+        _metrics_copy(cfg.metrics_path).unlink(missing_ok=True)
     return {"step": step, "start_step": start_step, "epoch": epoch, "pairs": pairs,
             "refresh": rounds.summary() if rounds is not None else None}
 

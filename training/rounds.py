@@ -7,7 +7,6 @@ import json
 import logging
 import posixpath
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,11 +120,9 @@ class RefreshRounds:
 
     def _save_model(self, folder: str) -> str:
         """The live model saved at ``folder``: written there, or for a bucket written locally and uploaded."""
-        if not storage.is_remote(folder):
-            return str(self.save_model(folder))
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.upload_folder(self.save_model(Path(tmp) / "model"), folder)
-        return folder
+        with storage.staged(folder) as local:
+            self.save_model(local)
+        return str(folder)
 
     def wait_if_older(self, step: int, steps: int) -> dict | None:
         """Test seam (``TestHooks.round_overlap_steps``): a round in flight for ``steps`` steps or

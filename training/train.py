@@ -343,14 +343,8 @@ def _has_checkpoints(folder: str) -> bool:
 def export_checkpoint(checkpoint_dir: str, model_dir: str, model: str | None, train_cfg) -> None:
     """The sentence-transformers folder of a checkpoint into ``model_dir``; for a bucket, built in a
     local temporary folder and uploaded (a model is written by libraries that want a local path)."""
-    if not storage.is_remote(model_dir):
-        export_model(checkpoint_dir, model_dir, model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        export_model(checkpoint_dir, Path(tmp) / "model", model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
-        storage.upload_folder(Path(tmp) / "model", model_dir)
+    with storage.staged(model_dir) as local:
+        export_model(checkpoint_dir, local, model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
 
 
 def _first_passages(validated: str, n: int, texts: bool) -> tuple[str, ...]:

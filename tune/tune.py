@@ -50,9 +50,7 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from pairmill import storage
@@ -357,20 +355,6 @@ def _open_job(out: str | Path, settings: dict):
         raise BadInput(str(e)) from None
 
 
-@contextmanager
-def _local_files(out_dir: str | Path):
-    """A local folder to write the job's own files into: ``out_dir`` itself, or on a bucket a
-    temporary folder whose files are uploaded to ``out_dir`` on the way out (error or not)."""
-    if not storage.is_remote(out_dir):
-        yield Path(out_dir)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            yield Path(tmp)
-        finally:
-            storage.upload_folder(tmp, out_dir)
-
-
 def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = None) -> dict:
     """Run the tune job; returns the stats written to ``OUT/stats.json``. ``sections`` are the
     config sections (tune, encoder, read, train, eval, mine, ray); ``callbacks`` go to Tune's RunConfig."""
@@ -472,7 +456,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
 
     records = trial_records(grid, out_dir, metric, train_cfg.max_steps)
     keys = list(space)
-    with _local_files(out_dir) as made:
+    with storage.staged(out_dir, upload_on_error=True) as made:
         write_results_csv(records, keys, metric, made / "results.csv")
         plot_trials(records, metric, made / "trials.png")
     # Ctrl-C marks a running trial TERMINATED too: one that never reported nor failed did not end
@@ -499,7 +483,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     with Checkpoint(checkpoint_path, filesystem=checkpoint_fs).as_directory() as folder:  # a bucket's: fetched by Ray
         export_checkpoint(folder, job.path("best_model"), sections["encoder"].model, best_train)
     best_sections = {k: v for k, v in sections.items() if k not in ("tune", "mine", "ray")}
-    with _local_files(out_dir) as made:
+    with storage.staged(out_dir, upload_on_error=True) as made:
         (made / "best_config.yaml").write_text(yaml.safe_dump(
             json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
     export_seconds = time.perf_counter() - t0

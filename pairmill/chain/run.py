@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -270,15 +269,9 @@ def evaluate_stage(heldout: str, folder: str, encoders: dict, eval_cfg, read_kwa
         embeddings: dict = {}
         metrics[name] = evaluate_model(encoder_cfg, eval_cfg, task, keep=embeddings)
         arrays[f"{name}_queries"], arrays[f"{name}_passages"] = embeddings["query"][qi], embeddings["passage"][ci]
-    if storage.is_remote(folder):
-        storage.remove(folder)
-        with tempfile.TemporaryDirectory() as tmp:
-            np.savez(Path(tmp) / "embeddings.npz", **arrays)
-            storage.upload_folder(tmp, folder)
-    else:
-        path = Path(folder)
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+    storage.remove(folder)
+    with storage.staged(folder) as path:
+        path.mkdir(parents=True, exist_ok=True)
         np.savez(path / "embeddings.npz", **arrays)
     storage.write_text(storage.join(folder, "stats.json"), json.dumps(metrics, indent=2))
     _mark_finished(folder, ["embeddings.npz", "stats.json"])

@@ -147,6 +147,23 @@ def _kept_ids(out: str) -> list[str]:
     return ids
 
 
+def test_staged_files_reach_the_bucket_when_the_block_ends(bucket, tmp_path):
+    """What a model save or np.savez writes into ``storage.staged``'s local folder is uploaded under
+    the URI when the block ends; when it raises, only with upload_on_error. A local path is itself."""
+    with storage.staged(f"{bucket}/ok") as local:
+        (local / "model").mkdir()
+        (local / "model" / "config.json").write_text("{}")
+    assert storage.read_text(f"{bucket}/ok/model/config.json") == "{}" and not local.exists()
+    for upload_on_error in (False, True):
+        with pytest.raises(RuntimeError), storage.staged(f"{bucket}/failed{upload_on_error}",
+                                                         upload_on_error=upload_on_error) as local:
+            (local / "results.csv").write_text("trial\n")
+            raise RuntimeError("the writer failed")
+        assert storage.exists(f"{bucket}/failed{upload_on_error}/results.csv") == upload_on_error
+    with storage.staged(tmp_path / "here") as local:
+        assert local == tmp_path / "here"
+
+
 def test_a_job_killed_before_success_is_not_finished_and_a_rerun_cleans_it(bucket, monkeypatch):
     out = f"{bucket}/job"
     job = open_job(out)
@@ -322,6 +339,9 @@ def test_run_on_a_bucket_resumes_its_interrupted_train_stage_from_the_bucket(ray
     assert train["train"]["steps"] == 4 and train["train"]["resumed_from_step"] == 2  # resumed, not restarted
     lines = [json.loads(line) for line in storage.read_text(f"{out}/train/metrics.jsonl").splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the killed attempt's lines up to its checkpoint, then the rerun's
+    from training.loop import _metrics_copy
+
+    assert not _metrics_copy(storage.split(f"{out}/train/metrics.jsonl")[1]).exists()  # rank 0's local copy goes when the run ends
     manifest = json.loads(storage.read_text(f"{out}/train/_SUCCESS"))
     assert {"config.yaml", "metrics.jsonl", "stats.json"} <= set(manifest["files"])
     assert any(f.startswith(f"model/{manifest['attempt']}/") and f.endswith("config.json") for f in manifest["files"])
