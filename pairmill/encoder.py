@@ -113,7 +113,9 @@ def load_sentence_transformer(model: str | None, device: torch.device | str = "c
 # fp32, vectors at cosine 0.99999. Elsewhere bf16 is emulated and slower. So precision=auto on a CPU
 # is bf16 only where the CPU has the instructions *and* a probe on this machine, with this model,
 # measured it faster with the same neighbours; the probe's verdict is cached per CPU model, torch
-# version and model (~/.cache/pairmill/cpu_precision.json), so it runs once, not per actor. The
+# version and model architecture (~/.cache/pairmill/cpu_precision.json), so it runs once, not per
+# actor, and not again for each model fine-tuned from one already probed: speed is the architecture's,
+# and every job that trains (setfit, run, tune) encodes a new folder with it. The
 # environment variable PAIRMILL_CPU_PRECISION=fp32 or bf16 decides instead of the probe (a fleet of
 # one CPU type, or results that must not depend on the machine).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -151,7 +153,7 @@ def cpu_precision(encoder: "Encoder") -> str:
     if not set(BF16_FLAGS) & cpu_flags():
         return "fp32"
     cache = Path(os.environ.get("PAIRMILL_CACHE", Path.home() / ".cache" / "pairmill")) / "cpu_precision.json"
-    key = f"{_cpu_name()}|torch {torch.__version__}|{encoder.model_path}"
+    key = f"{_cpu_name()}|torch {torch.__version__}|{architecture_key(encoder.model_path)}"
     try:
         verdicts = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -166,6 +168,28 @@ def cpu_precision(encoder: "Encoder") -> str:
         except OSError:  # a read-only home: probe again next time, no harm done
             pass
     return verdicts[key]["precision"]
+
+
+IDENTITY_KEYS = ("_name_or_path", "transformers_version", "__version__")  # differ between copies of one architecture
+
+
+def architecture_key(model_path: str) -> str:
+    """What a bf16 verdict holds for: a model folder's ``modules.json`` and ``config.json`` without
+    the keys naming the copy (its origin, library versions), hashed; so a fine-tuned model shares its
+    base model's verdict. A hub name, or a folder without those files, is its own key."""
+    import hashlib
+    import json
+
+    parts = []
+    for name in ("modules.json", "config.json"):
+        try:
+            content = json.loads((Path(model_path) / name).read_text())
+        except (OSError, ValueError):
+            return model_path
+        if isinstance(content, dict):
+            content = {k: v for k, v in content.items() if k not in IDENTITY_KEYS}
+        parts.append(json.dumps(content, sort_keys=True))
+    return "architecture " + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def probe_bf16(encoder: "Encoder", rounds: int = 2) -> dict:

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
@@ -69,6 +71,18 @@ def test_auto_precision_on_a_cpu_follows_its_flags_and_a_cached_probe(tiny_model
     monkeypatch.setattr(encoder_module, "probe_bf16", lambda enc: probes.append(enc) or verdict)
     assert encoder_module.Encoder(tiny_model).precision == "bf16"
     assert encoder_module.Encoder(tiny_model).precision == "bf16" and len(probes) == 1  # cached
+    import shutil
+
+    copy = tmp_path / "fine-tuned"  # a model trained from it: the same architecture, the same verdict
+    shutil.copytree(tiny_model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": str(copy), "transformers_version": "9.9"}))
+    assert encoder_module.Encoder(str(copy)).precision == "bf16" and len(probes) == 1
+    key = encoder_module.architecture_key(tiny_model)
+    assert key.startswith("architecture ") and encoder_module.architecture_key(str(copy)) == key
+    (copy / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))  # another architecture
+    assert encoder_module.architecture_key(str(copy)) != key
+    assert encoder_module.architecture_key("org/hub-name") == "org/hub-name"
     assert encoder_module.Encoder(tiny_model, precision="fp32").precision == "fp32"  # asked for: no probe
     monkeypatch.setenv("PAIRMILL_CPU_PRECISION", "fp32")
     assert encoder_module.Encoder(tiny_model).precision == "fp32"
