@@ -30,7 +30,8 @@ def setfit_run(ray_session, tiny_model, tmp_path_factory):
                        + [{"text": t, "label": "done"} for t in HELD_DONE])
     out = folder / "out"
     rc = main(["setfit", str(train), "-o", str(out), "--eval-data", str(held), "--model", tiny_model, "-q",
-               "setfit.pairs_per_class=8", "train.batch_size=8", "train.max_steps=2", "train.collapse_sample=0"])
+               "setfit.pairs_per_class=8", "train.batch_size=8", "train.max_steps=2", "train.collapse_sample=0",
+               "train.hard_negatives=1"])  # boundary negatives (the profile's default is none)
     assert rc == 0
     return {"out": out, "held": held, "folder": folder}
 
