@@ -11,9 +11,9 @@ skips finished ones, and the table is printed from what is there. The n examples
 seeded draw from the bundled training split, the same for every arm. The contrastive arms get equal
 budgets: --steps optimizer steps of 32 pairs (pairmill: setfit.pairs_per_class = steps x 32 /
 classes, one epoch, no boundary negative unless --pairmill-set train.hard_negatives=1; setfit:
-max_steps, CosineSimilarityLoss, its default pair sampling), learning rate 2e-5, 128 tokens. (c) runs in another Python (--setfit-python)
-where `pip install torch==2.13.0 setfit` works; it is skipped when none is given. Every arm encodes
-in fp32 on a CPU (--cpu-precision), as the setfit library does.
+max_steps, CosineSimilarityLoss, its default pair sampling), learning rate 2e-5, 128 tokens. (c) runs
+in another Python (--setfit-python) where `pip install torch==2.13.0 setfit` works; it is skipped
+when none is given. Every arm encodes in fp32 on a CPU (--cpu-precision), as the setfit library does.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def cpu_precision(encoder: "Encoder") -> str:
     return verdicts[key]["precision"]
 
 
-IDENTITY_KEYS = ("_name_or_path", "transformers_version", "__version__")  # differ between copies of one architecture
+IDENTITY_KEYS = ("_name_or_path", "transformers_version")  # config.json keys that differ between copies of one architecture
 
 
 def architecture_key(model_path: str) -> str:

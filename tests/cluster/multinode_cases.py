@@ -142,12 +142,10 @@ def test_two_trial_tune_run_of_spread_two_worker_trials_finishes_with_best_model
     assert [int(r["steps"]) for r in results] == [2, 2]
     assert (out / "_SUCCESS").exists()
     # best_model is the best report's checkpoint (its path in OUT after the staging folder's rename), exported
-    import torch
-
-    from training.model import load_trainable_state, setup_model
+    from training.model import load_tensors, load_trainable_state, setup_model
 
     reference = setup_model(tiny_model, None)
-    load_trainable_state(reference, torch.load(Path(stats["tune"]["best"]["checkpoint"]) / "model.pt"))
+    load_trainable_state(reference, load_tensors(Path(stats["tune"]["best"]["checkpoint"]) / "model.pt"))
     texts = ["a query", "memory and disk 3"]
     exported = SentenceTransformer(str(out / "best_model"), device="cpu").encode(texts)
     assert exported.shape == (2, 32) and abs(exported - reference.encode(texts)).max() < 1e-6

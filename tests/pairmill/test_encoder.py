@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -71,8 +72,6 @@ def test_auto_precision_on_a_cpu_follows_its_flags_and_a_cached_probe(tiny_model
     monkeypatch.setattr(encoder_module, "probe_bf16", lambda enc: probes.append(enc) or verdict)
     assert encoder_module.Encoder(tiny_model).precision == "bf16"
     assert encoder_module.Encoder(tiny_model).precision == "bf16" and len(probes) == 1  # cached
-    import shutil
-
     copy = tmp_path / "fine-tuned"  # a model trained from it: the same architecture, the same verdict
     shutil.copytree(tiny_model, copy)
     config = json.loads((copy / "config.json").read_text())
