@@ -273,6 +273,12 @@ class TrainConfig:
     max_steps: int | None = _field(None, "optimizer steps to run; empty = epochs x steps per epoch")
     batch_size: int = _field(32, "global batch: pairs per step over all workers (each worker takes batch_size / num_workers)")
     lr: float = _field(5e-5, "peak learning rate of AdamW")
+    shuffle: Literal["global", "local"] = _field(
+        "global", "global: the job's validated copy of the pairs is written once in a random order (seed train.seed; "
+        "Ray Data's all-to-all random_shuffle), so a sorted input (by source, topic or name; `pairmill filter` writes "
+        "its kept pairs by semantic cluster) still gives mixed batches; local: only each epoch's shuffle within a "
+        "buffer of max(1024, 8 x a worker's batch) rows, for an input already in random order (saves that pass)"
+    )
     warmup_ratio: float = _field(0.1, "fraction of the steps the learning rate warms up linearly from 0")
     schedule: Literal["linear", "cosine", "constant"] = _field("linear", "decay after warmup: to 0 linearly, by a cosine, or none")
     weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")

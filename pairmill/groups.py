@@ -135,20 +135,28 @@ def read_unique(path: str | Path, mode: Mode = "pairs", **validate_kwargs):
     return unique_ids(parsed, default_partitions(path), count_input_rows(path))
 
 
-def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", **validate_kwargs) -> Path | str:
+def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", shuffle_seed: int | None = None,
+                    **validate_kwargs) -> Path | str:
     """``read_unique`` once into a parquet folder (``parsed_schema(mode)``, every input row): the
     passes of a job (rejects, counts, the work) read it back instead of parsing and shuffling the
-    input again. An input without rows leaves one empty file, so the folder always reads."""
+    input again. An input without rows leaves one empty file, so the folder always reads.
+
+    ``shuffle_seed``: write the rows in a random order (Ray Data's ``random_shuffle``, an all-to-all
+    pass): training streams them with only a local shuffle buffer, and an input sorted by topic (a
+    filter's output is written cluster by cluster) would otherwise fill each batch from one topic."""
     import pyarrow.parquet as pq
 
+    rows = read_unique(path, mode, **validate_kwargs)
+    if shuffle_seed is not None:
+        rows = rows.random_shuffle(seed=shuffle_seed)
     if storage.is_remote(folder):  # a prefix on object storage: returned as given
         fs, inner = storage.split(folder)
-        read_unique(path, mode, **validate_kwargs).write_parquet(str(folder), filesystem=fs)
+        rows.write_parquet(str(folder), filesystem=fs)
         if not storage.list_files(str(folder)):
             pq.write_table(parsed_schema(mode).empty_table(), f"{inner}/empty.parquet", filesystem=fs)
         return folder
     folder = Path(folder)
-    read_unique(path, mode, **validate_kwargs).write_parquet(str(folder))
+    rows.write_parquet(str(folder))
     if not any(folder.glob("*.parquet")):
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(parsed_schema(mode).empty_table(), folder / "empty.parquet")

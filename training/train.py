@@ -37,9 +37,11 @@ checkpoints there itself (``RunConfig(storage_filesystem=...)``), the model is e
 uploaded under the attempt's prefix, and the ``_SUCCESS`` manifest lists it with the rejects,
 config.yaml and metrics.jsonl (``BUCKET_PARTS``; rank 0 uploads metrics.jsonl whole at each report).
 
-Data position. The order of an epoch is a function of (input, world size, seed, epoch): Ray Data
-runs with ``preserve_order`` so the equal split hands every worker the same rows each time, and
-each worker shuffles locally with seed ``seed * 1000 + epoch``. A resumed run re-opens the
+Data position. The order of an epoch is a function of (input, world size, seed, epoch): the
+validated copy is written once in a random order of ``seed`` (``train.shuffle=global``; a filter's
+output comes cluster by cluster, and a buffer of ~1,000 rows alone then trains batch after batch on
+one topic), Ray Data runs with ``preserve_order`` so the equal split hands every worker the same
+rows each time, and each worker shuffles locally with seed ``seed * 1000 + epoch``. A resumed run re-opens the
 checkpoint's epoch and skips the first ``step_in_epoch`` batches on every rank (read, not
 tokenised or encoded), so it continues with the batches it would have trained on. The rule is
 exact only for the same input and ``num_workers`` (enforced: a rerun with a different train/encoder/
@@ -189,7 +191,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     validated = storage.join(out_dir, "work", "validated")
     if not storage.exists(storage.join(validated, "_DONE")):  # a resumed run reads the rows, in the order, the first one did
         storage.remove(validated)
-        write_validated(pairs_path, validated, "text" if train_cfg.simcse else "pairs", **read_kwargs(read))
+        write_validated(pairs_path, validated, "text" if train_cfg.simcse else "pairs",
+                        shuffle_seed=train_cfg.seed if train_cfg.shuffle == "global" else None, **read_kwargs(read))
         storage.write_text(storage.join(validated, "_DONE"), "")
     fs, validated_path = storage.split(validated)  # fs None: local
     parsed = ray_lib.data.read_parquet(validated_path, filesystem=fs, file_extensions=["parquet"])

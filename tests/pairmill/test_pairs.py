@@ -187,6 +187,29 @@ def test_later_copies_of_an_id_are_rejected_on_ray(ray_session, tmp_path):
     assert table.filter(pc.equal(table["reason"], "missing_query")).num_rows == 1
 
 
+def test_a_sorted_job_folder_is_validated_in_a_seeded_random_order(ray_session, tmp_path):
+    """A filter's output comes cluster by cluster and its ids are known unique (no groupby reorders
+    it): training's validated copy (shuffle_seed) must mix the topics, the same way for one seed,
+    with every row kept; without a seed the order stays the input's."""
+    from pairmill.groups import write_validated
+
+    rows = [{"id": f"t{i // 100}-{i}", "query": f"topic {i // 100} query {i}", "passage": f"passage {i}"} for i in range(400)]
+    folder = tmp_path / "filtered"
+    (folder / "kept").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "kept" / "part-0.parquet")
+    (folder / "stats.json").write_text('{"unique_ids": true}')
+    (folder / "_SUCCESS").write_text("")
+
+    def order(out, seed):
+        write_validated(str(folder), tmp_path / out, shuffle_seed=seed)
+        return pq.read_table(tmp_path / out, columns=["id"])["id"].to_pylist()
+
+    as_is, first, again, other = order("as-is", None), order("a", 1), order("b", 1), order("c", 2)
+    assert as_is == [r["id"] for r in rows]
+    assert sorted(first) == sorted(as_is) and first == again and first != other
+    assert {i.split("-")[0] for i in first[:32]} == {"t0", "t1", "t2", "t3"}  # one batch's worth sees every topic
+
+
 def test_parquet_and_hf_inputs(ray_session, tmp_path):
     rows = [dict(GOOD, id=str(i)) for i in range(5)] + [{"id": "bad", "query": None, "passage": "p", "source": None}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
