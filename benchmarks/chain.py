@@ -4,7 +4,7 @@
         [--pairs 20000] [--heldout 2000] [--steps 100] [--seeds 0 1 2] [--arms plain filtered ...]
 
 One seed of the first five arms takes about 25 minutes on 2 CPUs at the defaults (filter and mine
-once more, ~10 minutes, on the first run); ``web-inbatch`` adds a run the size of ``plain`` (5-6 min),
+once more, ~10 minutes, on the first run); ``kauto-inbatch`` adds a run the size of ``plain`` (3-6 min),
 ``e5-inbatch`` a filter (~5 min, once) and such a run.
 
 Data (built once into OUT/data, nothing committed): the registry's (package name -> summary)
@@ -23,15 +23,16 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
 2. ``filtered``: the same on ``pairmill filter RAW`` with the default settings (k=2);
 3. ``mined``: filtered + ``pairmill mine`` (one hard negative per pair);
 4. ``refresh``: mined + ANCE refresh rounds every ``--refresh-every`` steps;
-5. ``web``: ``configs/web.yaml``'s settings, which choose the filter's k from the data (k=auto),
+5. ``kauto-mined``: the consistency filter's k chosen from the data (``KAUTO``: k=auto at 95%),
    then mined + refreshed as arm 4 (the same ``--refresh-every``): it differs from arm 4 in the filter;
-6. ``web-inbatch``: arm 5's filtered pairs with in-batch negatives only: the k=auto filter's own
+6. ``kauto-inbatch``: arm 5's filtered pairs with in-batch negatives only: the k=auto filter's own
    effect, without the mined negatives.
 7. ``e5-inbatch``: E5's order: the k=auto filter scored by the ``plain`` arm's model of seed 0 (a
    model first trained on the raw pairs) instead of the bundled one, then in-batch training of the
    bundled model on what it kept: arm 6 with a filter model that has seen this data.
-8. ``dedup-mined``: no consistency filter (``filter.consistency=false``: exact and semantic dedup
-   only), then mined as ``web`` (one hard negative per pair): the negatives without the filter.
+8. ``dedup-mined``: ``configs/web.yaml``'s filter (no consistency filter: exact and semantic dedup
+   only), then mined (one hard negative per pair): the negatives without the consistency filter.
+9. ``dedup-inbatch``: arm 8's pairs with in-batch negatives only: what the dedup filters alone change.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
 is every finished arm: the benchmark resumes where it stopped. Each arm writes
@@ -53,7 +54,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("plain", "filtered", "mined", "refresh", "web", "web-inbatch", "e5-inbatch", "dedup-mined")
+ARMS = ("plain", "filtered", "mined", "refresh", "kauto-mined", "kauto-inbatch", "e5-inbatch", "dedup-mined", "dedup-inbatch")
+# The consistency filter with its k chosen from the data (configs/web.yaml's filter until the benchmark
+# showed the filter costing on registry pairs): k=auto at 95% of corrupted pairs removed, near-copies exempt.
+KAUTO = ("filter.k=auto", "filter.auto_removed=0.95", "filter.near_copy_eps=0.05", "filter.audit=0.05")
 JUNK = re.compile(
     r"\b(todo|tbd|lorem|ipsum|placeholder|short description|description here|add a description|"
     r"example package|sample package|test package|my first|hello world|no description|test project)\b",
@@ -154,10 +158,11 @@ def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> 
         "filtered": [str(out / "filter"), "train.hard_negatives=0", "train.refresh_every=0"],
         "mined": [str(out / "mine"), "train.hard_negatives=1", "train.refresh_every=0"],
         "refresh": [str(out / "mine"), "train.hard_negatives=1", f"train.refresh_every={args.refresh_every}"],
-        "web": [str(out / "web-mine"), *web_settings("train"), f"train.refresh_every={args.refresh_every}"],
-        "web-inbatch": [str(out / "web-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
+        "kauto-mined": [str(out / "kauto-mine"), "train.hard_negatives=1", f"train.refresh_every={args.refresh_every}"],
+        "kauto-inbatch": [str(out / "kauto-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
         "e5-inbatch": [str(out / "e5-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
-        "dedup-mined": [str(out / "dedup-mine"), "train.hard_negatives=1", "train.refresh_every=0"],
+        "dedup-mined": [str(out / "dedup-mine"), *web_settings("train"), "train.refresh_every=0"],
+        "dedup-inbatch": [str(out / "dedup-filter"), "train.hard_negatives=0", "train.refresh_every=0"],
     }[arm]
     started = time.perf_counter()
     cli("train", settings[0], "-o", str(folder / "train"), *settings[1:], *common)
@@ -209,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=20_000, help="raw training pairs drawn from the registry")
     parser.add_argument("--heldout", type=int, default=2_000, help="held-out pairs (clean, by package name)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every arm")
-    parser.add_argument("--refresh-every", type=int, default=40, help="refresh rounds of the refresh and web arms")
+    parser.add_argument("--refresh-every", type=int, default=40, help="refresh rounds of the refresh and kauto-mined arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--mine", nargs="+", default=[], metavar="mine.key=value",
-                        help="mining settings of the web and dedup-mined arms, after configs/web.yaml's (another -o "
+                        help="mining settings of the kauto-mined and dedup-mined arms, after configs/web.yaml's (another -o "
                              "for each: OUT's mined folders are reused as they are)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="train settings for every arm, e.g. train.batch_size=64")
     args = parser.parse_args(argv)
@@ -234,23 +239,23 @@ def main(argv: list[str] | None = None) -> int:
             cli("filter", raw, "-o", str(out / "filter"), "--audit", "0.1")
         if set(args.arms) & {"mined", "refresh"} and not finished(out / "mine"):
             cli("mine", str(out / "filter"), "-o", str(out / "mine"))
-    if set(args.arms) & {"web", "web-inbatch"}:
-        if not finished(out / "web-filter"):
-            cli("filter", raw, "-o", str(out / "web-filter"), *web_settings("encoder", "read", "filter"))
-        if "web" in args.arms and not finished(out / "web-mine"):
-            cli("mine", str(out / "web-filter"), "-o", str(out / "web-mine"), *web_settings("encoder", "read", "mine"), *args.mine)
+    if set(args.arms) & {"kauto-mined", "kauto-inbatch"}:
+        if not finished(out / "kauto-filter"):
+            cli("filter", raw, "-o", str(out / "kauto-filter"), *web_settings("encoder", "read"), *KAUTO)
+        if "kauto-mined" in args.arms and not finished(out / "kauto-mine"):
+            cli("mine", str(out / "kauto-filter"), "-o", str(out / "kauto-mine"), *web_settings("encoder", "read", "mine"), *args.mine)
     if "e5-inbatch" in args.arms and not finished(out / "e5-filter"):
         # E5's order: the filter's model is one trained on the raw pairs first (the plain arm, seed 0).
         run_arm("plain", 0, out, {"raw": raw}, args, tasks)
         cli("filter", raw, "-o", str(out / "e5-filter"), "--model", str(out / "seed0" / "plain" / "train" / "model"),
-            *web_settings("encoder", "read", "filter"))
-    if "dedup-mined" in args.arms:
+            *web_settings("encoder", "read"), *KAUTO)
+    if set(args.arms) & {"dedup-mined", "dedup-inbatch"}:
         if not finished(out / "dedup-filter"):
-            cli("filter", raw, "-o", str(out / "dedup-filter"), "filter.consistency=false")
-        if not finished(out / "dedup-mine"):
+            cli("filter", raw, "-o", str(out / "dedup-filter"), *web_settings("encoder", "read", "filter"))
+        if "dedup-mined" in args.arms and not finished(out / "dedup-mine"):
             cli("mine", str(out / "dedup-filter"), "-o", str(out / "dedup-mine"), *web_settings("encoder", "read", "mine"),
                 *args.mine)
-    for name in ("filter", "mine", "web-filter", "web-mine", "e5-filter", "dedup-filter", "dedup-mine"):
+    for name in ("filter", "mine", "kauto-filter", "kauto-mine", "e5-filter", "dedup-filter", "dedup-mine"):
         if finished(out / name):
             stats = json.loads((out / name / "stats.json").read_text())
             jobs[name] = {key: stats.get(key) for key in ("input_rows", "kept", "dropped", "rejected", "consistency",
