@@ -41,8 +41,8 @@ Data position. The order of an epoch is a function of (input, world size, seed, 
 validated copy is written once in a random order of ``seed`` (``train.shuffle=global``; a filter's
 output comes cluster by cluster, and a buffer of ~1,000 rows alone then trains batch after batch on
 one topic), Ray Data runs with ``preserve_order`` so the equal split hands every worker the same
-rows each time, and each worker shuffles locally with seed ``seed * 1000 + epoch``. A resumed run re-opens the
-checkpoint's epoch and skips the first ``step_in_epoch`` batches on every rank (read, not
+rows each time, and each worker shuffles locally with seed ``seed * 1000 + epoch``. A resumed run
+re-opens the checkpoint's epoch and skips the first ``step_in_epoch`` batches on every rank (read, not
 tokenised or encoded), so it continues with the batches it would have trained on. The rule is
 exact only for the same input and ``num_workers`` (enforced: a rerun with a different train/encoder/
 read config or input is refused); dropout noise after a resume is reseeded, not replayed.
