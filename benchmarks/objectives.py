@@ -41,19 +41,18 @@ triplet. A rerun skips finished arms and the mine and passages already written, 
 data or train settings in the same OUT. ``OUT/objectives.json`` and the printed tables hold every
 seed, the mean and the spread (max - min); the tables show mean ± half the spread.
 
-Time, an estimate from a 2-step smoke run on 2 CPUs shared with another Ray job, not a measurement:
-a run costs ~1-2 minutes of Ray start-up, export and held-out evaluation, plus its steps. A step at
-batch 32 with a hard negative took ~11 s on the sample, warm-up included (passages up to 256
-tokens; its profile's 5 s is at 128), and should take ~3-5 s on the registry's one-line summaries
-(chain.py: 100 in-batch steps in 5-6 minutes). Sample: ~10-13 minutes a run, ~4 hours for 7 arms x
-3 seeds; registry: ~7-9 minutes a run, ~3 hours, plus building the data and mining (~10 minutes,
-once). Both at the defaults: about 6-7 hours; ``--datasets``, ``--arms`` and ``--seeds`` split it
-over sittings.
+Time. Registry, measured (2026-12-03, 2 CPUs, nothing else running): the three mines ~12 minutes
+once, then 3-4 minutes a run (100 steps at batch 32 of one-line summaries, Ray Train start-up, export
+and the held-out evaluation included), ~35 minutes a seed of all 9 arms, ~1.8 hours for 3 seeds.
+Sample, an estimate from a 2-step smoke run on a shared machine: a step at batch 32 with a hard
+negative took ~11 s, warm-up included (passages up to 256 tokens), so ~10-13 minutes a run and ~5
+hours for 9 arms x 3 seeds. ``--datasets``, ``--arms`` and ``--seeds`` split it over sittings.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import json
 import os
@@ -232,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")  # held until this process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # seen: a second run on the same OUT trained the arm the first had in flight, in the same folder, and both failed
+        raise SystemExit(f"{out} is in use by another objectives.py run: wait for it to end, or use another -o") from None
     summary_path = out / "objectives.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for dataset in args.datasets:

@@ -44,13 +44,19 @@ def collapse_metrics(embeddings: Tensor | np.ndarray) -> dict[str, float]:
     return {"mean_cosine": round(mean_cosine, 6), "uniformity": round(uniformity(x), 6)}
 
 
-def collapse_warning(start: dict[str, float], now: dict[str, float], threshold: float) -> str | None:
-    """The alarm's text when ``now`` has moved towards collapse from ``start`` (see the design note), else None."""
+def collapse_warning(start: dict[str, float], now: dict[str, float], threshold: float, queue_size: int = 0) -> str | None:
+    """The alarm's text when ``now`` has moved towards collapse from ``start`` (see the design note), else
+    None. ``queue_size`` is the run's ``train.queue_size`` (0: no queue): with a queue on, the advice
+    names it first, since stale queued negatives are a measured cause (docs/benchmarks.md, the
+    objectives on registry pairs: the queue arm collapsed where the same run without it did not)."""
     cos0, cos = start["mean_cosine"], now["mean_cosine"]
     closer = cos - cos0 >= TOWARDS_ONE * (1 - cos0)
     if cos >= threshold and closer and now["uniformity"] > start["uniformity"]:
+        advice = (f"train.queue_size={queue_size} is a likely cause (its negatives come from the model of earlier "
+                  "steps, and moving every embedding away from them lowers the loss): try train.queue_size=0 or "
+                  "a lower train.lr" if queue_size else
+                  "lower train.temperature, use a larger batch or train.queue_size, or a lower train.lr")
         return (f"embeddings are collapsing: mean pairwise cosine {cos:.3f} (start {cos0:.3f}, alarm at "
                 f">= {threshold} and a quarter of the way to 1), uniformity {now['uniformity']:.3f} (start "
-                f"{start['uniformity']:.3f}). Held-out retrieval is likely falling: lower train.temperature, "
-                "use a larger batch or train.queue_size, or a lower train.lr")
+                f"{start['uniformity']:.3f}). Held-out retrieval is likely falling: {advice}")
     return None

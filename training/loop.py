@@ -368,7 +368,7 @@ def train_loop_per_worker(train_loop_config: dict) -> dict:
                     metrics.update({f"collapse_{k}": v for k, v in now.items()})
                     metrics["collapse_seconds"] = round(time.perf_counter() - t0, 2)
                     t_last += metrics["collapse_seconds"]  # the next line's seconds time the steps, not the alarm
-                    warning = collapse_warning(collapse_start, now, cfg.collapse_cosine)
+                    warning = collapse_warning(collapse_start, now, cfg.collapse_cosine, cfg.queue_size)
                     if warning:
                         log.warning(f"train: step {step}: {warning}")
                 reported = dict(metrics)

@@ -303,6 +303,10 @@ def test_collapse_alarm_fires_on_collapse_only():
     assert now["mean_cosine"] > 0.95 and now["uniformity"] > -0.5
     warning = collapse_warning(start, now, 0.5)
     assert warning and "mean pairwise cosine 0.9" in warning and "train.temperature" in warning
+    # with a queue on, the advice names the queue first (its stale negatives are a measured cause)
+    queued = collapse_warning(start, now, 0.5, queue_size=1024)
+    assert "train.queue_size=1024 is a likely cause" in queued and "train.queue_size=0" in queued
+    assert "larger batch or train.queue_size" not in queued
     halfway = collapse_metrics(collapsed(noise=1.0))  # mean cosine ~0.5: not past a threshold of 0.7
     assert collapse_warning(start, halfway, 0.7) is None
 
