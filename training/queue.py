@@ -18,7 +18,7 @@ its negatives' staleness. With a full queue it is (Q / N + 1) / 2 steps for a gl
 
 Measured against it (docs/benchmarks.md, the objectives on registry pairs): 1,024 entries from the
 start of fine-tuning the bundled model collapsed it (held-out nDCG@10 below the base model, the
-collapse alarm firing), two seeds of two. The drift of the first 100 steps is not slow, and XBM turns
+collapse alarm firing) on each of 3 seeds. The drift of the first 100 steps is not slow, and XBM turns
 its memory on only after a warm-up, which this queue does not do.
 
 Workers. ``push`` all-gathers the global batch's positives, so every rank holds the same queue and
