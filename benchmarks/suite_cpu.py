@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,9 +36,8 @@ def machine_seconds() -> tuple[float, float]:
 
 def title_of(cmdline: str) -> str:
     """One group per kind of process: ``ray::RayTrainWorker.shutdown`` is ``ray::RayTrainWorker``."""
-    if cmdline.startswith("ray::"):
-        name = cmdline.split()[0]
-        return name.split(".")[0] if not name.startswith("ray::MapWorker") else name
+    if cmdline.startswith("ray::"):  # an actor's title ends in the method it runs: drop it, keep the class
+        return re.sub(r"\.\w+$", "", cmdline.split()[0])
     words = cmdline.split()
     if not words:
         return "(no title)"

@@ -52,10 +52,12 @@ def collapse_warning(start: dict[str, float], now: dict[str, float], threshold: 
     cos0, cos = start["mean_cosine"], now["mean_cosine"]
     closer = cos - cos0 >= TOWARDS_ONE * (1 - cos0)
     if cos >= threshold and closer and now["uniformity"] > start["uniformity"]:
-        advice = (f"train.queue_size={queue_size} is a likely cause (its negatives come from the model of earlier "
-                  "steps, and moving every embedding away from them lowers the loss): try train.queue_size=0 or "
-                  "a lower train.lr" if queue_size else
-                  "lower train.temperature, use a larger batch or train.queue_size, or a lower train.lr")
+        if queue_size:
+            advice = (f"train.queue_size={queue_size} is a likely cause (its negatives come from the model of earlier "
+                      "steps, and moving every embedding away from them lowers the loss): try train.queue_size=0 or "
+                      "a lower train.lr")
+        else:
+            advice = "lower train.temperature, use a larger batch or train.queue_size, or a lower train.lr"
         return (f"embeddings are collapsing: mean pairwise cosine {cos:.3f} (start {cos0:.3f}, alarm at "
                 f">= {threshold} and a quarter of the way to 1), uniformity {now['uniformity']:.3f} (start "
                 f"{start['uniformity']:.3f}). Held-out retrieval is likely falling: {advice}")
