@@ -44,6 +44,7 @@ the negatives' statistics.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import json
 import os
@@ -139,6 +140,18 @@ def finished(folder: Path) -> bool:
     return (folder / "_SUCCESS").exists()
 
 
+def lock_output(out: Path, script: str):
+    """Create OUT and hold an exclusive lock on it until this process exits (the open file is returned to keep)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # seen: a second run on the same OUT trained the arm the first had in flight, in the same folder, and both failed
+        raise SystemExit(f"{out} is in use by another {script} run: wait for it to end, or use another -o") from None
+    return lock
+
+
 def evaluate(model: str | None, tasks: dict) -> dict:
     """Held-out metrics per task of a model folder (None: the bundled model)."""
     from pairmill.config import EncoderConfig, EvalConfig
@@ -229,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from pairmill.evaluate import load_task
 
     out = Path(args.output).resolve()
+    lock = lock_output(out, "chain.py")  # noqa: F841 (held until exit)
     data = build_data(args.tsv, out / "data", args.pairs, args.heldout, args.data_seed)
     print(f"[chain] data: {json.dumps(data)}", flush=True)
     raw = str(out / "data" / "train_raw.jsonl.gz")

@@ -52,7 +52,6 @@ hours for 9 arms x 3 seeds. ``--datasets``, ``--arms`` and ``--seeds`` split it 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import gzip
 import json
 import os
@@ -63,7 +62,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; benchmarks.chain is imported from it
-from benchmarks.chain import build_data, evaluate, finished
+from benchmarks.chain import build_data, evaluate, finished, lock_output
 
 ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse", "bm25", "hybrid")
 LEXICAL_ARMS = ("bm25", "hybrid")  # each trains on its own mine folder, mined with mine.method=<arm>
@@ -231,13 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     out = Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")  # held until this process exits
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        # seen: a second run on the same OUT trained the arm the first had in flight, in the same folder, and both failed
-        raise SystemExit(f"{out} is in use by another objectives.py run: wait for it to end, or use another -o") from None
+    lock = lock_output(out, "objectives.py")  # noqa: F841 (held until exit)
     summary_path = out / "objectives.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for dataset in args.datasets:
