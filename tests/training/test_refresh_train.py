@@ -15,6 +15,7 @@ from training.rounds import RefreshSettings, refresh_settings
 from training.train import train
 
 SELECTION = {"num_negatives": 2, "range_max": 10, "margin_ratio": None}
+CURRICULUM = {**SELECTION, "range_min": 6, "range_max": 12, "range_min_final": 0, "range_max_final": 6}
 
 
 @pytest.mark.parametrize("override, named", [("train.refresh_every=-1", "train.refresh_every=-1"),
@@ -76,7 +77,8 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     for a round once it has been in flight OVERLAP steps, so rounds finish within this short run on
     2 cores (a sleep per step used to stand in for an accelerator's free CPUs: slower and less sure).
     OUT is on an S3 bucket: the rounds' models, indexes and negatives are written there, by rank 0 and
-    by the round's task and actors, which get the driver's filesystem (no endpoint in their environment)."""
+    by the round's task and actors, which get the driver's filesystem (no endpoint in their environment).
+    The rounds mine from a rank window moved by the curriculum (mine.range_min_final / range_max_final)."""
     from pairmill import storage
     from pairmill.output import is_finished
 
@@ -95,7 +97,7 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
                     passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=10)
     t0 = time.perf_counter()
     stats = train(str(pairs), out, encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
-                  eval_cfg=EvalConfig(), ray=RayConfig(), mine_cfg=MineConfig(**SELECTION),
+                  eval_cfg=EvalConfig(), ray=RayConfig(), mine_cfg=MineConfig(**CURRICULUM),
                   hooks=TestHooks(round_overlap_steps=OVERLAP))
     print(f"train {time.perf_counter() - t0:.1f}s")
     print(json.dumps(stats["refresh"]))
@@ -108,6 +110,8 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     assert refresh["rounds_finished"] == 2 and refresh["unfinished_at_end"] is None
     first, last = refresh["rounds"][0], refresh["rounds"][-1]
     assert first["step"] == 10 and first["refreshed"] == 40 and first["slice"] == [0, 1]
+    # the curriculum: the rank window moves from [6, 12) at step 0 towards [0, 6) at step 30
+    assert [r["window"] for r in refresh["rounds"]] == [[4, 10], [2, 8]]
     # training did not wait: it stepped on while the round ran, and later batches used its negatives
     assert first["step"] + 1 < first["finished_by_step"] <= first["step"] + OVERLAP
     # every batch after a round was seen finished used its negatives; one may have used them a step
