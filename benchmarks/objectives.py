@@ -3,12 +3,13 @@
     HF_HUB_OFFLINE=1 python benchmarks/objectives.py -o objectives-out \
         [--datasets sample registry] [--seeds 0 1 2] [--arms default inbatch supcon ...] \
         [--tsv ../shared/data/pypi_summaries.tsv.gz | --chain-data chain-out/data] \
-        [--pairs 20000] [--heldout 2000] [--steps 100] [--sample-steps 64] [key=value ...]
+        [--pairs 20000] [--heldout 2000] [--steps 100] [--sample-steps 36] [key=value ...]
 
 Datasets (each arm is scored on its dataset's held-out split only):
 
-- ``sample``: the bundled sample (``pairmill.sample.TRAIN``, 2,050 FOLDOC/Jargon pairs, 57 queries
-  appear twice) and its held-out split (``pairmill.sample.HELDOUT``, 350 pairs); ``--sample-steps``.
+- ``sample``: the bundled sample (``pairmill.sample.TRAIN``, 2,050 FOLDOC/Jargon pairs, 55 queries
+  appear twice as SupCon groups them, by ``text_key``) and its held-out split
+  (``pairmill.sample.HELDOUT``, 350 pairs); ``--sample-steps``.
 - ``registry``: noisy package-registry pairs held out by package name, built by
   ``benchmarks/chain.py``'s ``build_data`` into ``OUT/registry/data`` (the layout of chain's
   ``OUT/data``), or read as they are from a chain run's folder (``--chain-data``); ``--steps``.
@@ -44,9 +45,9 @@ seed, the mean and the spread (max - min); the tables show mean ± half the spre
 Time. Registry, measured (2026-12-03, 2 CPUs, nothing else running): the three mines ~12 minutes
 once, then 3-4 minutes a run (100 steps at batch 32 of one-line summaries, Ray Train start-up, export
 and the held-out evaluation included), ~35 minutes a seed of all 9 arms, ~1.8 hours for 3 seeds.
-Sample, an estimate from a 2-step smoke run on a shared machine: a step at batch 32 with a hard
-negative took ~11 s, warm-up included (passages up to 256 tokens), so ~10-13 minutes a run and ~5
-hours for 9 arms x 3 seeds. ``--datasets``, ``--arms`` and ``--seeds`` split it over sittings.
+Sample, measured the same day with ``train.passage_max_length=128`` (the sample profile's): the three
+mines ~4 minutes, then 2.5-4.5 minutes a run of 36 steps, ~35 minutes a seed, under 2 hours for 3 seeds.
+``--datasets``, ``--arms`` and ``--seeds`` split it over sittings.
 """
 
 from __future__ import annotations
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every arm on the registry pairs")
-    parser.add_argument("--sample-steps", type=int, default=64, help="optimizer steps of every arm on the sample (64 x 32 = one pass)")
+    parser.add_argument("--sample-steps", type=int, default=36,
+                        help="optimizer steps of every arm on the sample (36: pairmill/sample/run.yaml's budget; 64 x 32 = one pass)")
     parser.add_argument("--tsv", default=str(ROOT.parent / "shared" / "data" / "pypi_summaries.tsv.gz"),
                         help="name<TAB>summary registry file the registry pairs are built from")
     parser.add_argument("--chain-data", help="a benchmarks/chain.py OUT/data folder to train and evaluate on instead (read only)")

@@ -307,8 +307,8 @@ class TrainConfig:
         "workers), are extra negatives of every query (cross-batch memory, Wang et al. 2020; MoCo's queue without a "
         "momentum encoder); a queued copy of a query's own positive is masked; their mean age in steps is "
         "queue_staleness in metrics.jsonl; 0 = off. Not checkpointed: a resumed run refills it in "
-        "queue_size / batch_size steps. Measured harmful so far: 1024 on registry pairs collapsed the model "
-        "(docs/benchmarks.md)"
+        "queue_size / batch_size steps. Measured harmful so far: 1024 collapsed the model on registry pairs and "
+        "on the bundled sample, 256 on registry pairs (docs/benchmarks.md)"
     )
     simcse: bool = _field(
         False, "unsupervised SimCSE (Gao et al. 2021): the input is plain texts (a .txt file, one text a line, or rows "
