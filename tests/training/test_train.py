@@ -230,6 +230,33 @@ def test_two_workers_killed_worker_resumes_and_export_matches(ray_session, tiny_
     np.testing.assert_allclose(enc.encode(texts), exported, atol=1e-5)
 
 
+@pytest.mark.parametrize("option", ["tau_plus_and_queue", "triplet", "simcse"])
+def test_each_objective_trains_on_two_ray_train_workers(ray_session, tiny_model, data, tmp_path, option):
+    """The objectives' math is checked against naive loops on 2 gloo processes (test_objectives.py,
+    test_queue_simcse.py); here each runs end to end on 2 Ray Train workers: it trains, exports and
+    logs what the option logs. SupCon runs on 2 workers in the killed-worker test above."""
+    settings = {"tau_plus_and_queue": dict(tau_plus=0.05, queue_size=16, hard_negatives=1),
+                "triplet": dict(objective="triplet", hard_negatives=1),
+                "simcse": dict(simcse=True)}[option]
+    inputs = data
+    if option == "simcse":
+        texts = tmp_path / "texts.txt"
+        texts.write_text("".join(row["passage"] + "\n" for row in data["rows"]))
+        inputs = {**data, "pairs": str(texts)}
+    out = tmp_path / "out"
+    stats = run_train(inputs, out, tiny_model, max_steps=4, log_every=2, **settings)
+
+    assert stats["train"]["steps"] == 4 and (out / "model" / "modules.json").exists()
+    lines = [m for m in metric_lines(out) if "loss" in m]
+    assert lines[-1]["step"] == 4 and all(np.isfinite(m["loss"]) for m in lines)
+    if option == "tau_plus_and_queue":  # a global batch of 8 a step: full after 2 steps, the same on both ranks
+        assert lines[-1]["queue_entries"] == 16 and lines[-1]["queue_staleness"] > 0
+    if option == "triplet":  # a third of the rows have no negative: counted over both workers
+        assert sum(m["pairs_without_triplet"] for m in lines) > 0
+    if option == "simcse":
+        assert stats["kept"] == len(data["rows"])
+
+
 def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_model, data, tmp_path):
     """The job folder is staged: an interrupted run leaves nothing at OUT, only ``.OUT.partial`` with
     its checkpoints, and the same command resumes there and commits; a finished OUT rerun resumes
