@@ -30,9 +30,14 @@ Arms (the bundled model, TrainConfig's defaults but for the one setting named, t
 7. ``simcse``: unsupervised SimCSE on the passages alone (``train.simcse=true``, in-batch only);
 8. ``bm25``: ``default``'s training on negatives mined with ``mine.method=bm25`` (DPR's lexical
    negatives, into ``OUT/<dataset>/mine-bm25``);
-9. ``hybrid``: the same with ``mine.method=hybrid`` (dense and BM25 fused by reciprocal rank).
+9. ``hybrid``: the same with ``mine.method=hybrid`` (dense and BM25 fused by reciprocal rank);
+10. ``refresh``: ``default`` with ANCE refresh rounds re-mining beside training every
+    ``REFRESH_EVERY[dataset]`` steps (12 on the sample, as its run profile; 25 on registry pairs);
+11. ``curriculum``: the same rounds moving the rank window easy -> hard, from ranks [20, 50) (the
+    first negatives mined there too, into ``OUT/<dataset>/mine-easy``) to the default [0, 30) at the
+    last step (``mine.range_min_final`` / ``range_max_final``).
 
-ANCE refresh rounds, the other negative source, are measured by ``benchmarks/chain.py``.
+The chain's refresh on noisy pairs is also measured by ``benchmarks/chain.py``.
 
 Per arm and seed ``OUT/<dataset>/seed<S>/<arm>/result.json`` holds held-out nDCG@10, recall@10,
 alignment and uniformity (``pairmill.evaluate.evaluate_model``), training pairs/s (steady: the
@@ -65,8 +70,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; benchmarks.chain is imported from it
 from benchmarks.chain import build_data, evaluate, finished, lock_output
 
-ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse", "bm25", "hybrid")
+ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse", "bm25", "hybrid", "refresh", "curriculum")
 LEXICAL_ARMS = ("bm25", "hybrid")  # each trains on its own mine folder, mined with mine.method=<arm>
+REFRESH_EVERY = {"sample": 12, "registry": 25}  # steps between refresh rounds (refresh, curriculum arms)
+EASY, HARD = (20, 50), (0, 30)  # the curriculum's first and last rank windows (HARD: MineConfig's default)
 DATASETS = ("sample", "registry")
 METRICS = ("ndcg@10", "recall@10", "alignment", "uniformity", "pairs_per_s")
 
@@ -93,6 +100,10 @@ def arm_settings(arm: str, folder: Path, args) -> list[str]:
         "simcse": [str(folder / "passages.txt"), "train.simcse=true"],  # in-batch only: plain texts have no negatives
         "bm25": [str(folder / "mine-bm25")],
         "hybrid": [str(folder / "mine-hybrid")],
+        "refresh": [mined, f"train.refresh_every={REFRESH_EVERY[folder.name]}"],
+        "curriculum": [str(folder / "mine-easy"), f"train.refresh_every={REFRESH_EVERY[folder.name]}",
+                       f"mine.range_min={EASY[0]}", f"mine.range_max={EASY[1]}",
+                       f"mine.range_min_final={HARD[0]}", f"mine.range_max_final={HARD[1]}"],
     }[arm]
 
 
@@ -123,6 +134,9 @@ def training_speed(train_dir: Path) -> dict:
     staleness = [m["queue_staleness"] for m in lines if "queue_staleness" in m]
     if staleness:
         speed["queue_staleness"] = round(sum(staleness) / len(staleness), 2)
+    if stats.get("refresh"):
+        speed["refresh_rounds"] = stats["refresh"]["rounds_finished"]
+        speed["refresh_windows"] = [r.get("window") for r in stats["refresh"]["rounds"]]
     if any("pairs_without_triplet" in m for m in lines):
         speed["pairs_without_triplet"] = sum(m.get("pairs_without_triplet", 0) for m in lines)
     return speed
@@ -246,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[objectives] {dataset}: {json.dumps(data)}", flush=True)
         if set(args.arms) - {"simcse", *LEXICAL_ARMS} and not finished(folder / "mine"):
             cli("mine", pairs_path, "-o", str(folder / "mine"))
+        if "curriculum" in args.arms and not finished(folder / "mine-easy"):
+            cli("mine", pairs_path, "-o", str(folder / "mine-easy"), f"mine.range_min={EASY[0]}", f"mine.range_max={EASY[1]}")
         for method in set(args.arms) & set(LEXICAL_ARMS):
             if not finished(folder / f"mine-{method}"):
                 cli("mine", pairs_path, "-o", str(folder / f"mine-{method}"), f"mine.method={method}")
@@ -258,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 run_arm(arm, seed, folder, steps, args, tasks)
         mines = {name: json.loads((folder / name / "stats.json").read_text())
-                 for name in ("mine", "mine-bm25", "mine-hybrid") if finished(folder / name)}
+                 for name in ("mine", "mine-bm25", "mine-hybrid", "mine-easy") if finished(folder / name)}
         results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*/*/result.json"))]  # this run's and earlier ones'
         summary[dataset] = {"data": data, "steps": steps, "base": json.loads(base_path.read_text()),
                             **{name: {k: mine.get(k) for k in ("input_rows", "kept", "rejected", "negatives", "seconds")}
