@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/objectives.py -o objectives-out \
         [--datasets sample registry] [--seeds 0 1 2] [--arms default inbatch supcon ...] \
         [--tsv ../shared/data/pypi_summaries.tsv.gz | --chain-data chain-out/data] \
-        [--pairs 20000] [--heldout 2000] [--steps 100] [--sample-steps 36] [key=value ...]
+        [--pairs 20000] [--heldout 2000] [--steps 100] [--sample-steps 36] [-- key=value ...]
 
 Datasets (each arm is scored on its dataset's held-out split only):
 
