@@ -31,8 +31,8 @@ Arms (the bundled model, TrainConfig's defaults but for the one setting named, t
 8. ``bm25``: ``default``'s training on negatives mined with ``mine.method=bm25`` (DPR's lexical
    negatives, into ``OUT/<dataset>/mine-bm25``);
 9. ``hybrid``: the same with ``mine.method=hybrid`` (dense and BM25 fused by reciprocal rank);
-10. ``refresh``: ``default`` with ANCE refresh rounds re-mining beside training every
-    ``REFRESH_EVERY[dataset]`` steps (12 on the sample, as its run profile; 25 on registry pairs);
+10. ``refresh``: ``default`` with ANCE refresh rounds re-mining beside training (``REFRESH``: on the
+    sample every 12 steps, half the queries a round, as its run profile; on registry pairs every 25, a quarter);
 11. ``curriculum``: the same rounds moving the rank window easy -> hard, from ranks [20, 50) (the
     first negatives mined there too, into ``OUT/<dataset>/mine-easy``) to the default [0, 30) at the
     last step (``mine.range_min_final`` / ``range_max_final``).
@@ -72,7 +72,10 @@ from benchmarks.chain import build_data, evaluate, finished, lock_output
 
 ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse", "bm25", "hybrid", "refresh", "curriculum")
 LEXICAL_ARMS = ("bm25", "hybrid")  # each trains on its own mine folder, mined with mine.method=<arm>
-REFRESH_EVERY = {"sample": 12, "registry": 25}  # steps between refresh rounds (refresh, curriculum arms)
+# the refresh and curriculum arms' rounds: every N steps, each re-mining 1/slices of the queries (the sample's as in
+# its run profile; seen: with all queries a round, one started at step 12 was still running at step 36, on 2 CPUs)
+REFRESH = {"sample": ["train.refresh_every=12", "train.refresh_slices=2"],
+           "registry": ["train.refresh_every=25", "train.refresh_slices=4"]}
 EASY, HARD = (20, 50), (0, 30)  # the curriculum's first and last rank windows (HARD: MineConfig's default)
 DATASETS = ("sample", "registry")
 METRICS = ("ndcg@10", "recall@10", "alignment", "uniformity", "pairs_per_s")
@@ -100,8 +103,8 @@ def arm_settings(arm: str, folder: Path, args) -> list[str]:
         "simcse": [str(folder / "passages.txt"), "train.simcse=true"],  # in-batch only: plain texts have no negatives
         "bm25": [str(folder / "mine-bm25")],
         "hybrid": [str(folder / "mine-hybrid")],
-        "refresh": [mined, f"train.refresh_every={REFRESH_EVERY[folder.name]}"],
-        "curriculum": [str(folder / "mine-easy"), f"train.refresh_every={REFRESH_EVERY[folder.name]}",
+        "refresh": [mined, *REFRESH[folder.name]],
+        "curriculum": [str(folder / "mine-easy"), *REFRESH[folder.name],
                        f"mine.range_min={EASY[0]}", f"mine.range_max={EASY[1]}",
                        f"mine.range_min_final={HARD[0]}", f"mine.range_max_final={HARD[1]}"],
     }[arm]
