@@ -71,12 +71,18 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing; benchma
 from benchmarks.chain import build_data, evaluate, finished, lock_output
 
 ARMS = ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "simcse", "bm25", "hybrid", "refresh", "curriculum")
-LEXICAL_ARMS = ("bm25", "hybrid")  # each trains on its own mine folder, mined with mine.method=<arm>
 # the refresh and curriculum arms' rounds: every N steps, each re-mining 1/slices of the queries (the sample's as in
 # its run profile; seen: with all queries a round, one started at step 12 was still running at step 36, on 2 CPUs)
 REFRESH = {"sample": ["train.refresh_every=12", "train.refresh_slices=2"],
            "registry": ["train.refresh_every=25", "train.refresh_slices=4"]}
 EASY, HARD = (20, 50), (0, 30)  # the curriculum's first and last rank windows (HARD: MineConfig's default)
+# each mine folder of OUT/<dataset>: its settings after the defaults, and the arms that train on it
+MINES = {
+    "mine": ([], ("default", "inbatch", "supcon", "tau_plus", "triplet", "queue", "refresh")),
+    "mine-bm25": (["mine.method=bm25"], ("bm25",)),  # DPR's lexical negatives
+    "mine-hybrid": (["mine.method=hybrid"], ("hybrid",)),
+    "mine-easy": ([f"mine.range_min={EASY[0]}", f"mine.range_max={EASY[1]}"], ("curriculum",)),
+}
 DATASETS = ("sample", "registry")
 METRICS = ("ndcg@10", "recall@10", "alignment", "uniformity", "pairs_per_s")
 
@@ -139,7 +145,7 @@ def training_speed(train_dir: Path) -> dict:
         speed["queue_staleness"] = round(sum(staleness) / len(staleness), 2)
     if stats.get("refresh"):
         speed["refresh_rounds"] = stats["refresh"]["rounds_finished"]
-        speed["refresh_windows"] = [r.get("window") for r in stats["refresh"]["rounds"]]
+        speed["refresh_windows"] = [r["window"] for r in stats["refresh"]["rounds"]]
     if any("pairs_without_triplet" in m for m in lines):
         speed["pairs_without_triplet"] = sum(m.get("pairs_without_triplet", 0) for m in lines)
     return speed
@@ -261,13 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "overrides": args.overrides})
         pairs_path, tasks, data = prepare(dataset, folder, args)
         print(f"[objectives] {dataset}: {json.dumps(data)}", flush=True)
-        if set(args.arms) - {"simcse", *LEXICAL_ARMS} and not finished(folder / "mine"):
-            cli("mine", pairs_path, "-o", str(folder / "mine"))
-        if "curriculum" in args.arms and not finished(folder / "mine-easy"):
-            cli("mine", pairs_path, "-o", str(folder / "mine-easy"), f"mine.range_min={EASY[0]}", f"mine.range_max={EASY[1]}")
-        for method in set(args.arms) & set(LEXICAL_ARMS):
-            if not finished(folder / f"mine-{method}"):
-                cli("mine", pairs_path, "-o", str(folder / f"mine-{method}"), f"mine.method={method}")
+        for name, (settings, arms) in MINES.items():
+            if set(args.arms) & set(arms) and not finished(folder / name):
+                cli("mine", pairs_path, "-o", str(folder / name), *settings)
         if "simcse" in args.arms:
             data["simcse_texts"] = write_passages(pairs_path, folder / "passages.txt")
         base_path = folder / "base.json"
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 run_arm(arm, seed, folder, steps, args, tasks)
         mines = {name: json.loads((folder / name / "stats.json").read_text())
-                 for name in ("mine", "mine-bm25", "mine-hybrid", "mine-easy") if finished(folder / name)}
+                 for name in MINES if finished(folder / name)}
         results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*/*/result.json"))]  # this run's and earlier ones'
         summary[dataset] = {"data": data, "steps": steps, "base": json.loads(base_path.read_text()),
                             **{name: {k: mine.get(k) for k in ("input_rows", "kept", "rejected", "negatives", "seconds")}
