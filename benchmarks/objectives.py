@@ -37,7 +37,9 @@ Arms (the bundled model, TrainConfig's defaults but for the one setting named, t
     first negatives mined there too, into ``OUT/<dataset>/mine-easy``) to the default [0, 30) at the
     last step (``mine.range_min_final`` / ``range_max_final``).
 
-The chain's refresh on noisy pairs is also measured by ``benchmarks/chain.py``.
+On 2 CPUs a round takes ~20 training steps' time on the sample and would not finish within the 100 steps
+of a registry run (it re-encodes all 20,000 passages), so docs/benchmarks.md has these two arms on the sample
+only; ``benchmarks/chain.py --refresh-every N`` runs rounds in the chain.
 
 Per arm and seed ``OUT/<dataset>/seed<S>/<arm>/result.json`` holds held-out nDCG@10, recall@10,
 alignment and uniformity (``pairmill.evaluate.evaluate_model``), training pairs/s (steady: the
