@@ -72,7 +72,7 @@ OVERLAP = 3
 
 
 def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, bucket, tmp_path):
-    """refresh_every=10 on one worker: rounds start every 10 steps unless one is in flight (skipped);
+    """refresh_every=10 on two workers (rank 0 runs the rounds, both read the store): rounds start every 10 steps unless one is in flight (skipped);
     each finishes while training steps on, then batches train on its negatives. The test seam waits
     for a round once it has been in flight OVERLAP steps, so rounds finish within this short run on
     2 cores (a sleep per step used to stand in for an accelerator's free CPUs: slower and less sure).
@@ -93,7 +93,7 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows + reused)
     out = f"{bucket}/train"
     encoder = EncoderConfig(model=tiny_model, query_prefix="query: ", passage_prefix="passage: ", batch_size=16)
-    settings = dict(num_workers=1, batch_size=8, max_steps=30, lr=1e-3, hard_negatives=2, query_max_length=16,
+    settings = dict(num_workers=2, batch_size=8, max_steps=30, lr=1e-3, hard_negatives=2, query_max_length=16,
                     passage_max_length=48, checkpoint_every=1000, log_every=25, max_failures=0, refresh_every=10)
     t0 = time.perf_counter()
     stats = train(str(pairs), out, encoder=encoder, read=ReadConfig(), train_cfg=TrainConfig(**settings),
@@ -115,10 +115,13 @@ def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tin
     # training did not wait: it stepped on while the round ran, and later batches used its negatives
     assert first["step"] + 1 < first["finished_by_step"] <= first["step"] + OVERLAP
     # every batch after a round was seen finished used its negatives; one may have used them a step
-    # earlier (the store write is the swap, rank 0 notices the task's end at its next step)
+    # earlier (the store write is the swap, rank 0 notices the task's end at its next step), and rank 1's
+    # half of one a step later (the seam holds rank 0 alone: rank 1 may read the store before the write;
+    # seen: 132 refreshed rows used of 136, mean staleness 6.833 for 6.5)
     staleness, used = expected_use(refresh["rounds"], 30, 8)
-    assert used <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
-    assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness
+    late = 4 * len(refresh["rounds"])  # rank 1's rows, one step a round, on the negatives of 10 steps before
+    assert used - late <= refresh["refreshed_pairs_used"] <= used + 8 * len(refresh["rounds"])
+    assert staleness - 2 * len(refresh["rounds"]) <= refresh["mean_staleness"] <= staleness + late * 10 / (30 * 8)
     live = f"{out}/refresh/step-{last['step']}"
     assert storage.exists(f"{live}/index/manifest.json") and not storage.list_files(f"{live}/work")
     for older in refresh["rounds"][:-1]:  # the newest round holds the live index; older ones are removed
