@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pairmill.pairs import DUPLICATE_ID, Mode, parsed_schema, raw_repr
 from pairmill import storage
@@ -73,12 +74,13 @@ def ids_known_unique(path: str | Path) -> bool:
     return bool(json.loads(storage.read_text(stats)).get("unique_ids"))
 
 
-def add_id_bucket(batch: pa.Table, buckets: int) -> pa.Table:
-    """+ ``id_bucket``: a hash bucket of the id of a valid row; of a random key for a rejected row
-    (whose id is null), so rejects spread over the buckets instead of meeting in one."""
+def add_id_bucket(batch: pa.Table, buckets: int, salt: str = "") -> pa.Table:
+    """+ ``id_bucket``: a hash bucket of the id of a valid row (``salt`` + id: every row of an id still
+    meets in one bucket, and each salt draws other random subsets of the ids as buckets); of a random
+    key for a rejected row (whose id is null), so rejects spread over the buckets instead of meeting in one."""
     ids = batch.column("id").to_pylist()
     reasons = batch.column("reason").to_pylist()
-    keys = [rid if reason is None else uuid.uuid4().hex for rid, reason in zip(ids, reasons)]
+    keys = [salt + rid if reason is None else uuid.uuid4().hex for rid, reason in zip(ids, reasons)]
     return batch.append_column("id_bucket", key_buckets(keys, buckets))
 
 
@@ -120,11 +122,33 @@ def mark_duplicate_ids(group: pa.Table) -> pa.Table:
     return group
 
 
-def unique_ids(ds, partitions: int, rows: int):
-    """A Ray Dataset of parsed rows -> the same rows, later copies of an id rejected as ``duplicate_id``."""
-    keyed = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": bucket_count(rows, partitions)}, batch_format="pyarrow",
-                           batch_size=None)
-    return keyed.groupby("id_bucket", num_partitions=partitions).map_groups(mark_duplicate_ids, batch_format="pyarrow")
+def mark_duplicate_ids_in_random_order(group: pa.Table, seed: int) -> pa.Table:
+    """``mark_duplicate_ids``, then the bucket's rows in an order drawn from ``seed`` and the bucket
+    (after sorting them by input position and text: the order rows reach a reduce task varies from run to run)."""
+    rng = np.random.default_rng([seed, int(group.column("id_bucket")[0].as_py())])
+    group = mark_duplicate_ids(group)
+    sort_keys = [c for c in ("origin", "id", "query", "passage", "text") if c in group.column_names]
+    group = group.take(pc.sort_indices(group, [(c, "ascending") for c in sort_keys]))
+    return group.take(pa.array(rng.permutation(group.num_rows)))
+
+
+def unique_ids(ds, partitions: int, rows: int, shuffle_seed: int | None = None):
+    """A Ray Dataset of parsed rows -> the same rows, later copies of an id rejected as ``duplicate_id``.
+
+    ``shuffle_seed``: the rows also come out in a random order, in the same pass. The id buckets are
+    then hashed with the seed, so each is a random subset of the rows whatever the input's order, and
+    each bucket's rows are permuted: the output is buckets of randomly drawn rows, one after another,
+    each shuffled. What training's local shuffle buffer needs (no batch from one topic), for the cost of
+    the one hash shuffle the id check pays anyway, where Ray Data's ``random_shuffle`` after it was a
+    second all-to-all pass over every row."""
+    buckets = bucket_count(rows, partitions)
+    if shuffle_seed is None:
+        keyed = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow", batch_size=None)
+        return keyed.groupby("id_bucket", num_partitions=partitions).map_groups(mark_duplicate_ids, batch_format="pyarrow")
+    keyed = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": buckets, "salt": f"{shuffle_seed}:"},
+                           batch_format="pyarrow", batch_size=None)
+    return keyed.groupby("id_bucket", num_partitions=partitions).map_groups(
+        mark_duplicate_ids_in_random_order, fn_kwargs={"seed": shuffle_seed}, batch_format="pyarrow")
 
 
 def read_unique(path: str | Path, mode: Mode = "pairs", **validate_kwargs):
@@ -141,13 +165,19 @@ def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", 
     passes of a job (rejects, counts, the work) read it back instead of parsing and shuffling the
     input again. An input without rows leaves one empty file, so the folder always reads.
 
-    ``shuffle_seed``: write the rows in a random order (Ray Data's ``random_shuffle``, an all-to-all
-    pass): training streams them with only a local shuffle buffer, and an input sorted by topic (a
-    filter's output is written cluster by cluster) would otherwise fill each batch from one topic."""
+    ``shuffle_seed``: write the rows in a random order (``unique_ids``'s seeded buckets, or Ray Data's
+    ``random_shuffle`` for a job folder, whose ids need no check): training streams them with only a
+    local shuffle buffer, and an input sorted by topic (a filter's output is written cluster by
+    cluster) would otherwise fill each batch from one topic."""
     import pyarrow.parquet as pq
 
-    rows = read_unique(path, mode, **validate_kwargs)
-    if shuffle_seed is not None:
+    from pairmill.cluster import disk_shuffle
+
+    rows = read_parsed(path, mode, **validate_kwargs)
+    if not ids_known_unique(path):  # the id check's hash shuffle orders the rows at random too
+        disk_shuffle(input_bytes(path))  # a large input shuffles through disk, as the filter's and mine's groupbys do
+        rows = unique_ids(rows, default_partitions(path), count_input_rows(path), shuffle_seed)
+    elif shuffle_seed is not None:  # a job folder's rows, checked already: Ray Data's all-to-all shuffle
         rows = rows.random_shuffle(seed=shuffle_seed)
     if storage.is_remote(folder):  # a prefix on object storage: returned as given
         fs, inner = storage.split(folder)

@@ -210,6 +210,30 @@ def test_a_sorted_job_folder_is_validated_in_a_seeded_random_order(ray_session, 
     assert {i.split("-")[0] for i in first[:32]} == {"t0", "t1", "t2", "t3"}  # one batch's worth sees every topic
 
 
+def test_a_sorted_raw_file_is_validated_in_a_seeded_random_order_in_the_id_checks_pass(ray_session, tmp_path):
+    """Raw input pays the id check's hash shuffle; with a seed its buckets are random subsets of the
+    rows and each is permuted, so the same pass mixes the topics (no second all-to-all shuffle), the
+    same way for one seed and another way for another, and a repeated id is still rejected once."""
+    from pairmill.groups import write_validated
+
+    rows = [{"id": f"t{i // 100}-{i}", "query": f"topic {i // 100} query {i}", "passage": f"passage {i}"} for i in range(400)]
+    rows.append({"id": "t0-5", "query": "a later row reusing an id", "passage": "its own passage"})
+    raw = write_jsonl(tmp_path / "sorted.jsonl", rows)
+
+    def read(out, seed):
+        write_validated(str(raw), tmp_path / out, shuffle_seed=seed)
+        return pq.read_table(tmp_path / out).to_pylist()
+
+    first, again, other = read("a", 1), read("b", 1), read("c", 2)
+    ids = [r["id"] for r in first]
+    assert ids == [r["id"] for r in again] and ids != [r["id"] for r in other]
+    assert [r["reason"] for r in first].count("duplicate_id") == 1 and len(first) == 401
+    kept = [i for i, r in zip(ids, first) if r["reason"] is None]
+    assert sorted(kept) == sorted(r["id"] for r in rows[:400])
+    assert {i.split("-")[0] for i in kept[:32]} == {"t0", "t1", "t2", "t3"}  # one batch's worth sees every topic
+    assert kept[:100] != sorted(kept[:100], key=lambda i: int(i.split("-")[1]))  # not in input order within a bucket
+
+
 def test_parquet_and_hf_inputs(ray_session, tmp_path):
     rows = [dict(GOOD, id=str(i)) for i in range(5)] + [{"id": "bad", "query": None, "passage": "p", "source": None}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
