@@ -275,9 +275,10 @@ class TrainConfig:
     lr: float = _field(5e-5, "peak learning rate of AdamW")
     shuffle: Literal["global", "local"] = _field(
         "global", "global: the job's validated copy of the pairs is written once in a random order (seed train.seed; "
-        "raw input: in the id check's hash shuffle; a pairmill job folder: Ray Data's all-to-all random_shuffle), so a sorted input (by source, topic or name; `pairmill filter` writes "
-        "its kept pairs by semantic cluster) still gives mixed batches; local: only each epoch's shuffle within a "
-        "buffer of max(1024, 8 x a worker's batch) rows, for an input already in random order (saves a job folder's shuffle)"
+        "raw input: in the id check's hash shuffle; a pairmill job folder: Ray Data's all-to-all random_shuffle), "
+        "so a sorted input (by source, topic or name; `pairmill filter` writes its kept pairs by semantic cluster) "
+        "still gives mixed batches; local: only each epoch's shuffle within a buffer of max(1024, 8 x a worker's "
+        "batch) rows, for an input already in random order (saves a job folder's shuffle)"
     )
     warmup_ratio: float = _field(0.1, "fraction of the steps the learning rate warms up linearly from 0")
     schedule: Literal["linear", "cosine", "constant"] = _field("linear", "decay after warmup: to 0 linearly, by a cosine, or none")
