@@ -112,8 +112,7 @@ def arm_settings(arm: str, folder: Path, args) -> list[str]:
         "bm25": [str(folder / "mine-bm25")],
         "hybrid": [str(folder / "mine-hybrid")],
         "refresh": [mined, *REFRESH[folder.name]],
-        "curriculum": [str(folder / "mine-easy"), *REFRESH[folder.name],
-                       f"mine.range_min={EASY[0]}", f"mine.range_max={EASY[1]}",
+        "curriculum": [str(folder / "mine-easy"), *REFRESH[folder.name], *MINES["mine-easy"][0],  # rounds start there
                        f"mine.range_min_final={HARD[0]}", f"mine.range_max_final={HARD[1]}"],
     }[arm]
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
@@ -141,22 +142,24 @@ def unique_ids(ds, partitions: int, rows: int, shuffle_seed: int | None = None):
     each shuffled. What training's local shuffle buffer needs (no batch from one topic), for the cost of
     the one hash shuffle the id check pays anyway, where Ray Data's ``random_shuffle`` after it was a
     second all-to-all pass over every row."""
-    buckets = bucket_count(rows, partitions)
-    if shuffle_seed is None:
-        keyed = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow", batch_size=None)
-        return keyed.groupby("id_bucket", num_partitions=partitions).map_groups(mark_duplicate_ids, batch_format="pyarrow")
-    keyed = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": buckets, "salt": f"{shuffle_seed}:"},
+    salt, step = ("", mark_duplicate_ids) if shuffle_seed is None else \
+        (f"{shuffle_seed}:", partial(mark_duplicate_ids_in_random_order, seed=shuffle_seed))
+    keyed = ds.map_batches(add_id_bucket, fn_kwargs={"buckets": bucket_count(rows, partitions), "salt": salt},
                            batch_format="pyarrow", batch_size=None)
-    return keyed.groupby("id_bucket", num_partitions=partitions).map_groups(
-        mark_duplicate_ids_in_random_order, fn_kwargs={"seed": shuffle_seed}, batch_format="pyarrow")
+    return keyed.groupby("id_bucket", num_partitions=partitions).map_groups(step, batch_format="pyarrow")
 
 
-def read_unique(path: str | Path, mode: Mode = "pairs", **validate_kwargs):
-    """``read_parsed`` whose valid rows have distinct ids: what every job reads its input with."""
+def read_unique(path: str | Path, mode: Mode = "pairs", shuffle_seed: int | None = None, **validate_kwargs):
+    """``read_parsed`` whose valid rows have distinct ids: what every job reads its input with.
+    ``shuffle_seed``: in a random order too (``unique_ids``'s seeded buckets, or Ray Data's
+    all-to-all ``random_shuffle`` for a job folder, whose ids need no check)."""
+    from pairmill.cluster import disk_shuffle
+
     parsed = read_parsed(path, mode, **validate_kwargs)
     if ids_known_unique(path):
-        return parsed
-    return unique_ids(parsed, default_partitions(path), count_input_rows(path))
+        return parsed if shuffle_seed is None else parsed.random_shuffle(seed=shuffle_seed)
+    disk_shuffle(input_bytes(path))  # a large input shuffles through disk, as the filter's and mine's groupbys do
+    return unique_ids(parsed, default_partitions(path), count_input_rows(path), shuffle_seed)
 
 
 def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", shuffle_seed: int | None = None,
@@ -165,20 +168,12 @@ def write_validated(path: str | Path, folder: str | Path, mode: Mode = "pairs", 
     passes of a job (rejects, counts, the work) read it back instead of parsing and shuffling the
     input again. An input without rows leaves one empty file, so the folder always reads.
 
-    ``shuffle_seed``: write the rows in a random order (``unique_ids``'s seeded buckets, or Ray Data's
-    ``random_shuffle`` for a job folder, whose ids need no check): training streams them with only a
-    local shuffle buffer, and an input sorted by topic (a filter's output is written cluster by
+    ``shuffle_seed``: write the rows in a random order (``read_unique``'s): training streams them with
+    only a local shuffle buffer, and an input sorted by topic (a filter's output is written cluster by
     cluster) would otherwise fill each batch from one topic."""
     import pyarrow.parquet as pq
 
-    from pairmill.cluster import disk_shuffle
-
-    rows = read_parsed(path, mode, **validate_kwargs)
-    if not ids_known_unique(path):  # the id check's hash shuffle orders the rows at random too
-        disk_shuffle(input_bytes(path))  # a large input shuffles through disk, as the filter's and mine's groupbys do
-        rows = unique_ids(rows, default_partitions(path), count_input_rows(path), shuffle_seed)
-    elif shuffle_seed is not None:  # a job folder's rows, checked already: Ray Data's all-to-all shuffle
-        rows = rows.random_shuffle(seed=shuffle_seed)
+    rows = read_unique(path, mode, shuffle_seed, **validate_kwargs)
     if storage.is_remote(folder):  # a prefix on object storage: returned as given
         fs, inner = storage.split(folder)
         rows.write_parquet(str(folder), filesystem=fs)

@@ -72,8 +72,9 @@ OVERLAP = 3
 
 
 def test_a_refresh_round_swaps_negatives_while_training_goes_on(ray_session, tiny_model, bucket, tmp_path):
-    """refresh_every=10 on two workers (rank 0 runs the rounds, both read the store): rounds start every 10 steps unless one is in flight (skipped);
-    each finishes while training steps on, then batches train on its negatives. The test seam waits
+    """refresh_every=10 on two workers (rank 0 runs the rounds, both read the store): rounds start
+    every 10 steps unless one is in flight (skipped); each finishes while training steps on, then
+    batches train on its negatives. The test seam waits
     for a round once it has been in flight OVERLAP steps, so rounds finish within this short run on
     2 cores (a sleep per step used to stand in for an accelerator's free CPUs: slower and less sure).
     OUT is on an S3 bucket: the rounds' models, indexes and negatives are written there, by rank 0 and
