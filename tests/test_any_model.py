@@ -54,7 +54,7 @@ def test_filter_mine_and_eval_agree_with_and_without_normalize(ray_session, mode
         mined = pq.read_table(tmp_path / name / "mine" / "kept").to_pylist()
         results[name] = {
             "dropped": {fstats_key(r): (r["reason"], r["dup_of"], r["rank"]) for r in dropped},
-            "kept": fstats["kept"], "audit": fstats["audit"]["curve"], "reused": mstats["reused_embeddings"],
+            "kept": fstats["kept"], "audit": fstats["audit"], "reused": mstats["reused_embeddings"],
             "negatives": {r["id"]: r["negatives"] for r in mined},
             "scores": {r["id"]: r["negative_scores"] for r in mined},
             "eval": evaluate_model(encoder, EvalConfig(), load_task(str(heldout))),
@@ -63,7 +63,15 @@ def test_filter_mine_and_eval_agree_with_and_without_normalize(ray_session, mode
     assert raw["reused"] and norm["reused"]
     assert 0 < norm["kept"] < len(rows) and raw["kept"] == norm["kept"]
     assert {reason for reason, _, _ in norm["dropped"].values()} >= {"contaminated", "semantic_duplicate"}
-    assert raw["dropped"] == norm["dropped"] and raw["audit"] == norm["audit"]
+    assert raw["dropped"] == norm["dropped"]
+    # The audit's corrupted pairs score anywhere in the pool under a random tiny model, so one may sit
+    # within float error of rank k; the two paths' last bits differ (CI saw 16/17 against 17/17 at
+    # k=10). Each share may differ by that one pair, no more.
+    assert (raw["audit"]["corrupted"], raw["audit"]["clean"]) == (norm["audit"]["corrupted"], norm["audit"]["clean"])
+    one_pair = {"corrupted_removed": 1 / norm["audit"]["corrupted"], "clean_kept": 1 / norm["audit"]["clean"]}
+    for k, share in norm["audit"]["curve"].items():
+        for key, value in share.items():
+            assert raw["audit"]["curve"][k][key] == pytest.approx(value, abs=one_pair[key] + 1e-4), (k, key)
     assert raw["negatives"] == norm["negatives"]
     for pid, scores in norm["scores"].items():
         np.testing.assert_allclose(raw["scores"][pid], scores, atol=1e-5)
