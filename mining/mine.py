@@ -1,7 +1,9 @@
 """``pairmill mine PAIRS -o OUT [--corpus C]``: hard negatives for every pair, from a sharded index.
 
 Design note.
-- Corpus: the distinct passages of the pairs plus an optional extra corpus. Texts equal after
+- Corpus: the distinct passages of the pairs plus an optional extra corpus; with
+  ``mine.min_negative_words`` the index (the negative pool) leaves out the shorter ones, which stay
+  in the pairs. Texts equal after
   normalisation (NFKC, collapsed whitespace) are one corpus row, keyed by a 63-bit hash of the
   normalised text. That makes "text-identical to the positive" the same test as "is the
   positive": both are the positive's key, and ``select_negatives`` removes it.
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mining.negatives import negative_pool
 from mining.positives import add_keys, first_rows, partitions, with_bucket
 from mining.search import selection_kwargs, write_mined
 from pairmill.groups import bucket_count
@@ -164,15 +167,27 @@ def mine(
         )
         distinct.write_parquet(work("distinct"), filesystem=fs)
         corpus_rows = parquet_rows(work("distinct"))
-        index = build_index(work("distinct"), corpus_rows, mine_cfg, job.path("index"),
+        pool_folder, pool_rows = work("distinct"), corpus_rows
+        if mine_cfg.min_negative_words:  # the index is the negative pool: short passages stay out of it
+            pool_folder = work("pool")
+            (ray_lib.data.read_parquet(work("distinct"), filesystem=fs)
+             .map_batches(negative_pool, fn_kwargs={"min_words": mine_cfg.min_negative_words}, batch_format="pyarrow")
+             .write_parquet(pool_folder, filesystem=fs))
+            pool_rows = parquet_rows(pool_folder)
+            if not pool_rows:
+                raise ValueError(f"mine.min_negative_words={mine_cfg.min_negative_words} leaves none of the {corpus_rows} "
+                                 "corpus passages to mine negatives from; lower it (0 = off)")
+            log.info(f"mine: {corpus_rows - pool_rows} of {corpus_rows} corpus passages have fewer than "
+                     f"{mine_cfg.min_negative_words} words and are never negatives (mine.min_negative_words)")
+        index = build_index(pool_folder, pool_rows, mine_cfg, job.path("index"),
                             {"encoder_fingerprint": fingerprint, "encoder": encoder_kwargs(encoder)})
         num_shards, shard_devices = len(index.shards), {"devices": index.devices, "warnings": index.device_warnings}
         lexical = None
         try:
-            lexical = build_lexical(work("distinct"), mine_cfg, num_shards)
-            log.info(f"mine: index {index.spec!r} over {corpus_rows} passages in {num_shards} shard(s)"
+            lexical = build_lexical(pool_folder, mine_cfg, num_shards)
+            log.info(f"mine: index {index.spec!r} over {pool_rows} passages in {num_shards} shard(s)"
                      + (f", and BM25 shards over the same passages (mine.method={mine_cfg.method})" if lexical else ""))
-            job.stage("index", valid_rows, corpus_rows, time.perf_counter() - t0)
+            job.stage("index", valid_rows, pool_rows, time.perf_counter() - t0)
 
             # -- 3. positives per query, search, select, look up texts ------------------------
             t0 = time.perf_counter()
@@ -212,7 +227,8 @@ def mine(
                     "mean_negative_score": round(float(totals["sum(negative_score_sum)"] or 0) / max(1, negatives), 5),
                 },
                 "selection": {**selection_kwargs(mine_cfg), "method": mine_cfg.method},
-                "corpus": {"passages": corpus_rows, "extra": extra_stats},
+                "corpus": {"passages": corpus_rows, "negative_pool": pool_rows, "extra": extra_stats,
+                           "fewer_words_than_min": corpus_rows - pool_rows, "min_negative_words": mine_cfg.min_negative_words},
                 "index": {"spec": index.spec, "shards": num_shards, "nprobe": index.nprobe, "folder": "index",
                           **shard_devices, "lexical": lexical_stats(mine_cfg, num_shards)},
                 "unique_ids": True,

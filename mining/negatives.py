@@ -26,6 +26,10 @@ import numpy as np
 
 from pairmill.config import MineConfig
 
+# mine.min_negative_words: scripts written without spaces between words (Thai, kana, CJK ideographs),
+# where each character counts as a word, so a Chinese sentence is not "one word".
+UNSPACED = "[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+
 
 @dataclass
 class Selection:
@@ -105,3 +109,20 @@ def scheduled_window(start: tuple[int, int], final: tuple[int, int], progress: f
     roundings lose less than one together), so a window valid at both ends is valid throughout."""
     p = min(1.0, max(0.0, float(progress)))
     return tuple(int(math.floor(a + p * (b - a) + 0.5)) for a, b in zip(start, final))  # type: ignore[return-value]
+
+
+def word_counts(texts) -> np.ndarray:
+    """Words per text (a pyarrow string array): whitespace-separated, or the characters of
+    ``UNSPACED`` scripts when those are more; a null text has none."""
+    import pyarrow.compute as pc
+
+    spaced = pc.fill_null(pc.count_substring_regex(texts, r"[^\s\p{Z}]+"), 0)  # runs of non-space (RE2: \p{Z} is Unicode)
+    unspaced = pc.fill_null(pc.count_substring_regex(texts, UNSPACED), 0)
+    return np.maximum(spaced.to_numpy(zero_copy_only=False), unspaced.to_numpy(zero_copy_only=False))
+
+
+def negative_pool(batch, min_words: int, column: str = "passage"):
+    """``map_batches`` step: the corpus rows that may become negatives under ``mine.min_negative_words``."""
+    import pyarrow as pa
+
+    return batch.filter(pa.array(word_counts(batch.column(column)) >= min_words))

@@ -146,23 +146,29 @@ def _as_distinct(batch: pa.Table) -> pa.Table:
                      "passage_embedding": batch.column("embedding")})
 
 
-def corpus_texts(pairs: str, index_folder: str | None):
-    """Ray Dataset (passage_key, text): the live index's texts, else the pairs' distinct passages."""
+def corpus_texts(pairs: str, index_folder: str | None, min_words: int = 0):
+    """Ray Dataset (passage_key, text): the live index's texts, else the pairs' distinct passages;
+    with ``min_words`` (``mine.min_negative_words``) only those long enough to be negatives."""
     import ray
 
+    from mining.negatives import negative_pool
     from mining.positives import add_keys, partitions, with_bucket
     from pairmill.groups import bucket_count
     from pairmill.output import parquet_files
 
     files = [f for f in parquet_files(index_folder) if str(f).endswith(".texts.parquet")] if index_folder else []
     if files:
-        return ray.data.read_parquet([storage.split(f)[1] for f in files], filesystem=storage.split(files[0])[0]).map_batches(
+        ds = ray.data.read_parquet([storage.split(f)[1] for f in files], filesystem=storage.split(files[0])[0]).map_batches(
             _corpus_from_index, batch_format="pyarrow")
-    ds = _read_parquet(pairs).select_columns(["query", "passage"]).map_batches(add_keys, batch_format="pyarrow")
-    rows = ds.count()
-    buckets = bucket_count(rows, partitions(rows))
-    return (ds.map_batches(with_bucket, fn_kwargs={"column": "passage_key", "buckets": buckets}, batch_format="pyarrow")
-            .groupby("bucket", num_partitions=partitions(rows)).map_groups(_first_text, batch_format="pyarrow"))
+    else:
+        ds = _read_parquet(pairs).select_columns(["query", "passage"]).map_batches(add_keys, batch_format="pyarrow")
+        rows = ds.count()
+        buckets = bucket_count(rows, partitions(rows))
+        ds = (ds.map_batches(with_bucket, fn_kwargs={"column": "passage_key", "buckets": buckets}, batch_format="pyarrow")
+              .groupby("bucket", num_partitions=partitions(rows)).map_groups(_first_text, batch_format="pyarrow"))
+    if min_words:  # a mine job's index left them out already; the pairs' own passages still hold them
+        ds = ds.map_batches(negative_pool, fn_kwargs={"min_words": min_words, "column": "text"}, batch_format="pyarrow")
+    return ds
 
 
 def _read_parquet(folder: str):
@@ -225,7 +231,7 @@ def refresh_negatives(
         storage.join(work, "pairs"))
     rows = parquet_rows(storage.join(work, "pairs"))
     _write_parquet(
-        corpus_texts(pairs, index_folder)
+        corpus_texts(pairs, index_folder, mine_cfg.min_negative_words)
         .map_batches(**encoder_stage(EncodeBatch, {"mode": "text", "encoder_kwargs": encoder, "keep_columns": True,
                                                    "text_kind": "passage", "filesystems": filesystems}, pool, encoder.get("batch_size")))
         .map_batches(_as_distinct, batch_format="pyarrow"),

@@ -168,6 +168,10 @@ class MineConfig:
         0.95, "drop candidates scoring above this x the positive's score (NV-Retriever TopK-PercPos); empty = off"
     )
     max_score: float | None = _field(None, "drop candidates scoring above this cosine; empty = off")
+    min_negative_words: int = _field(
+        0, "corpus passages with fewer words never become negatives (web junk such as a bare name or 'coming soon' "
+        "ranks high for short queries); they stay in the pairs. Words split on whitespace; in scripts written without "
+        "spaces (CJK, Thai) each character counts. 0 = off")
     sampling: Literal["top", "random"] = _field("top", "take the highest-scoring candidates, or sample in the window")
     seed: int = _field(0, "seed of random sampling")
     pad: Literal["none", "random"] = _field(
@@ -203,6 +207,7 @@ class MineConfig:
              f"mine.margin_ratio={self.margin_ratio}; use > 0 (0.95 in NV-Retriever), or empty to switch it off"),
             (self.max_score is None or -1 <= self.max_score <= 1,
              f"mine.max_score={self.max_score}; scores are cosines: use -1 <= max_score <= 1, or empty"),
+            (self.min_negative_words >= 0, f"mine.min_negative_words={self.min_negative_words}; use >= 0 (0 = off)"),
             (self.shards is None or self.shards >= 1, f"mine.shards={self.shards}; use >= 1 or empty"),
             (self.shard_cpus is None or self.shard_cpus > 0,
              f"mine.shard_cpus={self.shard_cpus}; use > 0 (a fraction is fine, e.g. 0.5), or empty for the default"),

@@ -126,6 +126,19 @@ def test_mine_cli_reuses_embeddings_and_adds_an_extra_corpus(ray_session, tiny_m
     assert stats["corpus"]["passages"] == 31  # one new text; the copy of pair 0's passage is the same entry
     assert stats["corpus"]["extra"]["rows"] == 2 and stats["corpus"]["extra"]["rejected"] == {"wrong_type": 1}
 
+    # mine.min_negative_words: passages shorter than 12 words stay in the pairs and never become negatives
+    short = {p["passage"] for p in pairs if len(p["passage"].split()) < 12} | {"unix hacker jargon file"}
+    assert main(["mine", str(tmp_path / "filtered"), "-o", str(tmp_path / "long"), "--corpus", str(extra),
+                 "--model", tiny_model, "encoder.batch_size=8", "mine.shard_cpus=0.5", "mine.margin_ratio=none",
+                 "mine.min_negative_words=12"]) == 0
+    stats = json.loads((tmp_path / "long" / "stats.json").read_text())
+    assert stats["kept"] == 30 and stats["corpus"]["passages"] == 31
+    assert stats["corpus"]["fewer_words_than_min"] == len(short) and stats["corpus"]["negative_pool"] == 31 - len(short)
+    mined = pq.read_table(tmp_path / "long" / "kept").to_pylist()
+    assert {r["passage"] for r in mined} == {p["passage"] for p in pairs}
+    negatives = [n for r in mined for n in r["negatives"]]
+    assert negatives and not short & set(negatives) and stats["negatives"]["total"] == len(negatives)
+
 
 def _pairs_dataset(n: int, dim: int, rng) -> tuple:
     """Random unit vectors as an already-encoded pairs dataset with positives attached."""

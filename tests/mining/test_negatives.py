@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from mining.negatives import positive_sets, scheduled_window, select_negatives
+from mining.negatives import negative_pool, positive_sets, scheduled_window, select_negatives, word_counts
 
 
 def _one(ids, scores, pos_score, positives, **kw):
@@ -126,3 +126,16 @@ def test_a_pair_whose_positive_ranks_low_gets_negatives_from_below_the_margin():
     small = _MemoryIndex(vectors[:8])
     out = mine_batch(batch, small, selection, keep=["id"]).to_pylist()[0]
     assert out["negative_ids"] == [] and small.depths == [(1, 11)]
+
+
+def test_word_counts_and_the_negative_pool():
+    """mine.min_negative_words: words are runs of non-space (any Unicode space), and in scripts
+    written without spaces each character; the pool keeps the rows with at least that many."""
+    import pyarrow as pa
+
+    texts = ["pygeo", "A Django app.", "  coming\u00a0\u3000soon  ", "自用二维游戏框架", "Esigibilità IVA", "", None,
+             "tab\tand\nnewline"]
+    assert word_counts(pa.array(texts)).tolist() == [1, 3, 2, 8, 2, 0, 0, 3]
+    batch = pa.table({"passage": texts, "passage_key": list(range(len(texts)))})
+    assert negative_pool(batch, 3).column("passage_key").to_pylist() == [1, 3, 7]
+    assert negative_pool(batch, 1).num_rows == 6 and negative_pool(batch, 0).num_rows == len(texts)

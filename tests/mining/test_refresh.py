@@ -68,3 +68,10 @@ def test_corpus_texts_come_from_the_live_index(ray_session, tmp_path):
         index.add_batches([(np.arange(3), vecs[:3], ["a", "b", "c"]), (np.arange(3, 6), vecs[3:], ["d", "e", "f"])])
     rows = corpus_texts("unused", str(tmp_path / "index")).take_all()
     assert sorted((r["passage_key"], r["text"]) for r in rows) == list(zip(range(6), "abcdef"))
+    # mine.min_negative_words: the pairs' own passages are filtered as the mine job filters its index
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(pa.table({"query": ["q1", "q2", "q3"], "passage": ["one", "two words here", "one"]}),
+                   tmp_path / "pairs" / "part.parquet")
+    pairs = str(tmp_path / "pairs")
+    assert [r["text"] for r in corpus_texts(pairs, None, min_words=2).take_all()] == ["two words here"]
+    assert sorted(r["text"] for r in corpus_texts(pairs, None).take_all()) == ["one", "two words here"]
