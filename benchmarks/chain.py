@@ -31,7 +31,8 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
    model first trained on the raw pairs) instead of the bundled one, then in-batch training of the
    bundled model on what it kept: arm 6 with a filter model that has seen this data.
 8. ``dedup-mined``: ``configs/web.yaml``'s filter (no consistency filter: exact and semantic dedup
-   only), then mined (one hard negative per pair): the negatives without the consistency filter.
+   only), then mined with its mining settings (no negative under 4 words) and trained with one
+   hard negative per pair: the negatives without the consistency filter.
 9. ``dedup-inbatch``: arm 8's pairs with in-batch negatives only: what the dedup filters alone change.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
