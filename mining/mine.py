@@ -360,13 +360,15 @@ def _training_sample(ds, rows: int, nlist: int) -> np.ndarray:
 def format_summary(stats: dict, out: str) -> str:
     from pairmill.output import format_summary as job_summary
 
-    neg = stats["negatives"]
+    neg, corpus = stats["negatives"], stats["corpus"]
+    short = (f", {corpus['fewer_words_than_min']} under mine.min_negative_words={corpus['min_negative_words']} left out"
+             if corpus.get("min_negative_words") else "")
     return "\n".join(
         [
             job_summary(stats, out),
-            f"    corpus passages     {stats['corpus']['passages']} in {stats['index']['shards']} shard(s), "
-            f"index {stats['index']['spec']}" + (f" + BM25 ({stats['selection']['method']})"
-                                                 if stats["index"].get("lexical") else ""),
+            f"    corpus passages     {corpus['passages']}{short}; {corpus.get('negative_pool', corpus['passages'])} "
+            f"in {stats['index']['shards']} shard(s), index {stats['index']['spec']}"
+            + (f" + BM25 ({stats['selection']['method']})" if stats["index"].get("lexical") else ""),
             f"    negatives           {neg['total']} ({neg['asked_per_pair']} asked per pair); "
             f"{neg['short_pairs']} pairs short, {neg['pairs_without_negatives']} with none",
             f"    scores              positive {neg['mean_positive_score']:.3f}, negative {neg['mean_negative_score']:.3f}; "

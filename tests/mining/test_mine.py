@@ -102,7 +102,8 @@ def test_mine_job_matches_a_plain_loop(ray_session, tiny_model, tmp_path):
 
 
 def test_mine_cli_reuses_embeddings_and_adds_an_extra_corpus(ray_session, tiny_model, tmp_path, capsys):
-    """A job folder with embeddings of the same encoder is not encoded again; --corpus adds passages."""
+    """A job folder with embeddings of the same encoder is not encoded again; --corpus adds passages;
+    mine.min_negative_words keeps the shorter passages out of the negatives, not out of the pairs."""
     from pairmill.encoder import EncodeBatch
     from pairmill.config import encoder_kwargs
     from pairmill.output import JobFolder
@@ -117,25 +118,21 @@ def test_mine_cli_reuses_embeddings_and_adds_an_extra_corpus(ray_session, tiny_m
     job.commit({"input_rows": 30, "kept": 30, "dropped": {}, "rejected": {}, "encoder_fingerprint": encoder.fingerprint()})
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": "unix hacker jargon file"}, {"text": pairs[0]["passage"]},
                                                    {"text": 7}])
+    short = {p["passage"] for p in pairs if len(p["passage"].split()) < 12} | {"unix hacker jargon file"}
+    assert 1 < len(short) < 20
 
     rc = main(["mine", str(tmp_path / "filtered"), "-o", str(tmp_path / "out"), "--corpus", str(extra),
-               "--model", tiny_model, "encoder.batch_size=8", "mine.shard_cpus=0.5", "mine.margin_ratio=none"])
-    assert rc == 0 and "31 in 1 shard(s)" in capsys.readouterr().out
+               "--model", tiny_model, "encoder.batch_size=8", "mine.shard_cpus=0.5", "mine.margin_ratio=none",
+               "mine.min_negative_words=12"])
+    assert rc == 0 and f"31, {len(short)} under mine.min_negative_words=12 left out; {31 - len(short)} in 1 shard(s)" in \
+        capsys.readouterr().out
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["reused_embeddings"] and stats["kept"] == 30
     assert stats["corpus"]["passages"] == 31  # one new text; the copy of pair 0's passage is the same entry
     assert stats["corpus"]["extra"]["rows"] == 2 and stats["corpus"]["extra"]["rejected"] == {"wrong_type": 1}
-
-    # mine.min_negative_words: passages shorter than 12 words stay in the pairs and never become negatives
-    short = {p["passage"] for p in pairs if len(p["passage"].split()) < 12} | {"unix hacker jargon file"}
-    assert main(["mine", str(tmp_path / "filtered"), "-o", str(tmp_path / "long"), "--corpus", str(extra),
-                 "--model", tiny_model, "encoder.batch_size=8", "mine.shard_cpus=0.5", "mine.margin_ratio=none",
-                 "mine.min_negative_words=12"]) == 0
-    stats = json.loads((tmp_path / "long" / "stats.json").read_text())
-    assert stats["kept"] == 30 and stats["corpus"]["passages"] == 31
     assert stats["corpus"]["fewer_words_than_min"] == len(short) and stats["corpus"]["negative_pool"] == 31 - len(short)
-    mined = pq.read_table(tmp_path / "long" / "kept").to_pylist()
-    assert {r["passage"] for r in mined} == {p["passage"] for p in pairs}
+    mined = pq.read_table(tmp_path / "out" / "kept").to_pylist()
+    assert {r["passage"] for r in mined} == {p["passage"] for p in pairs}  # short passages' pairs are mined too
     negatives = [n for r in mined for n in r["negatives"]]
     assert negatives and not short & set(negatives) and stats["negatives"]["total"] == len(negatives)
 
