@@ -361,13 +361,12 @@ def format_summary(stats: dict, out: str) -> str:
     from pairmill.output import format_summary as job_summary
 
     neg, corpus = stats["negatives"], stats["corpus"]
-    short = (f", {corpus['fewer_words_than_min']} under mine.min_negative_words={corpus['min_negative_words']} left out"
-             if corpus.get("min_negative_words") else "")
+    pool = (f", {corpus['fewer_words_than_min']} under mine.min_negative_words={corpus['min_negative_words']} left out; "
+            f"{corpus['negative_pool']}" if corpus.get("min_negative_words") else "")
     return "\n".join(
         [
             job_summary(stats, out),
-            f"    corpus passages     {corpus['passages']}{short}; {corpus.get('negative_pool', corpus['passages'])} "
-            f"in {stats['index']['shards']} shard(s), index {stats['index']['spec']}"
+            f"    corpus passages     {corpus['passages']}{pool} in {stats['index']['shards']} shard(s), index {stats['index']['spec']}"
             + (f" + BM25 ({stats['selection']['method']})" if stats["index"].get("lexical") else ""),
             f"    negatives           {neg['total']} ({neg['asked_per_pair']} asked per pair); "
             f"{neg['short_pairs']} pairs short, {neg['pairs_without_negatives']} with none",
