@@ -166,7 +166,7 @@ def corpus_texts(pairs: str, index_folder: str | None, min_words: int = 0):
         buckets = bucket_count(rows, partitions(rows))
         ds = (ds.map_batches(with_bucket, fn_kwargs={"column": "passage_key", "buckets": buckets}, batch_format="pyarrow")
               .groupby("bucket", num_partitions=partitions(rows)).map_groups(_first_text, batch_format="pyarrow"))
-    if min_words:  # a mine job's index left them out already; the pairs' own passages still hold them
+    if min_words:  # the pairs' own passages hold short ones; so does an index mined without the rule
         ds = ds.map_batches(negative_pool, fn_kwargs={"min_words": min_words, "column": "text"}, batch_format="pyarrow")
     return ds
 
