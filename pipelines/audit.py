@@ -11,18 +11,19 @@ never reach kept/, dropped/ or the row counts. A pair whose borrowed passage is 
 its own is not corrupted and is skipped.
 
 ``filter.k=auto`` uses the same measurement before the filter runs: on a random sample of the
-data (``filter.auto_rows``, a fifth of it corrupted as above) against the finished pool, the rule
-picks the largest k of ``AUTO_KS`` that still removes ``filter.auto_removed`` of the corrupted
-pairs, and reports the curve and the choice in stats.json. What the audit can and cannot tell:
-a corrupted pair's passage is, to its query, just another pool passage, so its rank is close to
-uniform over the pool for any encoder and the share it removes is about ``1 - k / pool`` (the
-measurements agree: 99.5% at k=10 on a 3,000-pair pool with a static model, 100% of 411 at k=10
-on the 2,050-pair sample). Random mismatches are therefore removed at any small k once the pool is
-large, and every step down in k only drops more real pairs: the rule takes the most lenient k the
-pool allows (k=20 on a 2,050-passage pool at 99%; k=500 on 18,925 registry passages at 95%, where
-it removed 97.3% and kept 71.3%). Candidates reach k=1000 (the search goes that deep). Noise that is
-*related* to its query (generic summaries, half-right pairs) is what the audit cannot simulate;
-whether a stricter k pays for it is measured per data set by ``benchmarks/chain.py``.
+data (``filter.auto_rows``, a fifth of it corrupted as above) against the finished pool, it estimates
+how many of the data's own pairs are mismatched (from how many rank as deep as random passages do:
+``choose_k``) and picks the largest k of ``AUTO_KS`` whose kept pairs are at most
+``filter.auto_mismatched`` mismatched by that estimate; stats.json gets the curve, the estimate and
+the choice. What the audit can and cannot tell: a corrupted pair's passage is, to its query, just
+another pool passage, so its rank is close to uniform over the pool for any encoder and the share
+it removes is about ``1 - k / pool`` (99.5% at k=10 on a 3,000-pair pool with a static model, 100%
+of 411 at k=10 on the 2,050-pair sample). An earlier rule took the largest k that still removed 95%
+of the corrupted pairs: on clean data that removed real pairs to guard against mismatches that
+were not there (k=100 kept 86% of the bundled dictionary sample, and the chain trained on it lost
+to plain training). Noise that is *related* to its query (generic summaries, half-right pairs) is
+what the audit cannot simulate; whether a stricter k pays for it is measured per data set by
+``benchmarks/chain.py``.
 """
 
 from __future__ import annotations
@@ -96,24 +97,41 @@ def audit_from_counts(clean: np.ndarray, corrupted: np.ndarray, k: int, pool: in
 
 
 def choose_k(clean: np.ndarray, corrupted: np.ndarray, target: float) -> dict:
-    """k=auto's rule over ``rank_counts`` (at max(AUTO_KS)) of the sample's clean and corrupted
-    pairs: the largest k of AUTO_KS that removes at least ``target`` of the corrupted pairs (k=1
-    when none does, with ``met`` false: the pool is too small to tell a mismatched pair apart)."""
-    total, real = int(corrupted.sum()), max(1, int(clean.sum()))
-    curve = {
-        k: {"corrupted_removed": round(int(corrupted[k + 1 :].sum()) / total if total else 0.0, 4),
-            "clean_kept": round(int(clean[: k + 1].sum()) / real, 4)}
-        for k in AUTO_KS
-    }
-    met = [k for k, share in curve.items() if share["corrupted_removed"] >= target]
+    """k=auto's rule over ``rank_counts`` (at max(AUTO_KS)) of the sample's own pairs (``clean``: the
+    data as it is, mismatched pairs and all) and of its corrupted pairs: the largest k of AUTO_KS whose
+    kept pairs are, by the estimate below, at most ``target`` mismatched.
+
+    The estimate. A mismatched pair in the data ranks its passage like a corrupted pair does (a
+    random passage to its query), so beyond a depth K the data's pairs are its mismatched share
+    ``m`` times the corrupted pairs' share there, plus the clean pairs that rank that deep:
+    ``beyond_data(K) >= m * beyond_corrupted(K)``, and ``m <= beyond_data(K) / beyond_corrupted(K)``,
+    an upper bound (it counts hard clean pairs as mismatched), taken at the deepest K that at least
+    half of the corrupted pairs still rank beyond (few clean pairs go that deep; enough corrupted
+    ones to count). At a candidate k the kept pairs then hold at most ``m * kept_corrupted(k)`` of
+    the data mismatched, a share ``m * kept_corrupted(k) / kept_data(k)`` of what is kept. So clean
+    data (m near 0) is kept nearly whole, and noisy data gets a k strict enough for its noise.
+    ``met`` is false, with k=1, when no k meets the target or nothing can be estimated (no corrupted
+    pair to count, or a pool so small that no k lets half of them through)."""
+    total, real = int(corrupted.sum()), int(clean.sum())
+    removed = {k: int(corrupted[k + 1 :].sum()) / total if total else 0.0 for k in AUTO_KS}
+    kept = {k: int(clean[: k + 1].sum()) / real if real else 0.0 for k in AUTO_KS}
+    deep = [k for k in AUTO_KS if removed[k] >= 0.5]
+    mismatched = min(1.0, (1 - kept[max(deep)]) / removed[max(deep)]) if total and real and deep else None
+    kept_mismatched = {k: (mismatched * (1 - removed[k]) / kept[k] if kept[k] else 1.0) if mismatched is not None else None
+                       for k in AUTO_KS}
+    met = [k for k in AUTO_KS if kept_mismatched[k] is not None and kept_mismatched[k] <= target]
     return {
         "k": max(met) if met else 1,
         "met": bool(met),
-        "rule": f"the largest k of {list(AUTO_KS)} that removes >= {target:.1%} of corrupted pairs",
+        "rule": f"the largest k of {list(AUTO_KS)} whose kept pairs are at most {target:.1%} mismatched (estimated)",
         "target": target,
-        "clean": int(clean.sum()),
+        "clean": real,
         "corrupted": total,
-        "curve": {str(k): share for k, share in curve.items()},
+        "mismatched": None if mismatched is None else round(mismatched, 4),
+        "estimated_at": max(deep) if deep else None,
+        "curve": {str(k): {"corrupted_removed": round(removed[k], 4), "clean_kept": round(kept[k], 4),
+                           "kept_mismatched": None if kept_mismatched[k] is None else round(kept_mismatched[k], 4)}
+                  for k in AUTO_KS},
     }
 
 
@@ -132,12 +150,14 @@ def calibrate_k(alive, rows: int, search, options) -> dict:
                                                 AUTO_FRACTION, options.seed)
         ranks = consistency_ranks(q[query_rows], p[passage_rows], search, depth, options.near_copy_eps)
         corrupted = corrupted + rank_counts(ranks, depth)
-    choice = choose_k(clean, corrupted, options.auto_removed)
-    if not choice["met"]:
+    choice = choose_k(clean, corrupted, options.auto_mismatched)
+    if choice["mismatched"] is None:
         warnings.warn(
-            f"filter.k=auto: no k removes {options.auto_removed:.1%} of corrupted pairs on this data "
-            f"(k=1 removes {choice['curve']['1']['corrupted_removed']:.1%} against a pool this small); using k=1. "
-            "A larger input (and pool) or a lower filter.auto_removed gives the rule room",
-            stacklevel=2,
-        )
+            f"filter.k=auto: {choice['corrupted']} corrupted pairs against a pool this small cannot tell how many of the "
+            "data's pairs are mismatched; using k=1. A larger input (and pool) gives the rule room", stacklevel=2)
+    elif not choice["met"]:
+        warnings.warn(
+            f"filter.k=auto: about {choice['mismatched']:.1%} of the data's pairs look mismatched, and even k=1 keeps an "
+            f"estimated {choice['curve']['1']['kept_mismatched']:.1%} mismatched, above filter.auto_mismatched="
+            f"{options.auto_mismatched}; using k=1", stacklevel=2)
     return choice

@@ -438,8 +438,10 @@ def filter_pairs(
                 options = dataclasses.replace(options, k=auto["k"])
                 stats_extra["consistency"].update(k=auto["k"], auto=auto)
                 share = auto["curve"][str(auto["k"])]
-                log.info(f"filter: k=auto chose k={auto['k']} on {auto['clean']} rows: {auto['rule']}; there it "
-                         f"removes {share['corrupted_removed']:.1%} of {auto['corrupted']} corrupted pairs, keeps {share['clean_kept']:.1%}")
+                looks = "" if auto["mismatched"] is None else f"up to {auto['mismatched']:.1%} of the pairs look mismatched; "
+                log.info(f"filter: k=auto chose k={auto['k']} on {auto['clean']} rows ({looks}{auto['rule']}); there it "
+                         f"keeps {share['clean_kept']:.1%} of the pairs and removes {share['corrupted_removed']:.1%} of "
+                         f"{auto['corrupted']} corrupted ones")
         if options.semdedup and unique:
             if sample is None:
                 sample = kmeans_sample(alive, unique, options)

@@ -235,9 +235,10 @@ def format_report(report: dict, curve: list[dict], plain: dict | None, projectio
     auto = stages["filter"].get("consistency", {}).get("auto")
     if auto:
         share = auto["curve"][str(auto["k"])]
+        looks = "" if auto.get("mismatched") is None else f"; up to {_num(auto['mismatched'], 3)} of the pairs look mismatched"
         lines += ["", f"filter.k=auto chose **k={auto['k']}**: {auto['rule']}, measured before filtering on {auto['clean']} "
-                  f"pairs and {auto['corrupted']} corrupted ones (there: {_num(share['corrupted_removed'], 3)} removed, "
-                  f"{_num(share['clean_kept'], 3)} of the clean kept)."]
+                  f"pairs and {auto['corrupted']} corrupted ones{looks} (at k={auto['k']}: {_num(share['clean_kept'], 3)} of "
+                  f"the pairs kept, {_num(share['corrupted_removed'], 3)} of the corrupted ones removed)."]
     neg = stages["mine"].get("negatives", {})
     if neg:
         lines += [

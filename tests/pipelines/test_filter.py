@@ -145,20 +145,28 @@ def test_filter_job_accounts_for_every_row_and_matches_a_plain_loop(ray_session,
 
 
 def test_filter_k_auto_chooses_k_from_the_data_and_applies_it(ray_session, bow_model, tmp_path):
-    src = write_jsonl(tmp_path / "raw.jsonl", topical_pairs(300))
+    rows = topical_pairs(300)
+    bad = list(range(0, 300, 6))  # 50 rows (a sixth) mismatched: each query given the next bad row's passage
+    passages = [rows[i]["passage"] for i in bad]
+    for i, passage in zip(bad, passages[1:] + passages[:1]):
+        rows[i] = {**rows[i], "id": f"bad{i}", "passage": passage}
+    src = write_jsonl(tmp_path / "raw.jsonl", rows)
     rc = cli(["filter", str(src), "-o", str(tmp_path / "out"), "--model", bow_model, "filter.semdedup=false",
-              "filter.k=auto", "filter.auto_removed=0.95"])
+              "filter.k=auto", "filter.auto_mismatched=0.01"])
     assert rc == 0
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     auto = stats["consistency"]["auto"]
     assert stats["filter"]["k"] == "auto" and stats["consistency"]["k"] == auto["k"]
-    removed = {int(k): share["corrupted_removed"] for k, share in auto["curve"].items()}
-    assert auto["k"] == max(k for k, share in removed.items() if share >= 0.95)  # the stated rule
-    assert auto["corrupted"] > 30 and auto["clean"] == 300
-    ranks = pq.read_table(tmp_path / "out" / "dropped").column("rank").to_pylist()
-    assert all(r > auto["k"] for r in ranks) and stats["kept"] == 300 - len(ranks)
+    assert auto["k"] == max(int(k) for k, share in auto["curve"].items() if share["kept_mismatched"] <= 0.01)  # the stated rule
+    assert 1 / 6 - 0.03 < auto["mismatched"] < 1 / 6 + 0.08 and auto["corrupted"] > 30 and auto["clean"] == 300
+    dropped = pq.read_table(tmp_path / "out" / "dropped")
+    assert all(r > auto["k"] for r in dropped.column("rank").to_pylist()) and stats["kept"] == 300 - dropped.num_rows
     # The sample was the whole input, scored against the same pool: the job keeps what it measured.
     assert abs(stats["kept"] / 300 - auto["curve"][str(auto["k"])]["clean_kept"]) < 1e-3
+    # The mismatched rows go; of the consistent ones (which this bag-of-words model ranks up to ~100
+    # deep in a pool of 300) k keeps what it can at that purity: 44% at k=5 when written.
+    gone = set(dropped.column("id").to_pylist())
+    assert sum(f"bad{i}" in gone for i in bad) >= 0.9 * len(bad) and len(gone - {f"bad{i}" for i in bad}) < 0.6 * 250
 
 
 def test_filter_cli_without_embeddings_and_rerun(ray_session, bow_model, tmp_path, capsys):

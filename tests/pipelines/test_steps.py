@@ -248,41 +248,58 @@ def test_audit_summary_counts_shares_per_k():
     assert summary["curve"]["10"] == {"corrupted_removed": 0.5, "clean_kept": 1.0}
 
 
-def test_choose_k_takes_the_largest_k_that_still_removes_the_target_share():
+def test_choose_k_estimates_the_mismatched_share_and_takes_the_largest_k_under_the_target():
     depth = max(AUTO_KS)
-    clean = rank_counts(np.array([1] * 70 + [2] * 10 + [3] * 10 + [depth + 1] * 10), depth)
-    corrupted = rank_counts(np.array([2] * 1 + [4] * 1 + [30] * 1 + [depth + 1] * 97), depth)
-    choice = choose_k(clean, corrupted, 0.99)
-    assert choice["k"] == 3 and choice["met"]  # k=5 lets the rank-4 corrupted pair through too: 98% < 99%
-    assert choice["curve"]["1"] == {"corrupted_removed": 1.0, "clean_kept": 0.7}
-    assert choice["curve"]["3"] == {"corrupted_removed": 0.99, "clean_kept": 0.9}
-    assert choose_k(clean, corrupted, 0.995)["k"] == 1
-    assert choose_k(clean, corrupted, 0.98)["k"] == 20  # k=50 keeps the rank-30 one
-    assert choose_k(clean, corrupted, 0.97)["k"] == depth
-    hopeless = choose_k(clean, rank_counts(np.ones(50, int), depth), 0.99)
-    assert hopeless["k"] == 1 and not hopeless["met"]
+    # 200 corrupted pairs at ranks 0, 20, ..., 3980 (about uniform over a 4,000-passage pool); the data:
+    # 80 consistent pairs at rank 0 and 20 mismatched ones ranked like the corrupted (0, 200, ..., 3800).
+    corrupted = rank_counts(np.arange(0, 4000, 20), depth)
+    clean = rank_counts(np.array([0] * 80 + list(range(0, 4000, 200))), depth)
+    choice = choose_k(clean, corrupted, 0.01)
+    # Estimated at k=1000, the deepest k that half the corrupted pairs still rank beyond (149 of 200):
+    # 14 of the data's 100 pairs rank beyond it, so up to 0.14 / 0.745 of them are mismatched.
+    assert choice["estimated_at"] == 1000 and choice["mismatched"] == round(0.14 / 0.745, 4)
+    m = 0.14 / 0.745
+    assert choice["curve"]["100"] == {"corrupted_removed": 0.97, "clean_kept": 0.81, "kept_mismatched": round(m * 0.03 / 0.81, 4)}
+    assert choice["curve"]["200"]["kept_mismatched"] == round(m * 0.055 / 0.82, 4)  # 0.0126
+    assert choice["k"] == 100 and choice["met"]
+    assert choose_k(clean, corrupted, 0.02)["k"] == 200
+    assert choose_k(clean, corrupted, 0.05)["k"] == 500
+    assert choose_k(clean, corrupted, 0.06)["k"] == depth
+    strict = choose_k(clean, corrupted, 0.001)  # even k=1 keeps an estimated 0.12% mismatched
+    assert strict["k"] == 1 and not strict["met"]
+    # Clean data, nothing ranked deep: kept whole at the deepest k, at any target.
+    whole = choose_k(rank_counts(np.array([0] * 90 + [3] * 10), depth), corrupted, 0.0)
+    assert whole["mismatched"] == 0 and whole["k"] == depth and whole["curve"][str(depth)]["clean_kept"] == 1.0
+    # Nothing to estimate from: no corrupted pair, or a pool so small that none ranks beyond k=1.
+    for hopeless in (choose_k(clean, rank_counts(np.empty(0), depth), 0.01), choose_k(clean, rank_counts(np.ones(50, int), depth), 0.01)):
+        assert hopeless["k"] == 1 and not hopeless["met"] and hopeless["mismatched"] is None
 
 
-def test_calibrate_k_keeps_clean_data_nearly_whole_and_is_strict_on_a_small_pool(ray_session):
-    """The rule both ways on datasets of embedded pairs: with a pool large enough for the target the
-    lenient k keeps nearly every clean pair and still removes the corrupted ones; a small pool,
-    where a random passage easily ranks high, gets a strict k."""
+def test_calibrate_k_keeps_clean_data_whole_and_is_strict_on_noisy_data(ray_session):
+    """The rule both ways on datasets of embedded pairs: clean pairs are kept whole; with a fifth of
+    the passages given to other queries, the estimate sees the noise and the chosen k removes the
+    mismatched pairs while keeping the consistent ones."""
     import ray.data
 
-    def calibrate(n, target):
+    def calibrate(n, noisy):
         rng = np.random.default_rng(8)
         q = unit(rng, n, d=32)
         p = jitter(rng, q, 0.15)
+        bad = np.flatnonzero(rng.random(n) < 0.2) if noisy else np.empty(0, dtype=np.int64)
+        p[bad] = p[np.roll(bad, 1)]  # these queries now hold another row's passage
         table = pa.table({"id": [f"r{i}" for i in range(n)], "passage": [f"passage {i}" for i in range(n)],
                           "query_embedding": fixed_size_list(q), "passage_embedding": fixed_size_list(p)})
-        options = FilterConfig(k="auto", auto_rows=n, auto_removed=target)
-        return calibrate_k(ray.data.from_arrow(table), n, exact_pool_search(p), options)
+        options = FilterConfig(k="auto", auto_rows=n, auto_mismatched=0.01)
+        return calibrate_k(ray.data.from_arrow(table), n, exact_pool_search(p), options), len(bad) / n
 
-    large = calibrate(1500, 0.97)
-    assert large["k"] == 20 and large["curve"]["20"]["clean_kept"] > 0.98 and large["curve"]["20"]["corrupted_removed"] >= 0.97
-    assert abs(large["corrupted"] - AUTO_FRACTION * 1500) < 0.05 * 1500 and large["clean"] == 1500
-    small = calibrate(150, 0.97)
-    assert small["k"] <= 3 and small["curve"][str(small["k"])]["corrupted_removed"] >= 0.97
+    clean, _ = calibrate(1500, noisy=False)
+    assert clean["k"] == max(AUTO_KS) and clean["mismatched"] < 0.005 and clean["curve"]["1000"]["clean_kept"] > 0.995
+    assert abs(clean["corrupted"] - AUTO_FRACTION * 1500) < 0.05 * 1500 and clean["clean"] == 1500
+    noisy, share = calibrate(1500, noisy=True)
+    kept = noisy["curve"][str(noisy["k"])]
+    assert share - 0.02 < noisy["mismatched"] < share + 0.05  # an upper bound, close on data like this
+    assert noisy["met"] and noisy["k"] <= 50 and kept["kept_mismatched"] <= 0.01  # 0.2 * 50 / 1500 / 0.8 = 0.8%
+    assert kept["corrupted_removed"] > 0.95 and abs(kept["clean_kept"] - (1 - share)) < 0.02  # the consistent ones, kept
 
 
 # --- the per-row scoring step, in memory ------------------------------------------------------
