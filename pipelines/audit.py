@@ -54,8 +54,10 @@ def corrupt_rows(ids: list[str], passages: list[str], fraction: float, seed: int
     chosen = np.array([i for i, rid in enumerate(ids) if _unit(seed, rid) < fraction], dtype=np.int64)
     if len(chosen) < 2:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    rng = np.random.default_rng(int(_unit(seed, ids[chosen[0]]) * 2**32))
-    chosen = rng.permutation(chosen)
+    # The ring the passages move along is ordered by a second hash of each id, so which pairs are made
+    # depends on the rows in the batch, not on the order they arrived in (Ray Data does not keep block
+    # order: a seeded permutation of the arrival order gave k=auto other corrupted pairs on each run).
+    chosen = np.array(sorted(chosen.tolist(), key=lambda i: (_unit(seed, f"ring:{ids[i]}"), ids[i])), dtype=np.int64)
     donors = np.roll(chosen, 1)  # a derangement of the chosen rows
     real = np.array([normalize_text(passages[a]) != normalize_text(passages[b]) for a, b in zip(chosen, donors)], dtype=bool)
     return chosen[real], donors[real]

@@ -239,6 +239,11 @@ def test_corrupt_rows_pairs_each_chosen_query_with_another_rows_passage():
     assert all(passages[a] != passages[b] for a, b in zip(query_rows, passage_rows))
     again = corrupt_rows(ids, passages, 0.2, seed=7)
     assert (again[0] == query_rows).all() and (again[1] == passage_rows).all()
+    # The same rows in another order make the same (query id, passage id) pairs.
+    order = np.random.default_rng(3).permutation(2000)
+    shuffled = corrupt_rows([ids[i] for i in order], [passages[i] for i in order], 0.2, seed=7)
+    assert sorted((ids[order[a]], ids[order[b]]) for a, b in zip(*shuffled)) == sorted(
+        (ids[a], ids[b]) for a, b in zip(query_rows, passage_rows))
 
 
 def test_audit_summary_counts_shares_per_k():
