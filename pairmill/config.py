@@ -229,8 +229,8 @@ class FilterConfig:
         "(1-1000) whose kept pairs are at most filter.auto_mismatched mismatched, estimated on a sample of the data"
     )
     auto_mismatched: float = _field(0.02, "k=auto: the share of mismatched pairs the kept ones may hold, as the audit "
-                                          "estimates it (an upper bound: 4.5% on the clean bundled sample, where 0.02 keeps "
-                                          "94% of it; 23% on it with a fifth of its pairs mismatched, k=100)")
+                                          "estimates it (an upper bound: 4.9% on the clean bundled sample, where 0.02 keeps "
+                                          "94% of it; 23.7% on it with a fifth of its pairs mismatched, k=100)")
     auto_rows: int = _field(20_000, "k=auto: rows of the data the choice is measured on (a corrupted pair is made of 20% of them)")
     near_copy_eps: float = _field(
         0.05, "consistency filter: a pool passage within cosine 1 - eps of the pair's own passage does not count against it; 0 = off"

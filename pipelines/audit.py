@@ -41,6 +41,7 @@ from pipelines.consistency import consistency_ranks
 AUDIT_KS = (1, 2, 5, 10)
 AUTO_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)  # k=auto's candidates; ranks are measured this deep
 AUTO_FRACTION = 0.2  # k=auto: the share of the sampled rows that also go in as corrupted pairs
+ESTIMATE_COUNT = 100  # k=auto: corrupted pairs ranked beyond the depth its mismatched-share estimate is read at
 
 
 def _unit(seed: int, text: str) -> float:
@@ -108,16 +109,20 @@ def choose_k(clean: np.ndarray, corrupted: np.ndarray, target: float) -> dict:
     ``m`` times the corrupted pairs' share there, plus the clean pairs that rank that deep:
     ``beyond_data(K) >= m * beyond_corrupted(K)``, and ``m <= beyond_data(K) / beyond_corrupted(K)``,
     an upper bound (it counts hard clean pairs as mismatched), taken at the deepest K that at least
-    half of the corrupted pairs still rank beyond (few clean pairs go that deep; enough corrupted
-    ones to count). At a candidate k the kept pairs then hold at most ``m * kept_corrupted(k)`` of
-    the data mismatched, a share ``m * kept_corrupted(k) / kept_data(k)`` of what is kept. So clean
-    data (m near 0) is kept nearly whole, and noisy data gets a k strict enough for its noise.
-    ``met`` is false, with k=1, when no k meets the target or nothing can be estimated (no corrupted
-    pair to count, or a pool so small that no k lets half of them through)."""
+    ``ESTIMATE_COUNT`` corrupted pairs (half of them, when there are fewer than twice that) still
+    rank beyond: few clean pairs go that deep, and the corrupted ones beyond it are enough to count
+    (a share of 100 is known to about 10%). A rule of "half of the corrupted pairs" instead put K at
+    1000 or 500 by chance on a 2,050-passage pool, where about half rank beyond 1000. At a candidate
+    k the kept pairs then hold at most ``m * kept_corrupted(k)`` of the data mismatched, a share
+    ``m * kept_corrupted(k) / kept_data(k)`` of what is kept. So clean data (m near 0) is kept
+    nearly whole, and noisy data gets a k strict enough for its noise. ``met`` is false, with k=1,
+    when no k meets the target or nothing can be estimated (no corrupted pair to count, or a pool so
+    small that not even k=1 lets enough of them through)."""
     total, real = int(corrupted.sum()), int(clean.sum())
     removed = {k: int(corrupted[k + 1 :].sum()) / total if total else 0.0 for k in AUTO_KS}
     kept = {k: int(clean[: k + 1].sum()) / real if real else 0.0 for k in AUTO_KS}
-    deep = [k for k in AUTO_KS if removed[k] >= 0.5]
+    enough = min(ESTIMATE_COUNT, total / 2)  # corrupted pairs that must rank beyond the depth the estimate is read at
+    deep = [k for k in AUTO_KS if total and removed[k] * total >= enough]
     mismatched = min(1.0, (1 - kept[max(deep)]) / removed[max(deep)]) if total and real and deep else None
     kept_mismatched = {k: (mismatched * (1 - removed[k]) / kept[k] if kept[k] else 1.0) if mismatched is not None else None
                        for k in AUTO_KS}

@@ -260,7 +260,7 @@ def test_choose_k_estimates_the_mismatched_share_and_takes_the_largest_k_under_t
     corrupted = rank_counts(np.arange(0, 4000, 20), depth)
     clean = rank_counts(np.array([0] * 80 + list(range(0, 4000, 200))), depth)
     choice = choose_k(clean, corrupted, 0.01)
-    # Estimated at k=1000, the deepest k that half the corrupted pairs still rank beyond (149 of 200):
+    # Estimated at k=1000, the deepest k that 100 corrupted pairs still rank beyond (149 of 200):
     # 14 of the data's 100 pairs rank beyond it, so up to 0.14 / 0.745 of them are mismatched.
     assert choice["estimated_at"] == 1000 and choice["mismatched"] == round(0.14 / 0.745, 4)
     m = 0.14 / 0.745
@@ -272,6 +272,11 @@ def test_choose_k_estimates_the_mismatched_share_and_takes_the_largest_k_under_t
     assert choose_k(clean, corrupted, 0.06)["k"] == depth
     strict = choose_k(clean, corrupted, 0.001)  # even k=1 keeps an estimated 0.12% mismatched
     assert strict["k"] == 1 and not strict["met"]
+    # The estimate is read at the deepest k that 100 corrupted pairs rank beyond, even when that is
+    # fewer than half of them (190 of 400 here: a pool of about 2,000, where k=1000 lets half through).
+    near_half = rank_counts(np.array([600] * 210 + [2000] * 190), depth)
+    at_1000 = choose_k(rank_counts(np.array([0] * 95 + [2000] * 5), depth), near_half, 0.02)
+    assert at_1000["estimated_at"] == 1000 and at_1000["mismatched"] == round(0.05 / 0.475, 4)
     # Clean data, nothing ranked deep: kept whole at the deepest k, at any target.
     whole = choose_k(rank_counts(np.array([0] * 90 + [3] * 10), depth), corrupted, 0.0)
     assert whole["mismatched"] == 0 and whole["k"] == depth and whole["curve"][str(depth)]["clean_kept"] == 1.0
