@@ -32,8 +32,14 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
    bundled model on what it kept: arm 6 with a filter model that has seen this data.
 8. ``dedup-mined``: ``configs/web.yaml``'s filter (no consistency filter: exact and semantic dedup
    only), then mined with its mining settings (no negative under 4 words) and trained with one
-   hard negative per pair: the negatives without the consistency filter.
+   hard negative per pair, exported as the profile exports (``train.wise_alpha``): the negatives without
+   the consistency filter.
 9. ``dedup-inbatch``: arm 8's pairs with in-batch negatives only: what the dedup filters alone change.
+
+``--wise ALPHA ...`` adds rows ``<arm>@ALPHA``: each arm's model moved back towards the bundled one
+(base + ALPHA x (trained - base), WiSE-FT, what ``train.wise_alpha`` exports), scored without training
+again. An arm already exported below 1 (``dedup-mined`` under ``configs/web.yaml``) is refused: give
+``train.wise_alpha=1`` as an override to train it at 1 and score the curve from there.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
 is every finished arm: the benchmark resumes where it stopped. Each arm writes
@@ -189,11 +195,42 @@ def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> 
     return result
 
 
+def score_wise(arm: str, seed: int, alpha: float, out: Path, tasks: dict) -> dict:
+    """A finished arm's model moved back towards the bundled one, as ``train.wise_alpha=alpha`` exports
+    it (``training.model.interpolate_with_base``), scored like the arm: the row ``<arm>@<alpha>``."""
+    folder = out / f"seed{seed}" / arm
+    path = folder / f"wise-{alpha}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import tempfile
+
+    from training.model import interpolate_with_base, setup_model
+
+    arm_result = json.loads((folder / "result.json").read_text())
+    exported_at = json.loads((folder / "train" / "stats.json").read_text())["train"].get("wise_alpha", 1.0)
+    if exported_at != 1.0:
+        raise SystemExit(f"{folder} exported its model with train.wise_alpha={exported_at}; --wise starts from the trained weights")
+    st = setup_model(str(folder / "train" / "model"), None, "cpu")
+    interpolate_with_base(st, setup_model(None, None, "cpu"), alpha)
+    with tempfile.TemporaryDirectory() as tmp:
+        st.save(tmp)
+        metrics = evaluate(tmp, tasks)
+    result = {**arm_result, "arm": f"{arm}@{alpha}", "metrics": metrics, "wise_alpha": alpha}
+    path.write_text(json.dumps(result, indent=2))
+    print(f"[chain] seed {seed} {arm}@{alpha}: " + ", ".join(f"{t} {m['ndcg@10']:.4f}" for t, m in metrics.items()), flush=True)
+    return result
+
+
+def arm_order(name: str) -> tuple:
+    arm, _, alpha = name.partition("@")
+    return ARMS.index(arm), -float(alpha or 1)
+
+
 def summarise(results: list[dict], base: dict, out: Path, jobs: dict) -> dict:
     import numpy as np
 
     table = {}
-    for arm in ARMS:
+    for arm in sorted({r["arm"] for r in results}, key=arm_order):
         mine = [r for r in results if r["arm"] == arm]
         if not mine:
             continue
@@ -211,14 +248,14 @@ def summarise(results: list[dict], base: dict, out: Path, jobs: dict) -> dict:
 
 def print_table(summary: dict) -> None:
     tasks = list(summary["base"])
-    print(f"{'arm':<10} {'pairs':>6} {'steps':>5}  " + "  ".join(f"{t + ' nDCG@10 (mean ± spread)':>34}" for t in tasks))
-    print(f"{'base':<10} {'':>6} {'':>5}  " + "  ".join(f"{summary['base'][t]['ndcg@10']:>34.4f}" for t in tasks))
+    print(f"{'arm':<18} {'pairs':>6} {'steps':>5}  " + "  ".join(f"{t + ' nDCG@10 (mean ± spread)':>34}" for t in tasks))
+    print(f"{'base':<18} {'':>6} {'':>5}  " + "  ".join(f"{summary['base'][t]['ndcg@10']:>34.4f}" for t in tasks))
     for arm, row in summary["arms"].items():
         cells = []
         for t in tasks:
             m = row[f"{t} ndcg@10"]
             cells.append(f"{m['mean']:.4f} ± {m['spread'] / 2:.4f} ({len(m['values'])} seeds)".rjust(34))
-        print(f"{arm:<10} {row['pairs']:>6} {row['steps']:>5}  " + "  ".join(cells))
+        print(f"{arm:<18} {row['pairs']:>6} {row['steps']:>5}  " + "  ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh-every", type=int, default=40, help="refresh rounds of the refresh and kauto-mined arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--wise", type=float, nargs="+", default=[], metavar="ALPHA",
+                        help="also score every arm's model at base + ALPHA x (trained - base), as train.wise_alpha exports "
+                             "it (rows <arm>@ALPHA; no training: from the arm's model)")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--mine", nargs="+", default=[], metavar="mine.key=value",
                         help="mining settings of the kauto-mined and dedup-mined arms, after configs/web.yaml's (another -o "
                              "for each: OUT's mined folders are reused as they are)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="train settings for every arm, e.g. train.batch_size=64")
     args = parser.parse_args(argv)
+    if any(not 0 < alpha < 1 for alpha in args.wise):
+        parser.error(f"--wise {args.wise}: use values between 0 and 1 (1 is the arm itself)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from pairmill import sample
@@ -282,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for arm in args.arms:
             run_arm(arm, seed, out, {"raw": raw}, args, tasks)
+            for alpha in args.wise:
+                score_wise(arm, seed, alpha, out, tasks)
             summarise(finished_arms(out), base, out, jobs)
     print_table(summarise(finished_arms(out), base, out, jobs))
     return 0
@@ -289,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def finished_arms(out: Path) -> list[dict]:
     """Every arm and seed finished in OUT so far, this run's and earlier runs' (a run may do a few)."""
-    return [json.loads(p.read_text()) for p in sorted(out.glob("seed*/*/result.json"))]
+    return [json.loads(p.read_text()) for pattern in ("seed*/*/result.json", "seed*/*/wise-*.json")
+            for p in sorted(out.glob(pattern))]
 
 
 if __name__ == "__main__":

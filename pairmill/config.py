@@ -346,6 +346,12 @@ class TrainConfig:
     lora_alpha: float | None = _field(None, "LoRA alpha; empty = 2 x lora_rank")
     lora_targets: list[str] = _field((), "LoRA target modules, e.g. [query,value]; empty = peft's default for the architecture")
     lora_merge: bool = _field(True, "merge the LoRA adapter into the exported model (false: export the adapter, needs peft to load)")
+    wise_alpha: float = _field(
+        1.0, "the exported model's weights are base + wise_alpha x (trained - base) (WiSE-FT, Wortsman et al. 2022): "
+        "below 1 it gives back a little of the gain on the training data's domain for much of what fine-tuning "
+        "cost elsewhere; 1 = the trained weights. Checkpoints, tune's ranking and refresh rounds use the trained ones",
+        resume_free=True,
+    )
     num_workers: int = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu)")
     use_gpu: bool | None = _field(None, "train on GPUs; empty = when the Ray cluster has GPUs")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _field(
@@ -410,6 +416,10 @@ class TrainConfig:
             (self.passage_max_length >= 2, f"train.passage_max_length={self.passage_max_length}; use >= 2"),
             (self.lora_rank >= 0, f"train.lora_rank={self.lora_rank}; use >= 0 (0 = full fine-tuning)"),
             (self.lora_alpha is None or self.lora_alpha > 0, f"train.lora_alpha={self.lora_alpha}; use > 0 or empty"),
+            (0 < self.wise_alpha <= 1, f"train.wise_alpha={self.wise_alpha}; use 0 < wise_alpha <= 1 (1 = the trained weights)"),
+            (self.wise_alpha == 1 or self.lora_rank == 0 or self.lora_merge,
+             f"train.wise_alpha={self.wise_alpha} with an unmerged LoRA adapter (train.lora_merge=false): the "
+             "interpolation is of full weights; use lora_merge=true, or wise_alpha=1"),
             (self.checkpoint_every >= 1, f"train.checkpoint_every={self.checkpoint_every}; use >= 1"),
             (self.eval_every >= 0, f"train.eval_every={self.eval_every}; use >= 0 (0 = only at the end)"),
             (self.log_every >= 1, f"train.log_every={self.log_every}; use >= 1"),

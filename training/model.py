@@ -166,13 +166,35 @@ def embed_features(model: nn.Module, features: dict[str, Tensor], autocast) -> T
         return model(features)["sentence_embedding"]  # (rows, D)
 
 
-def export_model(checkpoint_dir: str | Path, out: str | Path, *, model: str | None, lora: dict | None, merge: bool) -> Path:
-    """Write the checkpoint's model as a sentence-transformers folder at ``out`` (atomically)."""
+def export_model(checkpoint_dir: str | Path, out: str | Path, *, model: str | None, lora: dict | None, merge: bool,
+                 wise_alpha: float = 1.0) -> Path:
+    """Write the checkpoint's model as a sentence-transformers folder at ``out`` (atomically); with
+    ``wise_alpha`` < 1, its weights moved back towards the base model's (``interpolate_with_base``)."""
     st = setup_model(model, lora, "cpu")
     load_trainable_state(st, load_tensors(Path(checkpoint_dir) / "model.pt"))
     if lora and merge:
         st[0].model = st[0].model.merge_and_unload()
+    if wise_alpha < 1:
+        if lora and not merge:
+            raise ValueError("train.wise_alpha < 1 interpolates full weights; export the LoRA adapter merged (train.lora_merge=true)")
+        interpolate_with_base(st, setup_model(model, None, "cpu"), wise_alpha)
     return _save_atomically(st, Path(out))
+
+
+def interpolate_with_base(st: nn.Module, base: nn.Module, alpha: float) -> None:
+    """WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): every floating-point
+    weight becomes ``base + alpha * (trained - base)``, in place. Fine-tuning on one domain costs the
+    model some of what it did elsewhere; part of the way back keeps most of the gain and most of the
+    rest. A lerp over two state dicts of one architecture, so written here rather than taken from a
+    model-merging library."""
+    trained, start = st.state_dict(), base.state_dict()
+    if set(trained) != set(start):
+        raise ValueError(f"the trained and the base model differ in their weights ({sorted(set(trained) ^ set(start))[:5]}); "
+                         "train.wise_alpha needs the model the run started from")
+    with torch.no_grad():
+        for name, value in trained.items():
+            if value.is_floating_point():
+                value.copy_(torch.lerp(start[name].to(value.dtype), value, alpha))
 
 
 def save_live_model(st: nn.Module, out: str | Path, *, model: str | None, lora: dict | None) -> Path:

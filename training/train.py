@@ -296,6 +296,19 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     with result.checkpoint.as_directory() as folder:
         final_state = json.loads((Path(folder) / "state.json").read_text())
         export_checkpoint(folder, job.path("model"), encoder.model, train_cfg)
+    final_metrics = {k: v for k, v in (result.metrics or {}).items() if not is_missing(v) and not (k == "ndcg@10" and v == UNEVALUATED)}
+    trained_metrics = None
+    if train_cfg.wise_alpha < 1 and task is not None:
+        # the loop scored the trained weights; the exported model is their interpolation with the base model's
+        from dataclasses import replace
+
+        from pairmill.evaluate import evaluate_model
+
+        exported = evaluate_model(replace(encoder, model=job.path("model")), eval_cfg, task)
+        trained_metrics = {k: final_metrics[k] for k in exported if k in final_metrics}
+        final_metrics = {**final_metrics, **exported}  # the last step's loss and rate stay
+        log.info(f"train: held-out ndcg@10 {trained_metrics.get('ndcg@10', float('nan')):.4f} trained, "
+                 f"{final_metrics['ndcg@10']:.4f} exported (train.wise_alpha={train_cfg.wise_alpha})")
     export_seconds = time.perf_counter() - t0
     best = None
     if task is not None and result.best_checkpoints:
@@ -323,10 +336,11 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
             "steps_per_epoch": per_epoch,
             "resumed_from_step": (result.return_value or {}).get("start_step"),
             "pairs_per_s": round(final_state["pairs"] / max(train_seconds, 1e-9), 2),
+            "wise_alpha": train_cfg.wise_alpha,  # the exported weights: base + wise_alpha * (trained - base)
         },
         "refresh": (result.return_value or {}).get("refresh"),
-        "final_metrics": {k: v for k, v in (result.metrics or {}).items()
-                          if not is_missing(v) and not (k == "ndcg@10" and v == UNEVALUATED)},
+        "final_metrics": final_metrics,  # the exported model's
+        **({"trained_metrics": trained_metrics} if trained_metrics is not None else {}),
         "best_checkpoint": best,
         "base_model": resolve_model(encoder.model),
         "lora": lora_settings(train_cfg),
@@ -347,7 +361,8 @@ def export_checkpoint(checkpoint_dir: str, model_dir: str, model: str | None, tr
     """The sentence-transformers folder of a checkpoint into ``model_dir``; for a bucket, built in a
     local temporary folder and uploaded (a model is written by libraries that want a local path)."""
     with storage.staged(model_dir) as local:
-        export_model(checkpoint_dir, local, model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge)
+        export_model(checkpoint_dir, local, model=model, lora=lora_settings(train_cfg), merge=train_cfg.lora_merge,
+                     wise_alpha=train_cfg.wise_alpha)
 
 
 def _first_passages(validated: str, n: int, texts: bool) -> tuple[str, ...]:
@@ -380,6 +395,9 @@ def format_summary(stats: dict, out: str) -> str:
     m = stats["final_metrics"]
     if "ndcg@10" in m:
         lines.append(f"    held-out            ndcg@10 {m['ndcg@10']:.4f}  recall@10 {m['recall@10']:.4f}  mrr@10 {m['mrr@10']:.4f}")
+    if stats.get("trained_metrics", {}).get("ndcg@10") is not None:
+        lines.append(f"    before wise_alpha   ndcg@10 {stats['trained_metrics']['ndcg@10']:.4f} (the trained weights; the model "
+                     f"is {t['wise_alpha']} of the way from the base model to them)")
     if stats["best_checkpoint"]:
         lines.append(f"    best checkpoint     step {stats['best_checkpoint']['step']} ndcg@10 {stats['best_checkpoint']['ndcg@10']:.4f}")
     lines.append(f"    model               {storage.join(out, 'model')}")

@@ -160,7 +160,7 @@ def test_field_facts_are_read_from_the_fields():
     from pairmill.cli import describe
     from pairmill.config import TrainConfig, TuneConfig, resume_free_keys
 
-    assert resume_free_keys(TrainConfig) == ["collapse_sample", "collapse_cosine", "placement_strategy", "checkpoint_every", "eval_every",
+    assert resume_free_keys(TrainConfig) == ["collapse_sample", "collapse_cosine", "wise_alpha", "placement_strategy", "checkpoint_every", "eval_every",
                                              "log_every", "max_failures"]
     assert TuneConfig.search_keys() == ["lr", "temperature", "warmup_ratio", "batch_size", "hard_negatives", "lora_rank"]
     assert TuneConfig(warmup_ratio=[0, 0.2]).space()["warmup_ratio"] == ("uniform", [0, 0.2])

@@ -88,11 +88,14 @@ def test_steps_per_epoch_follows_equal_split_and_drop_last():
         ("train.length_group_overhead=-1", "train.length_group_overhead=-1"),
         ("train.schedule=step", "train.schedule='step'"),
         ("train.epochs=0", "train.epochs=0"),
+        ("train.wise_alpha=0", "train.wise_alpha=0"),
+        ("train.wise_alpha=1.5", "train.wise_alpha=1.5"),
+        ("train.lora_rank=4 train.lora_merge=false train.wise_alpha=0.5", "unmerged LoRA"),
     ],
 )
 def test_bad_train_config_names_the_value(override, named):
     with pytest.raises(ConfigError) as e:
-        load_config({"train": SECTIONS["train"]}, None, [override, "train.num_workers=2"])
+        load_config({"train": SECTIONS["train"]}, None, [*override.split(), "train.num_workers=2"])
     assert named in str(e.value)
 
 
@@ -137,6 +140,38 @@ def test_unmerged_lora_export_is_a_peft_adapter_that_loads_to_the_training_time_
     np.testing.assert_allclose(loaded.encode(texts, convert_to_numpy=True), trained.encode(texts, convert_to_numpy=True), atol=1e-6)
     base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
     assert np.abs(loaded.encode(texts, convert_to_numpy=True) - base).max() > 1e-3
+
+
+def test_wise_alpha_exports_the_weights_that_far_from_the_base_model(tiny_model, tmp_path):
+    """train.wise_alpha: every floating-point weight of the export is base + alpha * (trained - base);
+    with LoRA, of the merged weights (base + alpha * the adapter's delta); an unmerged adapter is refused."""
+    from sentence_transformers import SentenceTransformer
+
+    from training.model import trainable_state
+
+    base = SentenceTransformer(tiny_model, device="cpu").state_dict()
+    for lora in (None, {"rank": 4, "alpha": 8, "targets": []}):
+        torch.manual_seed(0)
+        trained = setup_model(tiny_model, lora)
+        with torch.no_grad():
+            for name, p in trained.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        checkpoint = tmp_path / f"checkpoint-{bool(lora)}"
+        checkpoint.mkdir()
+        torch.save(trainable_state(trained), checkpoint / "model.pt")
+        full = SentenceTransformer(str(export_model(checkpoint, tmp_path / "full", model=tiny_model, lora=lora, merge=True)),
+                                   device="cpu").state_dict()
+        mixed = SentenceTransformer(str(export_model(checkpoint, tmp_path / "mixed", model=tiny_model, lora=lora, merge=True,
+                                                     wise_alpha=0.25)), device="cpu").state_dict()
+        assert set(mixed) == set(base)
+        moved = [name for name in base if base[name].is_floating_point() and not torch.equal(full[name], base[name])]
+        assert len(moved) >= 4  # training (here: noise) changed the weights (LoRA: its 4 query and value matrices)
+        for name, value in mixed.items():
+            expected = base[name] + 0.25 * (full[name] - base[name]) if value.is_floating_point() else base[name]
+            torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="lora_merge"):
+        export_model(checkpoint, tmp_path / "adapter", model=tiny_model, lora=lora, merge=False, wise_alpha=0.5)
 
 
 # ----------------------------------------------------------------------------- on Ray
@@ -264,6 +299,7 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_
     negative are counted in every metrics line. One worker: two are the test above's."""
     from sentence_transformers import SentenceTransformer
 
+    from pairmill.evaluate import evaluate_model, load_task
     from pairmill.output import resumable_staging
 
     out = tmp_path / "resumed"
@@ -285,11 +321,24 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_
     base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
     assert np.abs(exported - base).max() > 1e-4
 
-    # the same command again resumes from the last checkpoint (nothing left to train) and re-exports;
-    # a changed setting is refused instead of resuming a run made with another one
-    again = run_train(data, out, tiny_model, **settings)
+    # the same command again resumes from the last checkpoint (nothing left to train) and re-exports,
+    # here with train.wise_alpha (an export setting, free to change): the model a quarter of the way
+    # from the base, scored as exported, the trained weights' score kept beside it; a changed training
+    # setting is refused instead of resuming a run made with another one
+    again = run_train(data, out, tiny_model, **settings, wise_alpha=0.25)
     assert again["train"]["resumed_from_step"] == 3 and again["train"]["steps"] == 3
     assert (out / "_SUCCESS").exists() and not resumable_staging(out).exists()
+    assert again["trained_metrics"]["ndcg@10"] == stats["final_metrics"]["ndcg@10"] and again["train"]["wise_alpha"] == 0.25
+    mixed = SentenceTransformer(str(out / "model"), device="cpu")
+    exported = evaluate_model(EncoderConfig(model=str(out / "model"), query_prefix="query: ", passage_prefix="passage: "),
+                              EvalConfig(), load_task(data["heldout"]))
+    assert {k: again["final_metrics"][k] for k in exported} == pytest.approx(exported)
+    assert exported["ndcg@10"] != again["trained_metrics"]["ndcg@10"] or exported["alignment"] != again["trained_metrics"]["alignment"]
+    start, weights = SentenceTransformer(tiny_model, device="cpu").state_dict(), mixed.state_dict()
+    trained = setup_model(tiny_model, None)
+    load_trainable_state(trained, torch.load(final / "model.pt"))
+    name = next(n for n, v in trained.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[n]))
+    torch.testing.assert_close(weights[name], start[name] + 0.25 * (trained.state_dict()[name] - start[name]), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="train.lr"):
         run_train(data, out, tiny_model, **settings, lr=5e-4)
     assert (out / "_SUCCESS").exists()  # a refused rerun leaves the finished folder as it was
