@@ -296,9 +296,11 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     with result.checkpoint.as_directory() as folder:
         final_state = json.loads((Path(folder) / "state.json").read_text())
         export_checkpoint(folder, job.path("model"), encoder.model, train_cfg)
+    export_seconds = time.perf_counter() - t0
     final_metrics = {k: v for k, v in (result.metrics or {}).items() if not is_missing(v) and not (k == "ndcg@10" and v == UNEVALUATED)}
-    trained_metrics = None
+    trained_metrics, eval_seconds = None, None
     if train_cfg.wise_alpha < 1 and task is not None:
+        t0 = time.perf_counter()
         # the loop scored the trained weights; the exported model is their interpolation with the base model's
         from dataclasses import replace
 
@@ -309,7 +311,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         final_metrics = {**final_metrics, **exported}  # the last step's loss and rate stay
         log.info(f"train: held-out ndcg@10 {trained_metrics.get('ndcg@10', float('nan')):.4f} trained, "
                  f"{final_metrics['ndcg@10']:.4f} exported (train.wise_alpha={train_cfg.wise_alpha})")
-    export_seconds = time.perf_counter() - t0
+        eval_seconds = time.perf_counter() - t0
     best = None
     if task is not None and result.best_checkpoints:
         checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
@@ -320,6 +322,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     job.stage("read+validate", input_rows, valid_rows, read_seconds)
     job.stage("train", valid_rows, final_state["pairs"], train_seconds)
     job.stage("export", 1, 1, export_seconds)
+    if eval_seconds is not None:  # the exported (interpolated) model scored on eval.data
+        job.stage("evaluate_export", 1, 1, eval_seconds)
     stats = {
         "input_rows": input_rows,
         "kept": valid_rows,

@@ -329,6 +329,7 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_
     assert again["train"]["resumed_from_step"] == 3 and again["train"]["steps"] == 3
     assert (out / "_SUCCESS").exists() and not resumable_staging(out).exists()
     assert again["trained_metrics"]["ndcg@10"] == stats["final_metrics"]["ndcg@10"] and again["train"]["wise_alpha"] == 0.25
+    assert [s["name"] for s in again["stages"]] == ["read+validate", "train", "export", "evaluate_export"]
     mixed = SentenceTransformer(str(out / "model"), device="cpu")
     exported = evaluate_model(EncoderConfig(model=str(out / "model"), query_prefix="query: ", passage_prefix="passage: "),
                               EvalConfig(), load_task(data["heldout"]))
