@@ -40,6 +40,7 @@ per seed; the seed changes the batch order, dropout and the refresh rounds' timi
 (base + ALPHA x (trained - base), WiSE-FT, what ``train.wise_alpha`` exports), scored without training
 again. An arm already exported below 1 (``dedup-mined`` under ``configs/web.yaml``) is refused: give
 ``train.wise_alpha=1`` as an override to train it at 1 and score the curve from there.
+``benchmarks/chain_confirm.py`` scores finished arms again on held-out sets no choice was made on.
 
 Filter and mine run once (they do not depend on the training seed) and are reused on a rerun, as
 is every finished arm: the benchmark resumes where it stopped. Each arm writes
@@ -51,6 +52,7 @@ the negatives' statistics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import gzip
 import json
@@ -195,6 +197,29 @@ def run_arm(arm: str, seed: int, out: Path, inputs: dict, args, tasks: dict) -> 
     return result
 
 
+@contextlib.contextmanager
+def model_at(folder: Path, alpha: float):
+    """The folder of a finished arm's model at ``alpha``: its own at 1, else base + alpha x (trained - base)
+    in a temporary folder (``training.model.interpolate_with_base``, what ``train.wise_alpha`` exports)."""
+    model = folder / "train" / "model"
+    exported_at = json.loads((folder / "train" / "stats.json").read_text())["train"].get("wise_alpha", 1.0)
+    if exported_at != 1.0:
+        raise SystemExit(f"{folder} exported its model with train.wise_alpha={exported_at}: scoring it at an alpha needs "
+                         "the trained weights (train it with train.wise_alpha=1)")
+    if alpha == 1:
+        yield str(model)
+        return
+    import tempfile
+
+    from training.model import interpolate_with_base, setup_model
+
+    st = setup_model(str(model), None, "cpu")
+    interpolate_with_base(st, setup_model(None, None, "cpu"), alpha)
+    with tempfile.TemporaryDirectory() as tmp:
+        st.save(tmp)
+        yield tmp
+
+
 def score_wise(arm: str, seed: int, alpha: float, out: Path, tasks: dict) -> dict:
     """A finished arm's model moved back towards the bundled one, as ``train.wise_alpha=alpha`` exports
     it (``training.model.interpolate_with_base``), scored like the arm: the row ``<arm>@<alpha>``."""
@@ -202,19 +227,9 @@ def score_wise(arm: str, seed: int, alpha: float, out: Path, tasks: dict) -> dic
     path = folder / f"wise-{alpha}.json"
     if path.exists():
         return json.loads(path.read_text())
-    import tempfile
-
-    from training.model import interpolate_with_base, setup_model
-
     arm_result = json.loads((folder / "result.json").read_text())
-    exported_at = json.loads((folder / "train" / "stats.json").read_text())["train"].get("wise_alpha", 1.0)
-    if exported_at != 1.0:
-        raise SystemExit(f"{folder} exported its model with train.wise_alpha={exported_at}; --wise starts from the trained weights")
-    st = setup_model(str(folder / "train" / "model"), None, "cpu")
-    interpolate_with_base(st, setup_model(None, None, "cpu"), alpha)
-    with tempfile.TemporaryDirectory() as tmp:
-        st.save(tmp)
-        metrics = evaluate(tmp, tasks)
+    with model_at(folder, alpha) as model:
+        metrics = evaluate(model, tasks)
     result = {**arm_result, "arm": f"{arm}@{alpha}", "metrics": metrics, "wise_alpha": alpha}
     path.write_text(json.dumps(result, indent=2))
     print(f"[chain] seed {seed} {arm}@{alpha}: " + ", ".join(f"{t} {m['ndcg@10']:.4f}" for t, m in metrics.items()), flush=True)
