@@ -51,8 +51,14 @@ trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(train
 trainer.train()
 predicted = list(model.predict([r["text"] for r in held]))
 true = [r["label"] for r in held]
-print(json.dumps({"accuracy": accuracy_score(true, predicted), "macro_f1": f1_score(true, predicted, average="macro"),
-                  "seconds": time.perf_counter() - t0}))
+result = {"accuracy": accuracy_score(true, predicted), "macro_f1": f1_score(true, predicted, average="macro"),
+          "seconds": time.perf_counter() - t0}
+if args.get("more"):
+    more = [json.loads(l) for l in open(args["more"])]
+    predicted, true = list(model.predict([r["text"] for r in more])), [r["label"] for r in more]
+    result.update(more_accuracy=accuracy_score(true, predicted), more_macro_f1=f1_score(true, predicted, average="macro"),
+                  more_rows=len(more))
+print(json.dumps(result))
 """
 
 
@@ -72,7 +78,35 @@ def draw(rows: list[dict], n: int, seed: int) -> list[dict]:
     return out
 
 
-def arm_base(train: list[dict], held: list[dict], seed: int) -> dict:
+def more_heldout(data_dir: str, bundled: list[dict]) -> list[dict]:
+    """Every FOLDOC entry labelled as scripts/make_labelled_sample.py labels them that neither bundled split
+    holds: a second, larger held-out set (unbalanced: as many a class as FOLDOC has), not bundled."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_labelled_sample import labelled
+
+    seen = {r["text"].lower() for r in bundled}
+    rows = []
+    with gzip.open(Path(data_dir) / "foldoc_pairs.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            row = labelled(json.loads(line))
+            if row and row["text"].lower() not in seen:
+                seen.add(row["text"].lower())
+                rows.append(row)
+    return rows
+
+
+def scored_more(head, model: str, more: list[dict], max_length: int) -> dict:
+    """Accuracy and macro-F1 of a fitted head (and its model) on the larger held-out set."""
+    from pairmill.config import EncoderConfig
+    from pairmill.chain.setfit import encode, scores
+
+    if not more:
+        return {}
+    m = scores(head, encode(model, [r["text"] for r in more], EncoderConfig(max_length=max_length)), [r["label"] for r in more])
+    return {"more_accuracy": m["accuracy"], "more_macro_f1": m["macro_f1"], "more_rows": len(more)}
+
+
+def arm_base(train: list[dict], held: list[dict], seed: int, more: list[dict]) -> dict:
     from pairmill.config import EncoderConfig
     from pairmill.chain.setfit import encode, scores
     from pairmill.encoder import resolve_model
@@ -83,7 +117,8 @@ def arm_base(train: list[dict], held: list[dict], seed: int) -> dict:
     model = resolve_model(None)
     head = fit_head(encode(model, [r["text"] for r in train], enc), [r["label"] for r in train], seed=seed)
     m = scores(head, encode(model, [r["text"] for r in held], enc), [r["label"] for r in held])
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": seconds, **scored_more(head, model, more, 128)}
 
 
 # Runs a command and prints its wall time: started under `flock LOCK` (--lock), the time waited for the
@@ -93,7 +128,7 @@ TIMED = "import subprocess, sys, time; t = time.perf_counter(); rc = subprocess.
 
 
 def arm_pairmill(train_file: Path, held_file: Path, out: Path, classes: int, steps: int, seed: int, lock: str | None,
-                 settings: list[str]) -> dict:
+                 settings: list[str], more: list[dict]) -> dict:
     per_class = steps * BATCH // classes
     cmd = [sys.executable, "-m", "pairmill.cli", "setfit", str(train_file), "-o", str(out / "job"), "--eval-data",
            str(held_file), "-q", f"setfit.pairs_per_class={per_class}", f"train.batch_size={BATCH}", f"train.seed={seed}",
@@ -102,15 +137,21 @@ def arm_pairmill(train_file: Path, held_file: Path, out: Path, classes: int, ste
     done = subprocess.run(timed, check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     seconds = float([line for line in done.stdout.splitlines() if line.startswith("WALL ")][-1].split()[1])
     m = json.loads((out / "job" / "stats.json").read_text())["eval"]["after"]
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": seconds, "command": "pairmill " + " ".join(cmd[3:])}
+    result = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": seconds, "command": "pairmill " + " ".join(cmd[3:])}
+    if more:
+        from pairmill.head import load_head
+
+        head = load_head(out / "job" / "head")
+        result.update(scored_more(head, str(out / "job" / "model"), more, head.settings["max_length"]))
+    return result
 
 
-def arm_setfit(python: str, train_file: Path, held_file: Path, out: Path, steps: int, seed: int) -> dict:
+def arm_setfit(python: str, train_file: Path, held_file: Path, out: Path, steps: int, seed: int, more_file: Path | None) -> dict:
     from pairmill.encoder import resolve_model
 
     t0 = time.perf_counter()
     args = {"train": str(train_file), "held": str(held_file), "model": resolve_model(None), "out": str(out), "batch": BATCH,
-            "steps": steps, "seed": seed}
+            "steps": steps, "seed": seed, "more": str(more_file) if more_file else None}
     done = subprocess.run([python, "-c", SETFIT_SCRIPT, json.dumps(args)], check=True, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -124,13 +165,17 @@ def table(out: Path) -> str:
     for f in sorted(out.glob("*/result.json")):
         r = json.loads(f.read_text())
         results.setdefault((r["arm"], r["n"]), []).append(r)
-    lines = ["| arm | n/class | seeds | accuracy | macro-F1 | wall s |", "|---|---|---|---|---|---|"]
+    more = any("more_accuracy" in r for rs in results.values() for r in rs)
+    lines = ["| arm | n/class | seeds | accuracy | macro-F1 | wall s |" + (" more: accuracy | more: macro-F1 |" if more else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if more else "")]
     for (arm, n), rs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         def fmt(key, digits=3):
             values = [r[key] for r in rs]
             spread = f" ± {statistics.pstdev(values):.{digits}f}" if len(values) > 1 else ""
             return f"{statistics.mean(values):.{digits}f}{spread}"
-        lines.append(f"| {arm} | {n} | {len(rs)} | {fmt('accuracy')} | {fmt('macro_f1')} | {fmt('seconds', 0)} |")
+        more_cells = (f" {fmt('more_accuracy')} | {fmt('more_macro_f1')} |" if all("more_accuracy" in r for r in rs)
+                      else " – | – |") if more else ""
+        lines.append(f"| {arm} | {n} | {len(rs)} | {fmt('accuracy')} | {fmt('macro_f1')} | {fmt('seconds', 0)} |" + more_cells)
     return "\n".join(lines)
 
 
@@ -145,6 +190,9 @@ def main() -> None:
     parser.add_argument("--lock", help="run each pairmill arm under `flock LOCK` (one local Ray at a time on a shared machine)")
     parser.add_argument("--pairmill-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="more settings for the pairmill arm (train.temperature=0.1); its results are an arm of their own")
+    parser.add_argument("--more-heldout", metavar="DATA_DIR",
+                        help="also score every arm on the FOLDOC entries of DATA_DIR/foldoc_pairs.jsonl.gz that neither "
+                             "bundled split holds (labelled the same way; unbalanced): more_accuracy, more_macro_f1")
     parser.add_argument("--cpu-precision", choices=("fp32", "bf16", "probe"), default="fp32",
                         help="how arms (a) and (b) encode on a CPU (PAIRMILL_CPU_PRECISION); the setfit library encodes in fp32")
     args = parser.parse_args()
@@ -159,6 +207,11 @@ def main() -> None:
     held_file = out / "heldout.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     held_file.write_text("".join(json.dumps(r) + "\n" for r in held_rows))
+    more = more_heldout(args.more_heldout, train_rows + held_rows) if args.more_heldout else []
+    more_file = out / "more_heldout.jsonl" if more else None
+    if more_file:
+        more_file.write_text("".join(json.dumps(r) + "\n" for r in more))
+        print(f"more held-out: {len(more)} FOLDOC texts in neither bundled split", flush=True)
     for n in args.n:
         for seed in args.seeds:
             train = draw(train_rows, n, seed)
@@ -173,15 +226,18 @@ def main() -> None:
                     continue
                 folder.mkdir(exist_ok=True)
                 if arm == "base-lr":
-                    result = arm_base(train, held_rows, seed)
+                    result = arm_base(train, held_rows, seed, more)
                 elif arm == "pairmill":
-                    result = arm_pairmill(train_file, held_file, folder, classes, args.steps, seed, args.lock, args.pairmill_set)
+                    result = arm_pairmill(train_file, held_file, folder, classes, args.steps, seed, args.lock, args.pairmill_set,
+                                          more)
                 else:
-                    result = arm_setfit(args.setfit_python, train_file, held_file, folder, args.steps, seed)
+                    result = arm_setfit(args.setfit_python, train_file, held_file, folder, args.steps, seed, more_file)
                 result.update(arm=label, n=n, seed=seed, steps=args.steps if arm != "base-lr" else 0, held_out=len(held_rows))
                 (folder / "result.json").write_text(json.dumps(result, indent=2))
+                more_line = (f" | more held-out ({result['more_rows']}): accuracy {result['more_accuracy']:.4f} "
+                             f"macro-F1 {result['more_macro_f1']:.4f}") if "more_accuracy" in result else ""
                 print(f"{label} n={n} seed={seed}: accuracy {result['accuracy']:.4f} macro-F1 {result['macro_f1']:.4f} "
-                      f"{result['seconds']:.0f}s", flush=True)
+                      f"{result['seconds']:.0f}s{more_line}", flush=True)
     print(table(out))
 
 
