@@ -13,7 +13,8 @@ budgets: --steps optimizer steps of 32 pairs (pairmill: setfit.pairs_per_class =
 classes, one epoch, no boundary negative unless --pairmill-set train.hard_negatives=1; setfit:
 max_steps, CosineSimilarityLoss, its default pair sampling), learning rate 2e-5, 128 tokens. (c) runs
 in another Python (--setfit-python) where `pip install torch==2.13.0 setfit` works; it is skipped
-when none is given. Every arm encodes in fp32 on a CPU (--cpu-precision), as the setfit library does.
+when none is given. --more-heldout DATA_DIR also scores every arm on the FOLDOC entries of the same
+domains that neither bundled split holds (more_accuracy, more_macro_f1 in result.json). Every arm encodes in fp32 on a CPU (--cpu-precision), as the setfit library does.
 """
 
 from __future__ import annotations
