@@ -83,17 +83,10 @@ def more_heldout(data_dir: str, bundled: list[dict]) -> list[dict]:
     """Every FOLDOC entry labelled as scripts/make_labelled_sample.py labels them that neither bundled split
     holds: a second, larger held-out set (unbalanced: as many a class as FOLDOC has), not bundled."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_labelled_sample import labelled
+    from make_labelled_sample import labelled_rows
 
-    seen = {r["text"].lower() for r in bundled}
-    rows = []
-    with gzip.open(Path(data_dir) / "foldoc_pairs.jsonl.gz", "rt", encoding="utf-8") as f:
-        for line in f:
-            row = labelled(json.loads(line))
-            if row and row["text"].lower() not in seen:
-                seen.add(row["text"].lower())
-                rows.append(row)
-    return rows
+    bundled_texts = {r["text"].lower() for r in bundled}
+    return [row for row in labelled_rows(data_dir) if row["text"].lower() not in bundled_texts]
 
 
 def scored_more(head, model: str, more: list[dict], max_length: int) -> dict:

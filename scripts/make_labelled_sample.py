@@ -45,16 +45,24 @@ def labelled(row: dict) -> dict | None:
     return {"text": text, "label": tags[0]}
 
 
-def main(data_dir: str, out_dir: str = "pairmill/sample") -> None:
-    rng = random.Random(SEED)
-    by_class: dict[str, list[dict]] = {c: [] for c in CLASSES}
-    seen = set()
+def labelled_rows(data_dir: str) -> list[dict]:
+    """Every FOLDOC entry with one tag of CLASSES, labelled, in file order; a text seen before (case
+    ignored) is left out."""
+    rows, seen = [], set()
     with gzip.open(Path(data_dir) / "foldoc_pairs.jsonl.gz", "rt", encoding="utf-8") as f:
         for line in f:
             row = labelled(json.loads(line))
             if row and row["text"].lower() not in seen:
                 seen.add(row["text"].lower())
-                by_class[row["label"]].append(row)
+                rows.append(row)
+    return rows
+
+
+def main(data_dir: str, out_dir: str = "pairmill/sample") -> None:
+    rng = random.Random(SEED)
+    by_class: dict[str, list[dict]] = {c: [] for c in CLASSES}
+    for row in labelled_rows(data_dir):
+        by_class[row["label"]].append(row)
     splits = {"train": [], "heldout": []}
     for label, rows in by_class.items():
         if len(rows) < TRAIN + HELDOUT:
