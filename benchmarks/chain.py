@@ -80,10 +80,28 @@ def clean_summary(summary: str) -> bool:
     return 4 <= len(words) <= 60 and not JUNK.search(summary)
 
 
+def read_registry(tsv: str, seed: int) -> tuple[list[tuple[str, str]], dict[str, int], list[int]]:
+    """The registry's (name, summary) rows, how many rows share each normalized summary, and the seeded
+    order the held-out split and the training pairs are drawn in."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_registry_pairs import read_rows
+
+    from pairmill.pairs import normalize_text
+
+    rows = list(read_rows(tsv))
+    copies: dict[str, int] = {}
+    for _, summary in rows:
+        key = normalize_text(summary)
+        copies[key] = copies.get(key, 0) + 1
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return rows, copies, order
+
+
 def build_data(tsv: str, folder: Path, pairs: int, heldout: int, seed: int) -> dict:
     """OUT/data/{train_raw.jsonl.gz, heldout.jsonl.gz, data.json}; reused when data.json matches."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_registry_pairs import query_of, read_rows
+    from make_registry_pairs import query_of
 
     from pairmill.pairs import normalize_text
 
@@ -92,14 +110,7 @@ def build_data(tsv: str, folder: Path, pairs: int, heldout: int, seed: int) -> d
     if info_path.exists() and {k: v for k, v in json.loads(info_path.read_text()).items() if k in want} == want:
         return json.loads(info_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    rows = list(read_rows(tsv))
-    copies: dict[str, int] = {}
-    for _, summary in rows:
-        key = normalize_text(summary)
-        copies[key] = copies.get(key, 0) + 1
-    rng = random.Random(seed)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
+    rows, copies, order = read_registry(tsv, seed)
     held, held_names = [], set()
     for i in order:
         name, summary = rows[i]

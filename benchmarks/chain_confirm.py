@@ -26,7 +26,6 @@ import argparse
 import gzip
 import json
 import os
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -40,8 +39,8 @@ def draw_second_heldout(out: Path, n: int) -> Path:
     if path.exists():
         return path
     sys.path.insert(0, str(ROOT / "scripts"))
-    from chain import clean_summary
-    from make_registry_pairs import query_of, read_rows
+    from chain import clean_summary, read_registry
+    from make_registry_pairs import query_of
 
     from pairmill.pairs import normalize_text
 
@@ -50,13 +49,7 @@ def draw_second_heldout(out: Path, n: int) -> Path:
     for name in ("train_raw.jsonl.gz", "heldout.jsonl.gz"):
         with gzip.open(out / "data" / name, "rt", encoding="utf-8") as f:
             used |= {json.loads(line)["id"] for line in f}
-    rows = list(read_rows(info["tsv"]))
-    copies: dict[str, int] = {}
-    for _, summary in rows:
-        key = normalize_text(summary)
-        copies[key] = copies.get(key, 0) + 1
-    order = list(range(len(rows)))
-    random.Random(info["seed"]).shuffle(order)  # chain.py's order: its held-out split was its first clean names
+    rows, copies, order = read_registry(info["tsv"], info["seed"])  # chain.py's order: its held-out split was its first clean names
     drawn, names = [], set()
     for i in order:
         name, summary = rows[i]
