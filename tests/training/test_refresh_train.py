@@ -178,9 +178,8 @@ def test_a_round_still_running_at_the_end_is_cancelled_not_awaited(ray_session, 
                                            encoder_kwargs={}, mine_cfg=MineConfig(), store=None, pool=None),
                            save_model=lambda folder: folder)
     ref = slow_round.remote()
-    # running, as a round at the end of training is: a cancel that reaches a task still waiting for its
-    # worker was once lost here, and ray.get below then only timed out (60 s, and a GetTimeoutError
-    # is a RayError too)
+    # running, as a round at the end of training is: cancelled right after it was submitted, the task
+    # sometimes went on, and ray.get below then only timed out (60 s; a GetTimeoutError is a RayError too)
     deadline = time.monotonic() + 60
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

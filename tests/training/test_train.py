@@ -271,8 +271,9 @@ def test_simcse_texts_with_tau_plus_and_a_queue_train_on_two_ray_train_workers(r
     Train run's start-up is most of a small run's cost): plain texts (train.simcse) under debiased
     InfoNCE (tau_plus, made for random negatives, which in-batch texts are) with a queue of past
     passages. It trains, exports and logs what the options log. SupCon runs on 2 workers in the
-    killed-worker test above, the triplet objective in the resumed-run test below (its count of pairs
-    without a triplet summed over 2 ranks: test_objectives.py)."""
+    killed-worker test above; the triplet objective end to end in the resumed-run test below (one
+    worker) and over 2 ranks with unequal valid triplets in test_objectives.py; the loop's sums over
+    ranks run on 2 workers in the refresh test (test_refresh_train.py)."""
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(row["passage"] + "\n" for row in data["rows"]))
     out = tmp_path / "out"
