@@ -6,9 +6,9 @@ local Ray started once per session (``ray_session``). Shutting that down for a c
 again would depend on test order. The child gets its own ``RAY_TMPDIR``, so the cluster it starts
 never becomes the "current cluster" that a plain ``ray.init()`` elsewhere on the machine joins.
 
-The child starts as soon as the suite is collected (``tests/conftest.py``) and runs beside it: much of
-a Ray test's time is spent waiting (actor start-up, polls), and the cases' ~3 minutes then add little
-to the suite's. Their report tests run last and wait for the child.
+The child starts when the first report test below runs, and the others wait for it; with
+``PAIRMILL_TEST_MULTINODE=beside`` it starts as soon as the suite is collected (``tests/conftest.py``)
+and runs beside the rest, which on 2 cores measured slower (the two compete for the cores).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ _started: list[Cases] = []
 
 
 def start() -> Cases:
-    """Start the cases (once): the suite's conftest calls this as soon as it has collected them, so
-    they run beside the rest of the suite, and moves their report tests below to the end."""
+    """Start the cases (once): the first report test below does, or with PAIRMILL_TEST_MULTINODE=beside
+    the suite's conftest as soon as it has collected them (it then moves the report tests to the end)."""
     if not _started:
         _started.append(Cases())
     return _started[0]
