@@ -38,8 +38,8 @@ os.environ.pop("AWS_SESSION_TOKEN", None)
 def pytest_collection_modifyitems(config, items):
     """The multi-node cases (tests/cluster/test_multinode.py) run in a child pytest, in their place,
     nothing else running. PAIRMILL_TEST_MULTINODE=beside starts them now instead, beside the rest of the
-    suite, and moves the tests that report them last: on 2 cores that was ~50 s slower and ~175 CPU-s
-    dearer in two side-by-side pairs of runs (docs/benchmarks.md, "The tests")."""
+    suite, and moves the tests that report them last: on 2 cores that was ~50 s slower in two
+    side-by-side pairs of runs, 175 CPU-s dearer in the one timed for CPU (docs/benchmarks.md, "The tests")."""
     multinode = [item for item in items if item.path.name == "test_multinode.py" and item.path.parent.name == "cluster"]
     beside = os.environ.get("PAIRMILL_TEST_MULTINODE", "alone") == "beside"
     if multinode and beside and not config.option.collectonly:
