@@ -130,7 +130,7 @@ def _plain(value: Any) -> Any:
 
 def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray, mine_cfg=None,
           run_name: str = RUN_NAME, callbacks: list | None = None, resources_per_worker: dict | None = None,
-          in_place: bool = False, hooks: TestHooks | None = None) -> dict:
+          in_place: bool = False, validated: str | None = None, hooks: TestHooks | None = None) -> dict:
     """Run the train job; returns the stats written to ``OUT/stats.json``. ``mine_cfg`` (the mine
     section) holds the selection rules of refresh rounds (``train.refresh_every``). ``run_name``,
     ``callbacks`` and ``resources_per_worker`` go to Ray Train as they are (the tune job names each
@@ -139,23 +139,16 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     The job folder is built in ``.OUT.partial`` beside OUT (checkpoints, metrics, refresh rounds,
     the model) and renamed into place after its counts are checked: an interrupted run leaves the
     staging folder, and rerunning the same command resumes there. ``in_place`` writes OUT itself
-    (a tune trial, whose folder is inside the tune job's own staging folder). ``hooks`` is the
-    loop's test seam (``training.loop.TestHooks``), for tests only."""
+    (a tune trial, whose folder is inside the tune job's own staging folder). ``validated``: PAIRS
+    already validated into that folder by ``validate_input`` with these settings (the tune job does
+    it once for all its trials), read from there instead of again. ``hooks`` is the loop's test seam
+    (``training.loop.TestHooks``), for tests only."""
     import dataclasses
 
     import ray as ray_lib
     import yaml
     from ray.data.aggregate import Count, Sum
     from ray.data.expressions import col
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
 
     from pairmill.cluster import init_ray
     from pairmill.config import MineConfig, TrainConfig, config_to_dict, read_kwargs, resume_free_keys
@@ -164,7 +157,6 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     from pairmill.output import count_by, open_resumable
     from pairmill.pairs import REJECT_COLUMNS
     from pairmill.read import count_input_rows
-    from pairmill.groups import write_validated
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
@@ -188,12 +180,8 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
 
     # -- read and validate: rejects to OUT/rejected, counts for the step plan -------------------
     t0 = time.perf_counter()
-    validated = storage.join(out_dir, "work", "validated")
-    if not storage.exists(storage.join(validated, "_DONE")):  # a resumed run reads the rows, in the order, the first one did
-        storage.remove(validated)
-        write_validated(pairs_path, validated, "text" if train_cfg.simcse else "pairs",
-                        shuffle_seed=train_cfg.seed if train_cfg.shuffle == "global" else None, **read_kwargs(read))
-        storage.write_text(storage.join(validated, "_DONE"), "")
+    read_stage = "read" if validated else "read+validate"  # given: validated by the caller (tune), only read here
+    validated = validated or validate_input(pairs_path, storage.join(out_dir, "work", "validated"), train_cfg, read)
     fs, validated_path = storage.split(validated)  # fs None: local
     parsed = ray_lib.data.read_parquet(validated_path, filesystem=fs, file_extensions=["parquet"])
     rejected_dir = job.path("rejected")  # on a bucket: this attempt's prefix, new
@@ -230,12 +218,103 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
               + (" until the first refresh round" if refreshing else ""))
     if refreshing and train_cfg.refresh_every >= total_steps:
         log.warning(f"train: train.refresh_every={train_cfg.refresh_every} >= {total_steps} steps: no refresh round will run")
-    use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray_lib.cluster_resources().get("GPU"))
-    store = NegativeStore.create(max(1, math.ceil(valid_rows / PAIRS_PER_STORE_SHARD))) if refreshing else None
     task = load_task(eval_cfg.data, eval_cfg.corpus, read_kwargs(read)) if eval_cfg.data else None
 
+    t0 = time.perf_counter()
+    # (a tune trial, which reports to Tune through its callbacks, always runs Ray Train)
+    finished = _finished_run(out_dir, run_name, total_steps) if not callbacks else None
+    if finished is not None:  # a finished OUT rerun (e.g. for another train.wise_alpha): nothing to train
+        result, previous = finished
+        log.info(f"train: {final_dir} trained all {total_steps} steps already; exporting its last checkpoint again")
+        returned = {"start_step": total_steps, "refresh": previous.get("refresh")}
+    else:
+        result = _fit(
+            valid, validated, out_dir, sections, run_name=run_name, callbacks=callbacks,
+            resources_per_worker=resources_per_worker, hooks=hooks, task=task, valid_rows=valid_rows,
+            total_steps=total_steps, per_epoch=per_epoch, per_worker=per_worker, hard=hard, with_negatives=with_negatives,
+            pairs_path=pairs_path)
+        returned = result.return_value or {}
+    train_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with result.checkpoint.as_directory() as folder:
+        final_state = json.loads((Path(folder) / "state.json").read_text())
+        export_checkpoint(folder, job.path("model"), encoder.model, train_cfg)
+    export_seconds = time.perf_counter() - t0
+    final_metrics = {k: v for k, v in (result.metrics or {}).items() if not is_missing(v) and not (k == "ndcg@10" and v == UNEVALUATED)}
+    trained_metrics, eval_seconds = None, None
+    if train_cfg.wise_alpha < 1 and task is not None:
+        t0 = time.perf_counter()
+        # the loop scored the trained weights; the exported model is their interpolation with the base model's
+        from dataclasses import replace
+
+        from pairmill.evaluate import evaluate_model
+
+        exported = evaluate_model(replace(encoder, model=job.path("model")), eval_cfg, task)
+        trained_metrics = {k: final_metrics[k] for k in exported if k in final_metrics}
+        final_metrics = {**final_metrics, **exported}  # the last step's loss and rate stay
+        log.info(f"train: held-out ndcg@10 {trained_metrics.get('ndcg@10', float('nan')):.4f} trained, "
+                 f"{final_metrics['ndcg@10']:.4f} exported (train.wise_alpha={train_cfg.wise_alpha})")
+        eval_seconds = time.perf_counter() - t0
+    best = None
+    if task is not None and result.best_checkpoints:
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
+        # where the checkpoint will be once the staging folder is OUT
+        path = storage.join(final_dir, posixpath.relpath(checkpoint.path, storage.split(out_dir)[1]))
+        best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": path}
+    storage.remove(storage.join(out_dir, "work"))
+    job.stage(read_stage, input_rows, valid_rows, read_seconds)
+    job.stage("train", valid_rows, final_state["pairs"], train_seconds)
+    job.stage("export", 1, 1, export_seconds)
+    if eval_seconds is not None:  # the exported (interpolated) model scored on eval.data
+        job.stage("evaluate_export", 1, 1, eval_seconds)
+    stats = {
+        "input_rows": input_rows,
+        "kept": valid_rows,
+        "dropped": {},
+        "rejected": rejected,
+        "unique_ids": True,
+        "train": {
+            "steps": final_state["step"],
+            "epochs_started": final_state["epoch"] + (final_state["step_in_epoch"] > 0),
+            "pairs_trained": final_state["pairs"],  # pair-steps, repeats across epochs counted
+            "pairs_unused_per_epoch": valid_rows - per_epoch * train_cfg.batch_size,  # equal split + drop_last
+            "pairs_with_negatives": with_negatives,
+            "hard_negatives_per_pair": hard,
+            "steps_per_epoch": per_epoch,
+            "resumed_from_step": returned.get("start_step"),
+            # a finished run's rerun trained nothing: the rate of the run that trained
+            "pairs_per_s": previous["train"]["pairs_per_s"] if finished else round(final_state["pairs"] / max(train_seconds, 1e-9), 2),
+            "wise_alpha": train_cfg.wise_alpha,  # the exported weights: base + wise_alpha * (trained - base)
+        },
+        "refresh": returned.get("refresh"),
+        "final_metrics": final_metrics,  # the exported model's
+        **({"trained_metrics": trained_metrics} if trained_metrics is not None else {}),
+        "best_checkpoint": best,
+        "base_model": resolve_model(encoder.model),
+        "lora": lora_settings(train_cfg),
+        "exported_merged": bool(lora_settings(train_cfg) is None or train_cfg.lora_merge),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return job.commit(stats)
+
+
+def _fit(valid, validated: str, out_dir: str, sections: dict, *, run_name: str, callbacks: list | None,
+         resources_per_worker: dict | None, hooks: TestHooks | None, task, valid_rows: int, total_steps: int,
+         per_epoch: int, per_worker: int, hard: int, with_negatives: int, pairs_path: str):
+    """Ray Train's run of ``train_loop_per_worker`` over the valid rows (a new run, or the one whose
+    checkpoints are under ``out_dir/checkpoints/run_name``, resumed); returns its ``Result``."""
+    import ray as ray_lib
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pairmill.encoder import resolve_model
     from pairmill.log import level as log_level
 
+    encoder, train_cfg, eval_cfg, ray = (sections[s] for s in ("encoder", "train", "eval", "ray"))
+    mine_cfg, refreshing = sections.get("mine"), train_cfg.refresh_every > 0
+    use_gpu = train_cfg.use_gpu if train_cfg.use_gpu is not None else bool(ray_lib.cluster_resources().get("GPU"))
+    store = NegativeStore.create(max(1, math.ceil(valid_rows / PAIRS_PER_STORE_SHARD))) if refreshing else None
     metrics_fs, metrics_path = storage.split(storage.join(out_dir, "metrics.jsonl"))  # fs None: local
     loop = LoopConfig(
         model=resolve_model(encoder.model), lora=lora_settings(train_cfg),
@@ -284,74 +363,53 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     log.info(f"train: {valid_rows} pairs ({with_negatives} with negatives, {hard} used per pair), "
           f"{train_cfg.num_workers} worker(s) x {per_worker}, {per_epoch} steps/epoch, {total_steps} steps, "
           f"{'GPU' if use_gpu else 'CPU'}")
-    t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        return trainer.fit()
     finally:
         if store is not None:
             store.close()
-    train_seconds = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    with result.checkpoint.as_directory() as folder:
-        final_state = json.loads((Path(folder) / "state.json").read_text())
-        export_checkpoint(folder, job.path("model"), encoder.model, train_cfg)
-    export_seconds = time.perf_counter() - t0
-    final_metrics = {k: v for k, v in (result.metrics or {}).items() if not is_missing(v) and not (k == "ndcg@10" and v == UNEVALUATED)}
-    trained_metrics, eval_seconds = None, None
-    if train_cfg.wise_alpha < 1 and task is not None:
-        t0 = time.perf_counter()
-        # the loop scored the trained weights; the exported model is their interpolation with the base model's
-        from dataclasses import replace
 
-        from pairmill.evaluate import evaluate_model
+def validate_input(pairs_path: str, folder: str, train_cfg, read) -> str:
+    """PAIRS (texts under ``train.simcse``) read and validated once into ``folder``
+    (``pairmill.groups.write_validated``: every row, a ``reason`` on each reject), in a random order of
+    ``train.seed`` under ``train.shuffle=global``. A folder a run finished writing (``_DONE``) is
+    kept: a resumed run reads the rows, in the order, the first one did."""
+    from pairmill.config import read_kwargs
+    from pairmill.groups import write_validated
 
-        exported = evaluate_model(replace(encoder, model=job.path("model")), eval_cfg, task)
-        trained_metrics = {k: final_metrics[k] for k in exported if k in final_metrics}
-        final_metrics = {**final_metrics, **exported}  # the last step's loss and rate stay
-        log.info(f"train: held-out ndcg@10 {trained_metrics.get('ndcg@10', float('nan')):.4f} trained, "
-                 f"{final_metrics['ndcg@10']:.4f} exported (train.wise_alpha={train_cfg.wise_alpha})")
-        eval_seconds = time.perf_counter() - t0
-    best = None
-    if task is not None and result.best_checkpoints:
-        checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
-        # where the checkpoint will be once the staging folder is OUT
-        path = storage.join(final_dir, posixpath.relpath(checkpoint.path, storage.split(out_dir)[1]))
-        best = {"step": metrics.get("step"), "ndcg@10": metrics.get("ndcg@10"), "path": path}
-    storage.remove(storage.join(out_dir, "work"))
-    job.stage("read+validate", input_rows, valid_rows, read_seconds)
-    job.stage("train", valid_rows, final_state["pairs"], train_seconds)
-    job.stage("export", 1, 1, export_seconds)
-    if eval_seconds is not None:  # the exported (interpolated) model scored on eval.data
-        job.stage("evaluate_export", 1, 1, eval_seconds)
-    stats = {
-        "input_rows": input_rows,
-        "kept": valid_rows,
-        "dropped": {},
-        "rejected": rejected,
-        "unique_ids": True,
-        "train": {
-            "steps": final_state["step"],
-            "epochs_started": final_state["epoch"] + (final_state["step_in_epoch"] > 0),
-            "pairs_trained": final_state["pairs"],  # pair-steps, repeats across epochs counted
-            "pairs_unused_per_epoch": valid_rows - per_epoch * train_cfg.batch_size,  # equal split + drop_last
-            "pairs_with_negatives": with_negatives,
-            "hard_negatives_per_pair": hard,
-            "steps_per_epoch": per_epoch,
-            "resumed_from_step": (result.return_value or {}).get("start_step"),
-            "pairs_per_s": round(final_state["pairs"] / max(train_seconds, 1e-9), 2),
-            "wise_alpha": train_cfg.wise_alpha,  # the exported weights: base + wise_alpha * (trained - base)
-        },
-        "refresh": (result.return_value or {}).get("refresh"),
-        "final_metrics": final_metrics,  # the exported model's
-        **({"trained_metrics": trained_metrics} if trained_metrics is not None else {}),
-        "best_checkpoint": best,
-        "base_model": resolve_model(encoder.model),
-        "lora": lora_settings(train_cfg),
-        "exported_merged": bool(lora_settings(train_cfg) is None or train_cfg.lora_merge),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    return job.commit(stats)
+    if not storage.exists(storage.join(folder, "_DONE")):
+        storage.remove(folder)
+        write_validated(pairs_path, folder, "text" if train_cfg.simcse else "pairs",
+                        shuffle_seed=train_cfg.seed if train_cfg.shuffle == "global" else None, **read_kwargs(read))
+        storage.write_text(storage.join(folder, "_DONE"), "")
+    return folder
+
+
+def _finished_run(out_dir: str, run_name: str, total_steps: int):
+    """(Ray Train's ``Result``, the last commit's stats) when this job folder holds a run of these
+    settings that trained all ``total_steps`` and committed (a finished OUT rerun, e.g. for another
+    ``train.wise_alpha``): its checkpoints' result read back (``Result.from_path``) instead of starting
+    Ray Train's controller and workers to find nothing to train. None otherwise."""
+    from ray.train import Result
+
+    stats_path = storage.join(out_dir, "stats.json")  # written by the commit only
+    if not storage.exists(stats_path):
+        return None
+    previous = json.loads(storage.read_text(stats_path))
+    if previous.get("train", {}).get("steps") != total_steps:
+        return None
+    fs, path = storage.split(storage.join(out_dir, "checkpoints", run_name))
+    try:
+        result = Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no run folder or no checkpoint snapshot in it
+        return None
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        return None
+    with checkpoint.filesystem.open_input_stream(posixpath.join(checkpoint.path, "state.json")) as f:
+        step = json.loads(f.read())["step"]
+    return (result, previous) if step == total_steps else None
 
 
 def _has_checkpoints(folder: str) -> bool:

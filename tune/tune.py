@@ -7,7 +7,8 @@ into ``OUT/trials/<trial_id>``. In Ray 2.60 Train V2 ``Tuner(TorchTrainer)`` rai
 is a Tune *function trainable* that calls ``train`` with its own run name, storage under OUT and
 ``TuneReportCallback``, which forwards every Train report (rank 0's metrics and the checkpoint path)
 to Tune. The trainable itself holds 0.01 CPU (``tune.with_resources``); the Train workers hold the
-real resources through their own placement group.
+real resources through their own placement group. PAIRS is read and validated once, before the
+first trial (``OUT/work/validated``, removed at the end); every trial trains on those rows.
 
 Search. The keys that vary and their ranges come from the ``tune`` section (``TuneConfig.space``);
 random search or Optuna (TPE). The train section's own values are the first trial
@@ -166,9 +167,10 @@ def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float]
 # ----------------------------------------------------------------------------- the trial
 
 
-def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_per_worker: dict, log_level: int,
-              filesystems: dict | None = None) -> None:
-    """The Tune function trainable: one train run with this trial's values. Its reports reach Tune
+def run_trial(config: dict, *, pairs: str, validated: str, out: str, sections: dict, resources_per_worker: dict,
+              log_level: int, filesystems: dict | None = None) -> None:
+    """The Tune function trainable: one train run with this trial's values, on the rows the tune
+    job validated once for every trial (``validated``). Its reports reach Tune
     through ``TuneReportCallback`` (``tune.report`` is not called here: Train's workers report);
     its lines show at ``log_level``, the driver's (``pairmill.log.level()``). ``filesystems``: the
     driver's for the URIs among its paths (``pairmill.storage.carried``)."""
@@ -188,6 +190,7 @@ def run_trial(config: dict, *, pairs: str, out: str, sections: dict, resources_p
         eval_cfg=sections["eval"], ray=sections["ray"], mine_cfg=sections["mine"],
         run_name=f"train-{trial_id}", callbacks=[TuneReportCallback()], resources_per_worker=resources_per_worker,
         in_place=True,  # the trial folder is inside the tune job's staging folder (on a bucket: its own manifest)
+        validated=validated,
     ))
 
 
@@ -312,12 +315,12 @@ def plot_trials(records: list[TrialRecord], metric: str, path: Path) -> None:
 # ----------------------------------------------------------------------------- the job
 
 
-def count_input(pairs: str, read) -> tuple[int, dict[str, int]]:
-    """(valid rows, {reject reason: rows}) of PAIRS, when no trial finished to tell."""
-    from pairmill.config import read_kwargs
-    from pairmill.groups import read_unique
+def count_validated(validated: str) -> tuple[int, dict[str, int]]:
+    """(valid rows, {reject reason: rows}) of a folder of validated rows (``training.train.validate_input``)."""
+    import ray
 
-    rows = read_unique(pairs, "pairs", **read_kwargs(read)).select_columns(["reason"]).map_batches(
+    fs, path = storage.split(validated)
+    rows = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).select_columns(["reason"]).map_batches(
         _reason_counts, batch_format="pyarrow").take_all()
     valid, rejected = 0, {}
     for row in rows:
@@ -368,8 +371,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
     from pairmill.log import level as log_level
-    from pairmill.output import is_finished
-    from training.train import export_checkpoint
+    from training.train import export_checkpoint, validate_input
 
     started = time.perf_counter()
     tune_cfg, train_cfg, eval_cfg = sections["tune"], sections["train"], sections["eval"]
@@ -413,9 +415,17 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
                          f"{per_trial} + {DATA_CPUS} CPU at once; use <= {fits}, or leave it empty")
     concurrent = tune_cfg.max_concurrent or fits
 
+    # PAIRS validated once for every trial (each would otherwise read, check and shuffle it again:
+    # a 16-trial sweep 16 times); their settings can differ only in tune's search keys, none of which
+    # changes the validated rows or their order
+    t0 = time.perf_counter()
+    validated = validate_input(pairs, storage.join(out_dir, "work", "validated"), train_cfg, sections["read"])
+    valid_rows, rejected = count_validated(validated)
+    read_seconds = time.perf_counter() - t0
+
     resources_per_worker = {"CPU": tune_cfg.cpus_per_worker}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, pairs=pairs, out=str(out_dir), sections=sections,
+        tune.with_parameters(run_trial, pairs=pairs, validated=validated, out=str(out_dir), sections=sections,
                              resources_per_worker=resources_per_worker, log_level=log_level(),
                              filesystems=storage.carried(out_dir, pairs, *(p for p in (
                                  sections["eval"].data, sections["eval"].corpus, sections["encoder"].model) if p))),
@@ -488,20 +498,13 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
             json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
     export_seconds = time.perf_counter() - t0
 
-    # Input counts: the rows of PAIRS from the file itself; valid and rejected rows from a finished
-    # trial's stats (every trial validated the same PAIRS), else counted here
-    t0 = time.perf_counter()
     from pairmill.read import count_input_rows
 
-    input_rows = count_input_rows(pairs)
-    trials = [storage.join(out_dir, TRIALS, r.trial_id) for r in records]
-    done = [json.loads(storage.read_text(storage.join(t, "stats.json"))) for t in trials if is_finished(t)]
-    valid_rows, rejected = (done[0]["kept"], done[0]["rejected"]) if done else count_input(pairs, sections["read"])
-    read_seconds = time.perf_counter() - t0
+    input_rows = count_input_rows(pairs)  # from the input itself: the commit checks the counts against it
+    storage.remove(storage.join(out_dir, "work"))
     default_best = records[0].best(metric)
     counts = {s: sum(r.status == s for r in records) for s in ("finished", "stopped early", "error")}
-    if not done:  # else every trial validated PAIRS itself (its own stats.json)
-        job.stage("read+validate", input_rows, valid_rows, read_seconds)
+    job.stage("read+validate", input_rows, valid_rows, read_seconds)
     job.stage("tune", valid_rows, valid_rows, tune_seconds)
     job.stage("export", 1, 1, export_seconds)
     best_checkpoint = checkpoint  # on a bucket OUT is written in place; a local one is renamed from staging

@@ -288,7 +288,7 @@ def test_simcse_texts_with_tau_plus_and_a_queue_train_on_two_ray_train_workers(r
     assert lines[-1]["queue_entries"] == 16 and lines[-1]["queue_staleness"] > 0
 
 
-def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_model, data, tmp_path):
+def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_model, data, tmp_path, monkeypatch):
     """The job folder is staged: an interrupted run leaves nothing at OUT, only ``.OUT.partial`` with
     its checkpoints, and the same command resumes there and commits; a finished OUT rerun resumes
     too (nothing left to train); other settings are refused. objective=triplet: the pairs without a hard
@@ -317,12 +317,19 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reruns(ray_session, tiny_
     base = SentenceTransformer(tiny_model, device="cpu").encode(texts, convert_to_numpy=True)
     assert np.abs(exported - base).max() > 1e-4
 
-    # the same command again resumes from the last checkpoint (nothing left to train) and re-exports,
-    # here with train.wise_alpha (an export setting, free to change): the model a quarter of the way
-    # from the base, scored as exported, the trained weights' score kept beside it; a changed training
-    # setting is refused instead of resuming a run made with another one
-    again = run_train(data, out, tiny_model, **settings, wise_alpha=0.25)
+    # the same command again finds its last checkpoint at the last step and re-exports it without
+    # starting Ray Train (nothing left to train), here with train.wise_alpha (an export setting, free
+    # to change): the model a quarter of the way from the base, scored as exported, the trained
+    # weights' score kept beside it; a changed training setting is refused instead of resuming a run
+    # made with another one
+    from ray.train.torch import TorchTrainer
+
+    with monkeypatch.context() as m:
+        m.setattr(TorchTrainer, "fit", lambda self: pytest.fail("a finished run's rerun started Ray Train"))
+        again = run_train(data, out, tiny_model, **settings, wise_alpha=0.25)
     assert again["train"]["resumed_from_step"] == 3 and again["train"]["steps"] == 3
+    assert again["train"]["pairs_per_s"] == stats["train"]["pairs_per_s"] and again["refresh"] is None
+    assert again["best_checkpoint"] == stats["best_checkpoint"] and again["train"]["pairs_trained"] == stats["train"]["pairs_trained"]
     assert (out / "_SUCCESS").exists() and not resumable_staging(out).exists()
     assert again["trained_metrics"]["ndcg@10"] == stats["final_metrics"]["ndcg@10"] and again["train"]["wise_alpha"] == 0.25
     assert [s["name"] for s in again["stages"]] == ["read+validate", "train", "export", "evaluate_export"]

@@ -154,6 +154,10 @@ def test_asha_stops_a_trial_and_an_interrupted_sweep_resumes_to_the_best_model(r
     trials = sorted({uri[len(out) + 8:].split("/")[0] for uri, _ in storage.list_files(f"{out}/trials")})
     finished = [t for t in trials if is_finished(f"{out}/trials/{t}")]
     assert len(finished) == 1  # trial 1; trial 2 was stopped, so never committed
+    # the trials trained on the rows the tune job validated once, before trial 1 (OUT/work/validated)
+    trial_stats = json.loads(storage.read_text(f"{out}/trials/{finished[0]}/stats.json"))
+    assert [s["name"] for s in trial_stats["stages"]][:2] == ["read", "train"] and storage.exists(f"{out}/work/validated/_DONE")
+    check_counts(trial_stats, messy["lines"], messy["bad"])
     first_done = storage.read_text(f"{out}/trials/{finished[0]}/_SUCCESS")
 
     # the same command again, as a user reruns it (the CLI builds the same settings)
@@ -177,6 +181,7 @@ def test_asha_stops_a_trial_and_an_interrupted_sweep_resumes_to_the_best_model(r
     assert (t["trials"], t["finished"], t["stopped_early"], t["max_concurrent"], t["resumed"]) == (3, 2, 1, 1, True)
     assert t["best"]["trial_id"] == rows[0]["trial_id"] and t["best"]["ndcg@10"] >= t["default"]["ndcg@10"]
     check_counts(stats, messy["lines"], messy["bad"])
+    assert [s["name"] for s in stats["stages"]] == ["read+validate", "tune", "export"] and not storage.exists(f"{out}/work")
     manifest = finished_manifest(out)
     assert {"stats.json", "results.csv", "trials.png", "best_config.yaml"} <= set(manifest["files"])
     with storage.open_input(f"{out}/trials.png") as f:
