@@ -45,8 +45,8 @@ LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 # on (workers up, training done) only at a poll; on one machine with a few workers a poll every
 # 0.25 s costs next to nothing. Measured on this 2-core machine, one-worker runs of 4 steps in one
 # local Ray (benchmarks/train_poll.py): 16.4 s a run at 2 s, 14.0 s at 0.25 s, the same CPU time
-# (20.2 and 20.0 CPU-s). Clusters, where a poll reaches every worker, keep Ray's defaults; the environment's own
-# values win.
+# (20.2 and 20.0 CPU-s). Clusters, where a poll reaches every worker, keep Ray's defaults; the
+# environment's own values win.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 MODEL_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX)
 
