@@ -24,13 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from suite_cpu import machine_seconds  # benchmarks/, this script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def busy_seconds() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
 def child(runs: int) -> None:
@@ -52,12 +48,12 @@ def child(runs: int) -> None:
     pairs, held = write_jsonl(tmp / "pairs.jsonl", rows[:64]), write_jsonl(tmp / "held.jsonl", rows[64:])
     init_ray(None, None)
     for i in range(runs):
-        cpu, t0 = busy_seconds(), time.perf_counter()
+        cpu, t0 = machine_seconds()[0], time.perf_counter()
         stats = train(str(pairs), str(tmp / f"out{i}"), encoder=EncoderConfig(model=model), read=ReadConfig(),
                       train_cfg=TrainConfig(batch_size=8, max_steps=4, log_every=2, checkpoint_every=4, max_failures=0),
                       eval_cfg=EvalConfig(data=str(held)), ray=RayConfig())
         stage = next(s["seconds"] for s in stats["stages"] if s["name"] == "train")
-        print(json.dumps({"run": i, "wall": time.perf_counter() - t0, "cpu": busy_seconds() - cpu, "train": stage}), flush=True)
+        print(json.dumps({"run": i, "wall": time.perf_counter() - t0, "cpu": machine_seconds()[0] - cpu, "train": stage}), flush=True)
 
 
 def main() -> None:
