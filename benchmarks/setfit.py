@@ -14,7 +14,10 @@ classes, one epoch, no boundary negative unless --pairmill-set train.hard_negati
 max_steps, CosineSimilarityLoss, its default pair sampling), learning rate 2e-5, 128 tokens. (c) runs
 in another Python (--setfit-python) where `pip install torch==2.13.0 setfit` works; it is skipped
 when none is given. --more-heldout DATA_DIR also scores every arm on the FOLDOC entries of the same
-domains that neither bundled split holds (more_accuracy, more_macro_f1 in result.json). Every arm encodes in fp32 on a CPU (--cpu-precision), as the setfit library does.
+domains that neither bundled split holds (more_accuracy, more_macro_f1 in result.json). --heldout rest
+scores on the bundled training texts the draw left out (64 - n a class, a different set for every
+seed; n < 64 only) instead of the bundled held-out split: a third set, disjoint from both others. Every
+arm encodes in fp32 on a CPU (--cpu-precision), as the setfit library does.
 """
 
 from __future__ import annotations
@@ -187,6 +190,8 @@ def main() -> None:
     parser.add_argument("--more-heldout", metavar="DATA_DIR",
                         help="also score every arm on the FOLDOC entries of DATA_DIR/foldoc_pairs.jsonl.gz that neither "
                              "bundled split holds (labelled the same way; unbalanced): more_accuracy, more_macro_f1")
+    parser.add_argument("--heldout", choices=("bundled", "rest"), default="bundled",
+                        help="score on the bundled held-out split (320 texts), or on the training texts each draw left out")
     parser.add_argument("--cpu-precision", choices=("fp32", "bf16", "probe"), default="fp32",
                         help="how arms (a) and (b) encode on a CPU (PAIRMILL_CPU_PRECISION); the setfit library encodes in fp32")
     args = parser.parse_args()
@@ -206,9 +211,16 @@ def main() -> None:
     if more_file:
         more_file.write_text("".join(json.dumps(r) + "\n" for r in more))
         print(f"more held-out: {len(more)} FOLDOC texts in neither bundled split", flush=True)
+    if args.heldout == "rest" and max(args.n) >= len(train_rows) // classes:
+        parser.error(f"--heldout rest needs n below {len(train_rows) // classes} a class: the draw leaves nothing out")
     for n in args.n:
         for seed in args.seeds:
             train = draw(train_rows, n, seed)
+            if args.heldout == "rest":
+                drawn = {r["text"] for r in train}
+                held_rows = [r for r in train_rows if r["text"] not in drawn]
+                held_file = out / f"rest-n{n}-s{seed}.jsonl"
+                held_file.write_text("".join(json.dumps(r) + "\n" for r in held_rows))
             train_file = out / f"train-n{n}-s{seed}.jsonl"
             train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
             for arm in args.arms:
