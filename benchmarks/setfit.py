@@ -227,6 +227,8 @@ def main() -> None:
                 label = " ".join(["pairmill", *args.pairmill_set]) if arm == "pairmill" else arm
                 if arm != "setfit" and args.cpu_precision != "fp32":
                     label += f" {args.cpu_precision}"
+                if args.heldout == "rest":  # its own arm name and folder: one --out never mixes the two sets
+                    label += " rest"
                 folder = out / f"{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)}-n{n}-s{seed}"
                 if (folder / "result.json").exists() or (arm == "setfit" and not args.setfit_python):
                     continue
@@ -238,7 +240,8 @@ def main() -> None:
                                           more)
                 else:
                     result = arm_setfit(args.setfit_python, train_file, held_file, folder, args.steps, seed, more_file)
-                result.update(arm=label, n=n, seed=seed, steps=args.steps if arm != "base-lr" else 0, held_out=len(held_rows))
+                result.update(arm=label, n=n, seed=seed, steps=args.steps if arm != "base-lr" else 0, held_out=len(held_rows),
+                              heldout=args.heldout)
                 (folder / "result.json").write_text(json.dumps(result, indent=2))
                 more_line = (f" | more held-out ({result['more_rows']}): accuracy {result['more_accuracy']:.4f} "
                              f"macro-F1 {result['more_macro_f1']:.4f}") if "more_accuracy" in result else ""
