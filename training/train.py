@@ -156,7 +156,6 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
     from pairmill.evaluate import load_task
     from pairmill.output import count_by, open_resumable
     from pairmill.pairs import REJECT_COLUMNS
-    from pairmill.read import count_input_rows
 
     init_ray(ray.address, ray.num_cpus)
     started = time.perf_counter()
@@ -198,7 +197,7 @@ def train(pairs_path: str, out: str, *, encoder, read, train_cfg, eval_cfg, ray,
         totals = valid.map_batches(negative_counts, batch_format="pyarrow").aggregate(Count(), Sum("has_negatives"))
         valid_rows, with_negatives = int(totals["count()"]), int(totals["sum(has_negatives)"] or 0)
     rejected = count_by(rejected_dir, "reason")
-    input_rows = count_input_rows(pairs_path)  # from the input itself: the commit checks the counts against it
+    input_rows = validated_input_rows(validated, pairs_path)  # from the input itself: the commit checks the counts against it
     read_seconds = time.perf_counter() - t0
 
     per_worker = train_cfg.batch_size // train_cfg.num_workers
@@ -373,17 +372,28 @@ def _fit(valid, validated: str, out_dir: str, sections: dict, *, run_name: str, 
 def validate_input(pairs_path: str, folder: str, train_cfg, read) -> str:
     """PAIRS (texts under ``train.simcse``) read and validated once into ``folder``
     (``pairmill.groups.write_validated``: every row, a ``reason`` on each reject), in a random order of
-    ``train.seed`` under ``train.shuffle=global``. A folder a run finished writing (``_DONE``) is
-    kept: a resumed run reads the rows, in the order, the first one did."""
+    ``train.seed`` under ``train.shuffle=global``, and PAIRS' own row count (``count_input_rows``, what
+    the commit checks the counts against) in its ``_DONE``. A folder a run finished writing is kept:
+    a resumed run reads the rows, in the order, the first one did."""
     from pairmill.config import read_kwargs
     from pairmill.groups import write_validated
+    from pairmill.read import count_input_rows
 
     if not storage.exists(storage.join(folder, "_DONE")):
         storage.remove(folder)
         write_validated(pairs_path, folder, "text" if train_cfg.simcse else "pairs",
                         shuffle_seed=train_cfg.seed if train_cfg.shuffle == "global" else None, **read_kwargs(read))
-        storage.write_text(storage.join(folder, "_DONE"), "")
+        storage.write_text(storage.join(folder, "_DONE"), json.dumps({"input_rows": count_input_rows(pairs_path)}))
     return folder
+
+
+def validated_input_rows(folder: str, pairs_path: str) -> int:
+    """PAIRS' row count as ``validate_input`` recorded it (one pass over a line file however many jobs
+    and trials read the folder); counted again for a folder whose ``_DONE`` holds none."""
+    from pairmill.read import count_input_rows
+
+    done = storage.read_text(storage.join(folder, "_DONE"))
+    return json.loads(done)["input_rows"] if done.strip() else count_input_rows(pairs_path)
 
 
 def _finished_run(out_dir: str, run_name: str, total_steps: int):

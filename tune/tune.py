@@ -371,7 +371,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
     from pairmill.cluster import init_ray
     from pairmill.config import config_to_dict
     from pairmill.log import level as log_level
-    from training.train import export_checkpoint, validate_input
+    from training.train import export_checkpoint, validate_input, validated_input_rows
 
     started = time.perf_counter()
     tune_cfg, train_cfg, eval_cfg = sections["tune"], sections["train"], sections["eval"]
@@ -498,9 +498,7 @@ def tune_runs(pairs: str, out: str, *, sections: dict, callbacks: list | None = 
             json.loads(json.dumps(config_to_dict({**best_sections, "train": best_train}))), sort_keys=False))
     export_seconds = time.perf_counter() - t0
 
-    from pairmill.read import count_input_rows
-
-    input_rows = count_input_rows(pairs)  # from the input itself: the commit checks the counts against it
+    input_rows = validated_input_rows(validated, pairs)  # from the input itself: the commit checks the counts against it
     storage.remove(storage.join(out_dir, "work"))
     default_best = records[0].best(metric)
     counts = {s: sum(r.status == s for r in records) for s in ("finished", "stopped early", "error")}
